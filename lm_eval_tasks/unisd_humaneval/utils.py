@@ -1,0 +1,7 @@
+"""Data for the unisd_humaneval lm-eval task: unisd's own adapter, so the prompt is the training prompt."""
+from unisd.data.benchmarks import hf_dataset
+
+
+def load(**kwargs):
+    """custom_dataset hook: {"test": Dataset} of humaneval's eval split (UNISD_DATA_DIR or the Hub)."""
+    return hf_dataset("humaneval")

@@ -1,0 +1,127 @@
+"""The `unisd` command line. Every error is one line on stderr and exit status 2.
+
+    unisd train --model smollm2-135m --data examples.jsonl --plugins ema,clip --out runs/x
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from unisd import config as cfg
+from unisd.plugin import discover
+
+EXAMPLE = "Example:\n\n\b\n    {}"
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _errors_are_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the project's expected errors into `error: ...` + exit 2, with no traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from unisd.checkpoint import OutputDirError
+        from unisd.data import DataError
+        from unisd.models import ModelError
+        from unisd.plugin import PluginError
+        from unisd.train import TrainError
+
+        try:
+            return fn(*args, **kwargs)
+        except (cfg.ConfigError, PluginError, DataError, ModelError, OutputDirError) as e:
+            _fail(str(e))
+        except TrainError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(epilog=EXAMPLE.format("unisd train --model smollm2-135m --data train.jsonl --preset unisd-star --out runs/x"))
+@click.version_option(package_name="unisd")
+def main() -> None:
+    """Self-distillation of causal LMs: the student samples, the same model shown the gold answer teaches.
+
+    Each UniSD mechanism (ema, agree, contrast, match, clip) is a plugin; `unisd plugins` lists them.
+    """
+
+
+@main.command(epilog=EXAMPLE.format("unisd train --model smollm2-135m --data train.jsonl --plugins ema,clip -o clip.max=5 --out runs/x"))
+@click.option("--model", required=True, help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")
+@click.option("--data", required=True, help="Benchmark name (mbpp, cos_e, ...) or a JSONL file of prompt/answer[/rationale] rows.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder: final model, checkpoints/, metrics.jsonl.")
+@click.option("--plugins", default="", help="Comma-separated mechanisms, applied in this order (e.g. ema,agree,clip).")
+@click.option("--preset", default="", help="A named configuration (see `unisd presets`); flags given here win.")
+@click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.KEY=VALUE", help="Set a plugin option, e.g. -o agree.k=5.")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (default: one pass over the data).")
+@click.option("--batch-size", type=int, default=None, help="Prompts per micro-batch [4].")
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step [1].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW, cosine, 10%% warmup) [2e-5].")
+@click.option("--max-new-tokens", type=int, default=None, help="Rollout length limit [256].")
+@click.option("--max-prompt-tokens", type=int, default=None, help="Longer prompts are dropped, never cut [1024].")
+@click.option("--divergence", type=click.Choice(cfg.DIVERGENCES), default=None, help="Per-token divergence [fkl].")
+@click.option("--alpha", type=float, default=None, help="JSD mixture weight, 0 < alpha < 1 [0.5].")
+@click.option("--loss-temperature", type=float, default=None, help="Logit temperature inside the divergence [0.7].")
+@click.option("--mask-truncated", is_flag=True, default=None, help="Leave completions that hit the length limit out of the loss.")
+@click.option("--seed", type=int, default=None, help="Seed for data order, sampling and plugins [42].")
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0: only at the end) [0].")
+@click.option("--lora", is_flag=True, default=None, help="Train a LoRA adapter (r 64, alpha 128) instead of all weights.")
+@click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
+@_errors_are_one_line
+def train(model: str, data: str, out: str, plugins: str, preset: str, options: tuple[str, ...],
+          resume: bool, overwrite: bool, **settings: Any) -> None:
+    """Train a student by on-policy self-distillation and write the final model to --out."""
+    from unisd.train import train as run_training
+
+    names = tuple(n.strip() for n in plugins.split(",") if n.strip())
+    config = cfg.resolve(preset, names, cfg.parse_overrides(options), model=model, data=data, out=out, **settings)
+    final = run_training(config, resume=resume, overwrite=overwrite, echo=lambda m: click.echo(m, err=True))
+    click.echo(f"model written to {final}")
+
+
+@main.command(name="plugins", epilog=EXAMPLE.format("unisd plugins --json"))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins_cmd(as_json: bool) -> None:
+    """List every discovered plugin: distribution, version, hooks, options, load errors."""
+    found = discover()
+    if as_json:
+        click.echo(json.dumps([info.as_json() for info in found.values()], indent=2, default=str))
+        return
+    for info in found.values():
+        click.echo(f"{info.name}  ({info.distribution} {info.version})")
+        if info.error:
+            click.echo(f"  error: {info.error}")
+            continue
+        click.echo(f"  hooks:   {', '.join(info.hooks)}")
+        opts = ", ".join(f"{k}={v}" for k, v in info.options.items())
+        click.echo(f"  options: {opts or '-'}")
+
+
+@main.command(epilog=EXAMPLE.format("unisd presets"))
+def presets() -> None:
+    """List presets with their plugins, options and trainer settings."""
+    for name, p in cfg.PRESETS.items():
+        click.echo(f"{name}: {p.description}")
+        click.echo(f"  source:   {p.source}")
+        click.echo(f"  plugins:  {', '.join(p.plugins) or '-'}")
+        for plugin, opts in p.options.items():
+            click.echo(f"  {plugin}: {', '.join(f'{k}={v}' for k, v in opts.items())}")
+        if p.settings:
+            click.echo(f"  settings: {', '.join(f'{k}={v}' for k, v in p.settings.items())}")
+
+
+@main.command(name="tasks-path", epilog=EXAMPLE.format('lm_eval --include_path "$(unisd tasks-path)" --tasks unisd ...'))
+def tasks_path() -> None:
+    """Print the folder of unisd's lm-evaluation-harness tasks (for --include_path)."""
+    import unisd_tasks
+
+    click.echo(str(Path(unisd_tasks.__file__).parent))

@@ -1,0 +1,70 @@
+"""Training examples: the one record every data source turns into, and the JSONL reader.
+
+A benchmark adapter or a user's JSONL file yields `Example`s; the trainer only ever sees those.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file, line and problem."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training or evaluation item.
+
+    prompt:    the student prompt (the user message, before the chat template).
+    answer:    the gold answer, shown to the teacher inside the demonstration.
+    rationale: optional gold reasoning, shown to the teacher before the answer.
+    meta:      whatever a scorer or a plugin needs (tests, option letters, task ids...).
+    """
+
+    prompt: str
+    answer: str
+    rationale: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Read a JSONL file of {"prompt", "answer", optional "rationale"} rows, refusing bad rows by line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    examples: list[Example] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for key in ("prompt", "answer"):
+                if key not in row:
+                    raise DataError(f"{path}:{lineno}: missing field '{key}'")
+            for key in ("prompt", "answer", "rationale"):
+                if key in row and not isinstance(row[key], str):
+                    raise DataError(f"{path}:{lineno}: field '{key}' must be a string")
+            if not row["prompt"].strip():
+                raise DataError(f"{path}:{lineno}: field 'prompt' is empty")
+            meta = {k: v for k, v in row.items() if k not in ("prompt", "answer", "rationale")}
+            examples.append(Example(row["prompt"], row["answer"], row.get("rationale", ""), meta))
+    if not examples:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return examples
+
+
+def load_data(spec: str, split: str = "train") -> list[Example]:
+    """`spec` is a benchmark name (see `unisd.data.benchmarks`) or a path to a JSONL file."""
+    if spec.endswith(".jsonl") or Path(spec).exists():
+        return load_jsonl(spec)
+    from unisd.data import benchmarks
+
+    return benchmarks.load(spec, split)

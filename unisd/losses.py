@@ -1,0 +1,111 @@
+"""Pure tensor functions: token divergences, sampled-token log-probs, and the weighted reduction.
+
+Shapes: logits [..., V] -> per-token values [...]; hidden states [N, H]; masks and weights [B, T].
+Nothing here knows about models, plugins or prompts.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) summed over the last (vocabulary) axis."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_T || p_S): mass-covering; the default of the paper's code (its alpha = 0)."""
+    return _kl(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature))
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_S || p_T): mode-seeking."""
+    return _kl(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature))
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """The paper's Eq. 7: M = (1-a) p_S + a p_T,  D = a KL(p_T || M) + (1-a) KL(p_S || M).
+
+    D tends to 0 at both ends; D / a -> forward KL as a -> 0 and D / (1-a) -> reverse KL as a -> 1,
+    so pick `forward_kl` / `reverse_kl` for the endpoints rather than a = 0 or 1.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"jsd needs 0 < alpha < 1, got {alpha} (use fkl or rkl for the endpoints)")
+    log_s = _log_probs(student_logits, temperature)
+    log_t = _log_probs(teacher_logits, temperature)
+    log_m = torch.logaddexp(log_s + math.log(1.0 - alpha), log_t + math.log(alpha))
+    return alpha * _kl(log_t, log_m) + (1.0 - alpha) * _kl(log_s, log_m)
+
+
+def pick(name: str, alpha: float = 0.5) -> Divergence:
+    """The divergence named on the command line: fkl, rkl, or jsd with mixture weight alpha."""
+    if name == "jsd":
+        return lambda s, t, temperature: generalized_jsd(s, t, alpha, temperature)
+    return {"fkl": forward_kl, "rkl": reverse_kl}[name]
+
+
+def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) at temperature 1 for each position: [..., V], [...] -> [...]."""
+    return _log_probs(logits, 1.0).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def distill_in_chunks(student_head: Callable[[torch.Tensor], torch.Tensor], student_hidden: torch.Tensor,
+                      teacher_head: Callable[[torch.Tensor], torch.Tensor], teacher_hidden: torch.Tensor,
+                      tokens: torch.Tensor, divergence: Divergence, temperature: float,
+                      chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Divergence and sampled-token log-probs from final hidden states, a chunk of positions at a time.
+
+    Inputs are the N completion positions only: hidden [N, H], tokens [N]. Returns (D, logp_student,
+    logp_teacher), each [N]. Each chunk runs under activation checkpointing, so the [N, V] logits are
+    never all alive at once: backward recomputes a chunk's logits instead of storing them.
+    """
+
+    def one_chunk(h_s: torch.Tensor, h_t: torch.Tensor, tok: torch.Tensor):
+        z_s = student_head(h_s)
+        with torch.no_grad():
+            z_t = teacher_head(h_t)
+        return divergence(z_s, z_t, temperature), sampled_logprobs(z_s, tok), sampled_logprobs(z_t, tok)
+
+    parts = [checkpoint(one_chunk, student_hidden[i:i + chunk], teacher_hidden[i:i + chunk], tokens[i:i + chunk],
+                        use_reentrant=False)
+             for i in range(0, tokens.shape[0], chunk)]
+    if not parts:
+        empty = student_hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty, empty
+    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def logprobs_in_chunks(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, tokens: torch.Tensor,
+                       chunk: int = 512) -> torch.Tensor:
+    """Sampled-token log-probs [N] from hidden [N, H], without ever holding [N, V] logits."""
+    parts = [sampled_logprobs(head(hidden[i:i + chunk]), tokens[i:i + chunk]) for i in range(0, tokens.shape[0], chunk)]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def weighted_mean(values: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence weighted mean, sequences weighted by their mean reliability.
+
+        loss = sum_b (1/n_b) sum_t m w v  /  sum_b (1/n_b) sum_t m w,   n_b = sum_t m
+
+    With w = 1 this is the mean over sequences of each sequence's token mean. Token weights re-weight
+    tokens within a sequence, and a sequence whose weights are low as a whole counts less than the
+    others in the batch (a constant per-sequence weight does not cancel, unlike a per-sequence
+    normalisation by sum_t m w). Sequences with no valid token are ignored; an empty batch gives 0.
+    """
+    mask = mask.to(values.dtype)
+    w = mask if weights is None else mask * weights.to(values.dtype)
+    per_token = w / mask.sum(-1, keepdim=True).clamp_min(1.0)
+    return (per_token * values).sum() / per_token.sum().clamp_min(1e-12)

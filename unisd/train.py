@@ -1,0 +1,347 @@
+"""The training loop: rollout -> views -> forwards -> plugin hooks -> loss -> step -> checkpoint.
+
+Read `step` top to bottom: every plugin hook is called at one visible line, and the core never names
+a mechanism. `train(config)` runs a whole job; `prepare(config)` builds the `Run` it works on.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+
+from unisd import checkpoint, losses, models
+from unisd.config import TrainConfig
+from unisd.data import Example, load_data
+from unisd.data.prompts import teacher_prompt
+from unisd.plugin import Plugin, load as load_plugins
+from unisd.rollout import sample
+from unisd.sequences import pack, render
+
+
+class TrainError(RuntimeError):
+    """The run cannot go on (plugin failure, too many non-finite steps); a checkpoint was kept."""
+
+
+@dataclass
+class Batch:
+    """One micro-batch: examples, the prompt of every view, and the student's sampled completions."""
+
+    indices: list[int]                 # positions in run.examples
+    examples: list[Example]
+    prompts: dict[str, list[str]]      # view -> prompt per example ("student", "teacher", plugin views)
+    tokens: torch.Tensor | None = None     # [B, T] sampled completion ids
+    mask: torch.Tensor | None = None       # [B, T] 1.0 on tokens that count
+    truncated: torch.Tensor | None = None  # [B]
+
+
+@dataclass
+class Outputs:
+    """What the forwards produced; the argument of token_loss, weights and aux_losses."""
+
+    batch: Batch
+    mask: torch.Tensor                 # [B, T]
+    divergence: torch.Tensor           # [B, T] raw per-token divergence, before any plugin
+    logps: dict[str, torch.Tensor]     # view -> [B, T] log-prob of the sampled token at temperature 1
+    hidden: dict[str, torch.Tensor]    # "student" (with grad), "teacher": final hidden states [B, T, H]
+    metrics: dict[str, float] = field(default_factory=dict)  # plugins may add scalars to log
+
+
+@dataclass
+class Run:
+    """Everything a step and the plugins work on."""
+
+    config: TrainConfig
+    student: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    examples: list[Example]
+    plugins: list[Plugin]
+    device: torch.device
+    teacher: Any                       # the frozen initial model: a copy, or the LoRA student with adapters off
+    out: Path
+    kept: list[int] = field(default_factory=list)   # indices of examples whose prompts fit
+    total_steps: int = 0
+    step: int = 0                      # optimizer steps done
+    position: int = 0                  # examples consumed
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    bad_steps: int = 0
+
+
+class AdapterOff:
+    """The LoRA student with its adapter switched off: the initial model, without a second copy."""
+
+    def __init__(self, peft_model: torch.nn.Module) -> None:
+        self.peft_model = peft_model
+
+    def get_decoder(self) -> Callable[..., Any]:
+        decoder = self.peft_model.get_base_model().get_decoder()
+
+        def run(**kwargs: Any) -> Any:
+            with self.peft_model.disable_adapter():
+                return decoder(**kwargs)
+
+        return run
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.peft_model.get_base_model().get_output_embeddings()
+
+
+def _parts(model: Any) -> tuple[Callable[..., Any], torch.nn.Module]:
+    """(decoder returning final normed hidden states, output head) of a model, a peft model or AdapterOff."""
+    inner = model.get_base_model() if models.is_peft(model) else model
+    return inner.get_decoder(), inner.get_output_embeddings()
+
+
+def _hidden(model: Any, prompts: list[list[int]], batch: Batch, pad_id: int) -> torch.Tensor:
+    """Final hidden states [R, T, H] at the positions that predict each completion token."""
+    assert batch.tokens is not None and batch.mask is not None
+    repeat = len(prompts) // batch.tokens.shape[0]
+    packed = pack(prompts, batch.tokens.repeat(repeat, 1), batch.mask.repeat(repeat, 1), pad_id)
+    decoder, _ = _parts(model)
+    device = batch.tokens.device
+    hidden = decoder(input_ids=packed.ids.to(device), attention_mask=packed.attention.to(device),
+                     position_ids=packed.positions.to(device)).last_hidden_state
+    T = batch.tokens.shape[1]
+    return hidden[:, packed.start - 1: packed.start - 1 + T]
+
+
+def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
+    """Student forward (grad) and one batched no-grad forward of every teacher view on the same completion."""
+    assert batch.tokens is not None and batch.mask is not None
+    pad = run.tokenizer.pad_token_id
+    tok = lambda view: [render(run.tokenizer, p) for p in batch.prompts[view]]  # noqa: E731
+    student_h = _hidden(run.student, tok("student"), batch, pad)
+    no_grad_views = [v for v in batch.prompts if v != "student"]  # "teacher" first, then plugin views
+    with torch.no_grad():
+        view_h = _hidden(teacher, sum((tok(v) for v in no_grad_views), []), batch, pad)
+    B = batch.tokens.shape[0]
+    view_h = {v: view_h[i * B:(i + 1) * B] for i, v in enumerate(no_grad_views)}
+
+    where = batch.mask.bool()
+    tokens = batch.tokens[where]
+    _, student_head = _parts(run.student)
+    _, teacher_head = _parts(teacher)
+    c = run.config
+    divergence = losses.pick(c.divergence, c.alpha)
+    D, lp_student, lp_teacher = losses.distill_in_chunks(
+        student_head, student_h[where], teacher_head, view_h["teacher"][where], tokens, divergence, c.loss_temperature)
+    logps = {"student": lp_student, "teacher": lp_teacher}
+    for v in no_grad_views[1:]:
+        logps[v] = losses.logprobs_in_chunks(teacher_head, view_h[v][where], tokens)
+    return Outputs(batch, batch.mask, _scatter(D, where), {v: _scatter(x, where) for v, x in logps.items()},
+                   {"student": student_h, "teacher": view_h["teacher"]})
+
+
+def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    full = values.new_zeros(where.shape)
+    return full.masked_scatter(where, values)
+
+
+def _guard(plugin: Plugin, hook: str, *args: Any) -> Any:
+    """Call a hook; a failure names the plugin and the hook."""
+    try:
+        return getattr(plugin, hook)(*args)
+    except Exception as e:
+        raise TrainError(f"plugin '{plugin.name}' failed in {hook}: {type(e).__name__}: {e}") from e
+
+
+def make_batch(run: Run) -> Batch:
+    """The next micro-batch in the seeded data order, with its student and teacher prompts."""
+    B = run.config.batch_size
+    indices = [run.kept[i] for i in order_slice(len(run.kept), run.config.seed, run.position, B)]
+    run.position += B
+    examples = [run.examples[i] for i in indices]
+    return Batch(indices, examples, {"student": [e.prompt for e in examples],
+                                     "teacher": [teacher_prompt(e) for e in examples]})
+
+
+def order_slice(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Positions [start, start+count) of an endless sequence of seeded permutations of range(n)."""
+    out: list[int] = []
+    while len(out) < count:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        out.extend(perm[offset: offset + count - len(out)])
+    return out
+
+
+def step(run: Run) -> dict[str, float]:
+    """One optimizer step over grad_accum micro-batches; returns the metrics to log."""
+    c, plugins = run.config, run.plugins
+    assert run.optimizer is not None
+    started = time.perf_counter()
+    totals: dict[str, float] = {}
+    timing = {"rollout_s": 0.0, "forward_s": 0.0, "backward_s": 0.0}
+    for _ in range(c.grad_accum):
+        batch = make_batch(run)
+        t0 = time.perf_counter()
+        prompt_ids = [render(run.tokenizer, p) for p in batch.prompts["student"]]
+        rollout = sample(run.student, run.tokenizer, prompt_ids, c.max_new_tokens, c.temperature, c.top_p)
+        batch.tokens, batch.truncated = rollout.tokens.to(run.device), rollout.truncated
+        batch.mask = rollout.mask.to(run.device)
+        if c.mask_truncated:
+            batch.mask = batch.mask * (~rollout.truncated).to(run.device, batch.mask.dtype)[:, None]
+        t1 = time.perf_counter()
+        for p in plugins:
+            batch.prompts.update(_guard(p, "views", batch))
+        teacher = run.teacher
+        for p in plugins:
+            teacher = _guard(p, "teacher", run) or teacher
+        out = forward(run, batch, teacher)
+        D = out.divergence
+        for p in plugins:
+            D = _guard(p, "token_loss", D, out)
+        w = None
+        for p in plugins:
+            pw = _guard(p, "weights", out)
+            w = pw if w is None else (w if pw is None else w * pw)
+        distill = losses.weighted_mean(D, out.mask, w)
+        aux: dict[str, torch.Tensor] = {}
+        for p in plugins:
+            aux.update(_guard(p, "aux_losses", out))
+        loss = distill + sum(aux.values())
+        t2 = time.perf_counter()
+        if loss.requires_grad:  # False only when no token counts (e.g. every completion truncated and masked)
+            (loss / c.grad_accum).backward()
+        t3 = time.perf_counter()
+        timing["rollout_s"] += t1 - t0
+        timing["forward_s"] += t2 - t1
+        timing["backward_s"] += t3 - t2
+        terms = {"loss": loss, "distill": distill, **aux}
+        for k, v in {**{k: float(v.detach()) for k, v in terms.items()}, **out.metrics,
+                     "completion_tokens": float(out.mask.sum()),
+                     "truncated": float(rollout.truncated.float().mean())}.items():
+            totals[k] = totals.get(k, 0.0) + v / c.grad_accum
+    t4 = time.perf_counter()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in run.student.parameters() if p.requires_grad],
+                                               c.max_grad_norm)
+    finite = math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm))
+    if finite:
+        run.optimizer.step()
+        run.bad_steps = 0
+    else:
+        run.bad_steps += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.step += 1
+    timing["optimizer_s"] = time.perf_counter() - t4
+    t5 = time.perf_counter()
+    if finite:
+        for p in plugins:
+            _guard(p, "after_step", run)
+    timing["after_step_s"] = time.perf_counter() - t5
+    return {"step": run.step, **totals, "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0],
+            "skipped": not finite, **timing, "step_time_s": time.perf_counter() - started}
+
+
+def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
+    """Validate everything and load models, data and plugins; writes nothing."""
+    plugins = load_plugins(list(config.plugins), config.options)
+    examples = load_data(config.data, "train")
+    tokenizer = models.load_tokenizer(config.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    student = models.load_model(config.model).to(device)
+    if config.lora:
+        student = models.add_lora(student, config.lora_r, config.lora_alpha, config.lora_dropout)
+        teacher: Any = AdapterOff(student)
+    else:
+        teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    student.train()
+    run = Run(config, student, tokenizer, examples, plugins, device, teacher, Path(config.out))
+    for p in plugins:
+        _guard(p, "setup", run)
+    run.kept = _fitting(run, echo)
+    per_step = config.batch_size * config.grad_accum
+    run.total_steps = config.max_steps or math.ceil(len(run.kept) / per_step)
+    params = [p for p in student.parameters() if p.requires_grad]
+    run.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    run.scheduler = get_cosine_schedule_with_warmup(run.optimizer, int(config.warmup_ratio * run.total_steps),
+                                                    run.total_steps)
+    return run
+
+
+def _fitting(run: Run, echo: Callable[[str], None]) -> list[int]:
+    """Indices of examples whose every prompt (student, teacher, plugin views) fits max_prompt_tokens."""
+    limit = run.config.max_prompt_tokens
+    kept = []
+    for i, e in enumerate(run.examples):
+        batch = Batch([i], [e], {"student": [e.prompt], "teacher": [teacher_prompt(e)]})
+        for p in run.plugins:
+            batch.prompts.update(_guard(p, "views", batch))
+        if all(len(render(run.tokenizer, ps[0])) <= limit for ps in batch.prompts.values()):
+            kept.append(i)
+    dropped = len(run.examples) - len(kept)
+    if not kept:
+        raise TrainError(f"every prompt is longer than --max-prompt-tokens {limit}; raise it")
+    if dropped:
+        echo(f"warning: dropped {dropped} of {len(run.examples)} examples whose prompts exceed {limit} tokens")
+    return kept
+
+
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
+          echo: Callable[[str], None] = print) -> Path:
+    """Run a whole job: validate, train with checkpoints, write the final model into config.out."""
+    out = Path(config.out)
+    checkpoint.check_out_dir(out, resume=resume, overwrite=overwrite)
+    run = prepare(config, echo)
+    if overwrite:
+        checkpoint.clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume and checkpoint.restore(run, echo):
+        echo(f"resumed at step {run.step} of {run.total_steps}")
+    stop = _StopOnSignal()
+    metrics_path = out / "metrics.jsonl"
+    checkpoint.truncate_metrics(metrics_path, run.step)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None)
+    with stop, metrics_path.open("a") as log:
+        while run.step < run.total_steps:
+            metrics = step(run)
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if metrics["skipped"]:
+                echo(f"step {run.step}: non-finite loss or gradient, update skipped")
+                if run.bad_steps >= config.max_bad_steps:
+                    raise TrainError(f"{run.bad_steps} non-finite steps in a row; stopped "
+                                     f"(last good checkpoint kept in {out / 'checkpoints'})")
+            if stop.signal or (config.save_every and run.step % config.save_every == 0):
+                checkpoint.save(run)
+            if stop.signal:
+                raise TrainError(f"stopped by {stop.signal} at step {run.step}; resume with --resume")
+    bar.close()
+    checkpoint.save(run)
+    checkpoint.save_final(run)
+    return out
+
+
+class _StopOnSignal(contextlib.AbstractContextManager):
+    """SIGINT/SIGTERM finish the current step; the loop then checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.signal = ""
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
