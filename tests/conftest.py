@@ -47,7 +47,7 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
-                         bos_token_id=fast.bos_token_id, tie_word_embeddings=True)
+                         bos_token_id=fast.bos_token_id, tie_word_embeddings=True, initializer_range=0.3)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = fast.eos_token_id
     model.generation_config.pad_token_id = fast.pad_token_id
@@ -76,3 +76,27 @@ def tiny_data(tmp_path: Path) -> Path:
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
     return path
+
+
+def write_distribution(root: Path, dist: str, entry_points: dict[str, str], version: str = "0.0.1") -> Path:
+    """A `<dist>-<version>.dist-info` that importlib.metadata finds once `root` is on sys.path."""
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[unisd.plugins]\n{lines}")
+    return root
+
+
+@pytest.fixture
+def plugin_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Register test plugins through real entry points: plugin_dist("dist-name", {"name": "module:Class"})."""
+    def register(dist: str, entry_points: dict[str, str], modules: dict[str, str] | None = None) -> Path:
+        root = tmp_path / f"site-{dist}"
+        write_distribution(root, dist, entry_points)
+        for module, source in (modules or {}).items():
+            (root / f"{module}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(root))
+        return root
+
+    return register

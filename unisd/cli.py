@@ -57,7 +57,7 @@ def main() -> None:
 @main.command(epilog=EXAMPLE.format("unisd train --model smollm2-135m --data train.jsonl --plugins ema,clip -o clip.max=5 --out runs/x"))
 @click.option("--model", required=True, help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")
 @click.option("--data", required=True, help="Benchmark name (mbpp, cos_e, ...) or a JSONL file of prompt/answer[/rationale] rows.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder: final model, checkpoints/, metrics.jsonl.")
+@click.option("--out", required=True, help="Output folder: final model, checkpoints/, metrics.jsonl.")
 @click.option("--plugins", default="", help="Comma-separated mechanisms, applied in this order (e.g. ema,agree,clip).")
 @click.option("--preset", default="", help="A named configuration (see `unisd presets`); flags given here win.")
 @click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.KEY=VALUE", help="Set a plugin option, e.g. -o agree.k=5.")

@@ -89,6 +89,35 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "sd": Preset("plain on-policy self-distillation: student samples, the demonstration-conditioned "
                  "initial model scores, forward KL (the paper's Raw)", "UniSD paper, Eq. 1 with w = 1"),
+    "unisd-star": Preset(
+        "UniSD*: EMA teacher + token-level retrieval agreement + contrastive hinge + joint feature matching "
+        "+ divergence clipping at 10",
+        "official orchestrator's unisd_star values (scripts/run_experiments.py); the official preset omits "
+        "clipping (token_clip None), added here at kappa = 10 as the paper's section 2.3 describes",
+        ("ema", "agree", "contrast", "match", "clip"),
+        {"ema": {"beta": 0.98, "every": 10},
+         "agree": {"k": 3, "gamma": 0.001, "level": "token", "stat": "var", "contexts": "retrieval"},
+         "contrast": {"weight": 0.01, "margin": 0.1},
+         "match": {"weight": 0.01, "mode": "joint"},
+         "clip": {"max": 10.0}}),
+    "agree-tok": Preset("token-level agreement weights, K = 3 retrieval contexts",
+                        "official orchestrator agreement_tok_retrieval (gamma 0.01)", ("agree",),
+                        {"agree": {"k": 3, "gamma": 0.01, "level": "token", "contexts": "retrieval"}}),
+    "agree-seq": Preset("sequence-level agreement weights, K = 3 retrieval contexts (the paper's Agree row)",
+                        "official orchestrator agreement_seq_retrieval (gamma 0.01)", ("agree",),
+                        {"agree": {"k": 3, "gamma": 0.01, "level": "sequence", "contexts": "retrieval"}}),
+    "ema": Preset("EMA teacher of the student's effective weights", "official orchestrator ema (every 10, beta 0.9)",
+                  ("ema",), {"ema": {"beta": 0.9, "every": 10}}),
+    "contrast": Preset("token-level contrastive hinge against verified-wrong self-generated demos",
+                       "official orchestrator contrastive (weight 0.1, margin 0.5)", ("contrast",),
+                       {"contrast": {"weight": 0.1, "margin": 0.5}}),
+    "match-joint": Preset("forward KL + final hidden-state matching", "official orchestrator match_joint (weight 0.1)",
+                          ("match",), {"match": {"weight": 0.1, "mode": "joint"}}),
+    "match-repr": Preset("final hidden-state matching only (divergence ignored)",
+                         "official orchestrator match_repr (weight 0.1)", ("match",),
+                         {"match": {"weight": 0.1, "mode": "repr"}}),
+    "clip": Preset("forward KL clipped at 10 nats per token", "official clip mode (token_clip 10.0, alpha 0 = forward KL)",
+                   ("clip",), {"clip": {"max": 10.0}}),
 }
 
 

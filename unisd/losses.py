@@ -16,7 +16,8 @@ Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    """Log-softmax in at least fp32: bf16 log-probs are too coarse for a KL."""
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

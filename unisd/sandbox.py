@@ -20,6 +20,7 @@ import ctypes
 import itertools
 import os
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -54,7 +55,10 @@ del _s, _ss, _no_network
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """passed: the program exited 0 within the limits. reason: 'passed', 'timeout', or the error's last line."""
+    """passed: the program ran to its end and exited 0 within the limits.
+
+    reason: 'passed', 'timeout after N s', or the last line of its output (usually the error).
+    """
 
     passed: bool
     reason: str
@@ -151,7 +155,9 @@ def run_program(
             os.chown(workdir, drop_to, drop_to)
         os.chmod(workdir, 0o700)
         program = Path(workdir) / "main.py"
-        program.write_text(_PRELUDE + "\n" + source, encoding="utf-8")
+        # A program only passes by reaching its last line: `sys.exit(0)` before the asserts is a failure.
+        token = secrets.token_hex(12)
+        program.write_text(f"{_PRELUDE}\n{source}\n\nprint({token!r}, flush=True)\n", encoding="utf-8")
         log = Path(workdir) / "output.log"
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
@@ -166,7 +172,11 @@ def run_program(
             )
             try:
                 rc: int | None = proc.wait(timeout=timeout)
-                reason = "passed" if rc == 0 else _last_line(log) or f"exit status {rc}"
+                last = _last_line(log)
+                if rc == 0 and last != token:
+                    rc, reason = -1, "exited before the end of the tests"
+                else:
+                    reason = "passed" if rc == 0 else last or f"exit status {rc}"
             except subprocess.TimeoutExpired:
                 rc, reason = None, f"timeout after {timeout:g} s"
             finally:

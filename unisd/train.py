@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 
 from unisd import checkpoint, losses, models
 from unisd.config import TrainConfig
-from unisd.data import Example, load_data
+from unisd.data import DataError, Example, load_data
 from unisd.data.prompts import teacher_prompt
 from unisd.plugin import Plugin, load as load_plugins
 from unisd.rollout import sample
@@ -97,10 +97,9 @@ class AdapterOff:
         return self.peft_model.get_base_model().get_output_embeddings()
 
 
-def _parts(model: Any) -> tuple[Callable[..., Any], torch.nn.Module]:
-    """(decoder returning final normed hidden states, output head) of a model, a peft model or AdapterOff."""
-    inner = model.get_base_model() if models.is_peft(model) else model
-    return inner.get_decoder(), inner.get_output_embeddings()
+def _inner(model: Any) -> Any:
+    """The object with get_decoder / get_output_embeddings: a model, a peft model's base, or AdapterOff."""
+    return model.get_base_model() if models.is_peft(model) else model
 
 
 def _hidden(model: Any, prompts: list[list[int]], batch: Batch, pad_id: int) -> torch.Tensor:
@@ -108,7 +107,7 @@ def _hidden(model: Any, prompts: list[list[int]], batch: Batch, pad_id: int) -> 
     assert batch.tokens is not None and batch.mask is not None
     repeat = len(prompts) // batch.tokens.shape[0]
     packed = pack(prompts, batch.tokens.repeat(repeat, 1), batch.mask.repeat(repeat, 1), pad_id)
-    decoder, _ = _parts(model)
+    decoder = _inner(model).get_decoder()  # returns final (normed) hidden states, no logits
     device = batch.tokens.device
     hidden = decoder(input_ids=packed.ids.to(device), attention_mask=packed.attention.to(device),
                      position_ids=packed.positions.to(device)).last_hidden_state
@@ -130,8 +129,8 @@ def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
 
     where = batch.mask.bool()
     tokens = batch.tokens[where]
-    _, student_head = _parts(run.student)
-    _, teacher_head = _parts(teacher)
+    student_head = _inner(run.student).get_output_embeddings()
+    teacher_head = _inner(teacher).get_output_embeddings()
     c = run.config
     divergence = losses.pick(c.divergence, c.alpha)
     D, lp_student, lp_teacher = losses.distill_in_chunks(
@@ -284,7 +283,7 @@ def _fitting(run: Run, echo: Callable[[str], None]) -> list[int]:
             kept.append(i)
     dropped = len(run.examples) - len(kept)
     if not kept:
-        raise TrainError(f"every prompt is longer than --max-prompt-tokens {limit}; raise it")
+        raise DataError(f"every prompt is longer than --max-prompt-tokens {limit}; raise it")
     if dropped:
         echo(f"warning: dropped {dropped} of {len(run.examples)} examples whose prompts exceed {limit} tokens")
     return kept

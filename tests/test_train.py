@@ -1,0 +1,168 @@
+"""The trainer on a tiny Llama: padding invariance, learning, the hook protocol, lm-eval on the output."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unisd import config as cfg
+from unisd import losses, train as tr
+from unisd.data import Example
+from unisd.plugin import Plugin, PluginInfo
+from unisd.rollout import Rollout
+
+
+def _config(model: Path, data: Path, out: Path, **kw) -> cfg.TrainConfig:
+    plugins = tuple(kw.pop("plugins", ()))
+    settings = dict(max_steps=2, batch_size=2, max_new_tokens=8, lr=1e-3)
+    settings.update(kw)
+    return cfg.resolve("", plugins, {}, model=str(model), data=str(data), out=str(out), **settings)
+
+
+def _fixed_batch(run: tr.Run, prompts: list[str], completions: list[list[int]]) -> tr.Batch:
+    examples = [Example(p, "42", "because") for p in prompts]
+    batch = tr.Batch(list(range(len(prompts))), examples,
+                     {"student": prompts, "teacher": [tr.teacher_prompt(e) for e in examples]})
+    width = max(len(c) for c in completions)
+    pad = run.tokenizer.pad_token_id
+    batch.tokens = torch.tensor([c + [pad] * (width - len(c)) for c in completions])
+    batch.mask = torch.tensor([[1.0] * len(c) + [0.0] * (width - len(c)) for c in completions])
+    return batch
+
+
+def test_padding_gives_the_same_per_example_loss_as_unbatched(tiny_model, tiny_data, tmp_path):
+    run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out"))
+    prompts = ["What is two plus two?", "Name a colour of the sky, please, in one word only."]
+    completions = [[40, 41, 42, 43, 44, 45], [50, 51]]
+    batched = tr.forward(run, _fixed_batch(run, prompts, completions), run.teacher)
+    for i in range(2):
+        alone = tr.forward(run, _fixed_batch(run, [prompts[i]], [completions[i]]), run.teacher)
+        n = len(completions[i])
+        torch.testing.assert_close(batched.divergence[i, :n], alone.divergence[0, :n], rtol=1e-4, atol=1e-6)
+        for view in ("student", "teacher"):
+            torch.testing.assert_close(batched.logps[view][i, :n], alone.logps[view][0, :n], rtol=1e-4, atol=1e-5)
+        assert batched.divergence[i, n:].abs().sum() == 0  # padding contributes nothing
+        per_example = losses.weighted_mean(alone.divergence, alone.mask)
+        torch.testing.assert_close(per_example, alone.divergence[0, :n].mean())
+
+
+def test_loss_decreases_on_a_repeated_batch(tiny_model, tmp_path, monkeypatch):
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "What is two plus two?", "answer": "four", "rationale": "2+2=4"}) + "\n")
+    fixed = Rollout(torch.tensor([[40, 41, 42, 43, 44, 2]]), torch.ones(1, 6), torch.tensor([False]))
+    monkeypatch.setattr(tr, "sample", lambda *a, **k: fixed)
+    run = tr.prepare(_config(tiny_model, data, tmp_path / "out", batch_size=1, lr=1e-3, max_steps=3))
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: 1.0)  # constant lr for the check
+    seen = [tr.step(run)["loss"] for _ in range(3)]
+    assert seen[0] > seen[1] > seen[2], seen
+
+
+class Probe(Plugin):
+    """Touches every hook and changes the step in a way the test can see."""
+
+    calls: list[str] = []
+
+    def setup(self, run):
+        Probe.calls.append("setup")
+
+    def views(self, batch):
+        Probe.calls.append("views")
+        return {"probe.view": list(batch.prompts["student"])}
+
+    def teacher(self, run):
+        Probe.calls.append("teacher")
+        return Counting(run.teacher)
+
+    def token_loss(self, D, out):
+        Probe.calls.append("token_loss")
+        assert "probe.view" in out.logps and out.logps["probe.view"].shape == out.mask.shape
+        rows = torch.arange(1, D.shape[0] + 1, dtype=D.dtype)[:, None]
+        return D * 0 + rows  # sequence b has divergence b + 1 everywhere
+
+    def weights(self, out):
+        Probe.calls.append("weights")
+        w = torch.zeros(out.mask.shape[0], 1)
+        w[0] = 1.0  # only the first sequence counts
+        return w
+
+    def aux_losses(self, out):
+        Probe.calls.append("aux_losses")
+        out.metrics["probe/seen"] = 1.0
+        return {"probe_aux": torch.tensor(0.25)}
+
+    def after_step(self, run):
+        Probe.calls.append("after_step")
+
+    def state_dict(self):
+        return {"calls": len(Probe.calls)}
+
+
+class Counting:
+    """A teacher that counts how often its decoder is asked for."""
+
+    uses = 0
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def get_decoder(self):
+        Counting.uses += 1
+        return self.inner.get_decoder()
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+
+def test_every_hook_is_called_and_its_result_used(tiny_model, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr("unisd.plugin.discover", lambda: {"probe": PluginInfo("probe", "tests", "0", Probe)})
+    Probe.calls.clear()
+    Counting.uses = 0
+    out = tr.train(_config(tiny_model, tiny_data, tmp_path / "run", plugins=("probe",)), echo=lambda m: None)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["distill"] == pytest.approx(1.0)  # weights kept only sequence 0, whose value is 1
+        assert m["probe_aux"] == pytest.approx(0.25) and m["loss"] == pytest.approx(1.25)
+        assert m["probe/seen"] == 1.0
+    assert Counting.uses == 2  # the teacher hook's model scored every step
+    assert Probe.calls[0] == "setup"
+    assert Probe.calls.count("after_step") == 2
+    assert Probe.calls[-6:] == ["views", "teacher", "token_loss", "weights", "aux_losses", "after_step"]
+    state = torch.load(next((out / "checkpoints").glob("step-*")) / "state.pt", weights_only=False)
+    assert state["plugins"]["probe"]["calls"] > 0
+
+
+def test_end_to_end_output_loads_in_lm_eval(tiny_model, tiny_data, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    out = tr.train(_config(tiny_model, tiny_data, tmp_path / "run", max_steps=2), echo=lambda m: None)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
+                 "generation_config.json", "unisd.json", "README.md", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "unisd.json").read_text())
+    assert record["steps"] == 2 and record["config"]["data"] == str(tiny_data) and len(record["data_fingerprint"]) == 64
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all({"step", "loss", "step_time_s", "distill"} <= set(m) for m in metrics)
+    # the saved weights are the trained ones, not the initial ones
+    trained, initial = load_file(str(out / "model.safetensors")), load_file(str(tiny_model / "model.safetensors"))
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [{"question": "Which animal barks?", "choices": ["cat", "dog"], "label": 1},
+            {"question": "Where do fish live?", "choices": ["water", "trees"], "label": 0}]
+    (tasks / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "tiny.yaml").write_text(
+        "task: unisd_tiny\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tasks / 'tiny.jsonl'}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+    result = simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", tasks=["unisd_tiny"],
+                             task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                             device="cpu", batch_size=2)
+    acc = result["results"]["unisd_tiny"]["acc,none"]
+    assert 0.0 <= acc <= 1.0 and result["n-samples"]["unisd_tiny"]["effective"] == 2
