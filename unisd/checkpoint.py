@@ -67,14 +67,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -93,7 +93,7 @@ def save(run: Run) -> Path:
     assert run.optimizer is not None
     torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"step": run.step, "position": run.position, "bad_steps": run.bad_steps,
-                "scheduler": run.scheduler.state_dict(), "rng": _rng_state(),
+                "scheduler": run.scheduler.state_dict(), "rng": rng_state(),
                 "plugins": {p.name: p.state_dict() for p in run.plugins}}, tmp / "state.pt")
     files = sorted(f.name for f in tmp.iterdir())
     (tmp / MANIFEST).write_text(json.dumps({f: _sha256(tmp / f) for f in files}, indent=1))
@@ -125,6 +125,8 @@ def verify(folder: Path) -> str:
 def restore(run: Run, echo: Callable[[str], None]) -> bool:
     """Load the newest intact checkpoint into run; False if there is none."""
     root = run.out / "checkpoints"
+    for leftover in root.glob(".tmp-step-*"):  # a save interrupted by a crash
+        shutil.rmtree(leftover, ignore_errors=True)
     for folder in sorted(root.glob("step-*"), reverse=True):
         problem = verify(folder)
         if problem:
@@ -143,7 +145,7 @@ def restore(run: Run, echo: Callable[[str], None]) -> bool:
         for p in run.plugins:
             if p.name in state["plugins"]:
                 p.load_state_dict(state["plugins"][p.name])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         return True
     echo("no intact checkpoint found; starting from the beginning")
     return False

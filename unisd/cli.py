@@ -72,6 +72,7 @@ def main() -> None:
 @click.option("--loss-temperature", type=float, default=None, help="Logit temperature inside the divergence [0.7].")
 @click.option("--mask-truncated", is_flag=True, default=None, help="Leave completions that hit the length limit out of the loss.")
 @click.option("--seed", type=int, default=None, help="Seed for data order, sampling and plugins [42].")
+@click.option("--max-bad-steps", type=int, default=None, help="Stop after this many non-finite steps in a row [3].")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0: only at the end) [0].")
 @click.option("--lora", is_flag=True, default=None, help="Train a LoRA adapter (r 64, alpha 128) instead of all weights.")
 @click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint in --out.")

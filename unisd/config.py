@@ -58,6 +58,7 @@ class TrainConfig:
             (self.divergence != "jsd" or 0 < self.alpha < 1, "--alpha must be in (0, 1) for jsd (fkl and rkl are the endpoints)"),
             (self.save_every >= 0, "--save-every must be 0 or more"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
+            (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
         ]
         for ok, message in checks:

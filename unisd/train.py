@@ -306,7 +306,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None)
     with stop, metrics_path.open("a") as log:
         while run.step < run.total_steps:
-            metrics = step(run)
+            metrics = _step_or_save(run)
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             bar.update(1)
@@ -314,8 +314,9 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
             if metrics["skipped"]:
                 echo(f"step {run.step}: non-finite loss or gradient, update skipped")
                 if run.bad_steps >= config.max_bad_steps:
+                    saved = checkpoint.save(run)  # skipped steps changed no weight: this state is good
                     raise TrainError(f"{run.bad_steps} non-finite steps in a row; stopped "
-                                     f"(last good checkpoint kept in {out / 'checkpoints'})")
+                                     f"(checkpoint {saved.name} holds the last good weights)")
             if stop.signal or (config.save_every and run.step % config.save_every == 0):
                 checkpoint.save(run)
             if stop.signal:
@@ -324,6 +325,21 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     checkpoint.save(run)
     checkpoint.save_final(run)
     return out
+
+
+def _step_or_save(run: Run) -> dict[str, float]:
+    """A step; if a plugin fails inside it, rewind to the step's start, checkpoint, and stop."""
+    position, rng, done = run.position, checkpoint.rng_state(), run.step
+    try:
+        return step(run)
+    except TrainError as e:
+        if run.step == done:  # failed before the update: the step never happened
+            run.position = position
+            checkpoint.set_rng_state(rng)
+            assert run.optimizer is not None
+            run.optimizer.zero_grad(set_to_none=True)
+        saved = checkpoint.save(run)
+        raise TrainError(f"{e} (checkpoint {saved.name} kept; fix it and --resume)") from e
 
 
 class _StopOnSignal(contextlib.AbstractContextManager):

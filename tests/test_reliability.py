@@ -1,0 +1,164 @@
+"""Crashes and faults: exact resume after SIGKILL, corrupted checkpoints, SIGTERM, NaN steps, failing plugins."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unisd import checkpoint
+from unisd import config as cfg
+from unisd.plugin import Plugin, PluginInfo
+from unisd.train import TrainError, train
+
+
+def _args(model: Path, data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "unisd", "train", "--model", str(model), "--data", str(data), "--out", str(out),
+            "--max-steps", str(steps), "--batch-size", "2", "--max-new-tokens", "6", "--lr", "1e-3",
+            "--save-every", "1", *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _kill_after(args: list[str], metrics: Path, steps_done: int) -> None:
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _lines(metrics) < steps_done and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora"]], ids=["full", "lora"])
+def test_sigkill_then_resume_is_bitwise_equal(tiny_model, tiny_data, tmp_path, extra):
+    steps = 4
+    reference = tmp_path / "reference"
+    subprocess.run(_args(tiny_model, tiny_data, reference, steps, *extra), env=_env(), check=True,
+                   capture_output=True)
+    killed = tmp_path / "killed"
+    at = random.Random(len(extra)).randint(1, steps - 2)  # a random step whose checkpoint is surely written
+    _kill_after(_args(tiny_model, tiny_data, killed, steps, *extra), killed / "metrics.jsonl", at + 1)
+    assert not (killed / "unisd.json").exists()  # it really died before the end
+    done = subprocess.run(_args(tiny_model, tiny_data, killed, steps, *extra, "--resume"), env=_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resumed at step" in done.stderr
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ref_metrics = [json.loads(x)["loss"] for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    got_metrics = [json.loads(x)["loss"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert got_metrics == ref_metrics
+
+
+def _config(model: Path, data: Path, out: Path, **kw) -> cfg.TrainConfig:
+    plugins = tuple(kw.pop("plugins", ()))
+    settings = dict(max_steps=3, batch_size=2, max_new_tokens=6, lr=1e-3, save_every=1, keep_checkpoints=5)
+    settings.update(kw)
+    return cfg.resolve("", plugins, {}, model=str(model), data=str(data), out=str(out), **settings)
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train(_config(tiny_model, tiny_data, out), echo=lambda m: None)
+    newest = out / "checkpoints" / "step-000003"
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated on disk
+    (out / "unisd.json").unlink()  # pretend the run died before finishing
+    messages: list[str] = []
+    train(_config(tiny_model, tiny_data, out, max_steps=4), resume=True, echo=messages.append)
+    assert any("skipping checkpoint step-000003" in m and "checksum" in m for m in messages)
+    assert "resumed at step 2 of 4" in messages
+    assert checkpoint.verify(out / "checkpoints" / "step-000004") == ""
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_unfinished_checkpoint_is_detected():
+    folder = Path("/nonexistent-checkpoint")
+    assert "no manifest" in checkpoint.verify(folder)
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = _args(tiny_model, tiny_data, out, 50)
+    args[args.index("--save-every") + 1] = "0"
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while _lines(out / "metrics.jsonl") < 1 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert saved and checkpoint.verify(saved[-1]) == ""
+    assert not (out / "unisd.json").exists()
+
+
+class NaNAt(Plugin):
+    """Makes the loss non-finite on chosen steps."""
+
+    bad_steps: set[int] = set()
+    seen = 0
+
+    def token_loss(self, D, out):
+        NaNAt.seen += 1
+        return D * float("nan") if NaNAt.seen in NaNAt.bad_steps else D
+
+
+class Explodes(Plugin):
+    def weights(self, out):
+        raise RuntimeError("boom")
+
+
+def _with(monkeypatch, name: str, cls: type[Plugin]) -> None:
+    monkeypatch.setattr("unisd.plugin.discover", lambda: {name: PluginInfo(name, "tests", "0", cls)})
+
+
+def test_non_finite_step_is_skipped_and_logged(tiny_model, tiny_data, tmp_path, monkeypatch):
+    _with(monkeypatch, "nan", NaNAt)
+    NaNAt.bad_steps, NaNAt.seen = {2}, 0
+    messages: list[str] = []
+    out = train(_config(tiny_model, tiny_data, tmp_path / "run", plugins=("nan",)), echo=messages.append)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped"] for m in metrics] == [False, True, False]
+    assert any("step 2: non-finite" in m for m in messages)
+    # the skipped step changed no weight
+    a = load_file(str(out / "checkpoints" / "step-000001" / "trainable.safetensors"))
+    b = load_file(str(out / "checkpoints" / "step-000002" / "trainable.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_too_many_non_finite_steps_stop_the_run(tiny_model, tiny_data, tmp_path, monkeypatch):
+    _with(monkeypatch, "nan", NaNAt)
+    NaNAt.bad_steps, NaNAt.seen = {2, 3, 4}, 0
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match="3 non-finite steps in a row"):
+        train(_config(tiny_model, tiny_data, out, plugins=("nan",), max_steps=6, max_bad_steps=3),
+              echo=lambda m: None)
+    good = load_file(str(out / "checkpoints" / "step-000001" / "trainable.safetensors"))
+    last = load_file(str(sorted((out / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
+    assert all(torch.equal(good[k], last[k]) for k in good)
+    assert not (out / "unisd.json").exists()
+
+
+def test_failing_plugin_is_named_and_the_run_saves(tiny_model, tiny_data, tmp_path, monkeypatch):
+    _with(monkeypatch, "explodes", Explodes)
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match=r"plugin 'explodes' failed in weights: RuntimeError: boom \(checkpoint step-000000"):
+        train(_config(tiny_model, tiny_data, out, plugins=("explodes",)), echo=lambda m: None)
+    assert checkpoint.verify(out / "checkpoints" / "step-000000") == ""
