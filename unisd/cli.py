@@ -30,13 +30,14 @@ def _errors_are_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from unisd.checkpoint import OutputDirError
         from unisd.data import DataError
+        from unisd.evaluate import EvalError
         from unisd.models import ModelError
         from unisd.plugin import PluginError
         from unisd.train import TrainError
 
         try:
             return fn(*args, **kwargs)
-        except (cfg.ConfigError, PluginError, DataError, ModelError, OutputDirError) as e:
+        except (cfg.ConfigError, PluginError, DataError, ModelError, OutputDirError, EvalError) as e:
             _fail(str(e))
         except TrainError as e:
             click.echo(f"error: {e}", err=True)
@@ -126,3 +127,54 @@ def tasks_path() -> None:
     import unisd_tasks
 
     click.echo(str(Path(unisd_tasks.__file__).parent))
+
+
+@main.command(name="eval", epilog=EXAMPLE.format("unisd eval --model base=smollm2-135m --model sd=runs/sd --tasks unisd_cose --limit 100 --retention --base smollm2-135m --out eval/"))
+@click.option("--model", "model_specs", multiple=True, required=True, metavar="NAME=PATH", help="A checkpoint to score (repeatable).")
+@click.option("--tasks", default="unisd", show_default=True, help="Comma-separated lm-eval tasks or groups.")
+@click.option("--limit", type=int, default=None, help="Score only the first N documents of each task.")
+@click.option("--out", required=True, help="Folder for results.json, table.md, scores.png and per-model results.")
+@click.option("--retention", is_flag=True, help="Also compute PPL_ret and PPL_fit (needs --base).")
+@click.option("--base", default=None, help="The base model PPL_ret is measured with.")
+@click.option("--include-path", "include", multiple=True, help="Extra lm-eval task folders.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@_errors_are_one_line
+def eval_cmd(model_specs: tuple[str, ...], tasks: str, limit: int | None, out: str, retention: bool,
+             base: str | None, include: tuple[str, ...], batch_size: int) -> None:
+    """Score checkpoints with lm-eval under identical settings; write a table and a chart."""
+    from unisd.evaluate import EvalError, evaluate, parse_models
+
+    if retention and not base:
+        raise EvalError("--retention needs --base (the model PPL_ret is measured with)")
+    checkpoints = parse_models(model_specs)
+    combined = evaluate(checkpoints, [t.strip() for t in tasks.split(",") if t.strip()], Path(out), limit,
+                        list(include), base if retention else None, batch_size, echo=lambda m: click.echo(m, err=True))
+    click.echo((Path(out) / "table.md").read_text())
+    click.echo(f"results: {Path(out) / 'results.json'}  chart: {Path(out) / 'scores.png'}")
+    del combined
+
+
+@main.command(epilog=EXAMPLE.format("unisd compare eval-a/results.json eval-b/results.json --out compare/"))
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, help="Folder for the rebuilt table.md and scores.png.")
+def compare(results: tuple[str, ...], out: str) -> None:
+    """Rebuild the comparison table and chart from saved results.json files."""
+    from unisd import report
+
+    merged = report.merge([json.loads(Path(r).read_text()) for r in results])
+    Path(out).mkdir(parents=True, exist_ok=True)
+    report.write_comparison(merged, Path(out))
+    click.echo((Path(out) / "table.md").read_text())
+
+
+@main.command(epilog=EXAMPLE.format("unisd plot runs/sd"))
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def plot(run_dir: str) -> None:
+    """Draw the training curves of a run (loss, each loss term, plugin metrics) to RUN_DIR/curves.png."""
+    from unisd import report
+
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not metrics.is_file() or not metrics.read_text().strip():
+        _fail(f"{metrics}: no metrics to plot")
+    keys = report.training_curves(metrics, Path(run_dir) / "curves.png")
+    click.echo(f"{Path(run_dir) / 'curves.png'}: {', '.join(keys)}")

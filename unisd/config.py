@@ -90,6 +90,30 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "sd": Preset("plain on-policy self-distillation: student samples, the demonstration-conditioned "
                  "initial model scores, forward KL (the paper's Raw)", "UniSD paper, Eq. 1 with w = 1"),
+    "sft": Preset("supervised fine-tuning: cross-entropy on the gold demonstration (reasoning + answer); "
+                  "never samples", "UniSD paper's SFT baseline (static imitation)",
+                  ("mix", "nll"), {"mix": {"source": "gold", "prob": 1.0}}),
+    "sdft": Preset("self-distillation fine-tuning: on-policy samples at temperature 1, the demonstration-"
+                   "conditioned frozen initial model as teacher, generalized JSD alpha 0.5 at temperature 1",
+                   "Shenfeld et al. 2026, arXiv 2601.19897 (TRL SDFT defaults: alpha 0.5, base teacher, "
+                   "full-vocabulary here instead of its top-100 support)",
+                   settings={"divergence": "jsd", "alpha": 0.5, "temperature": 1.0, "loss_temperature": 1.0}),
+    "gkd": Preset("generalized knowledge distillation: JSD beta 0.5; each micro-batch is on-policy with "
+                  "probability lambda 0.5, else the dataset completion; sampling temperature 0.9, loss at 1",
+                  "Agarwal et al., ICLR 2024 (TRL GKD defaults); the teacher is the demonstration-conditioned "
+                  "self-teacher, as there is no stronger model here",
+                  ("mix",), {"mix": {"source": "gold", "prob": 0.5}},
+                  {"divergence": "jsd", "alpha": 0.5, "temperature": 0.9, "loss_temperature": 1.0}),
+    "ssd": Preset("simple self-distillation: cross-entropy on the frozen base model's own samples "
+                  "(temperature 1.0; no teacher, no verifier)",
+                  "Zhang et al. 2026, arXiv 2604.01193 (the sampling temperature is mix.temperature)",
+                  ("mix", "nll"), {"mix": {"source": "base", "prob": 1.0, "temperature": 1.0}}),
+    "opsd": Preset("on-policy self-distillation with the current model as its own privileged-context "
+                   "teacher (EMA with beta 0 every step), reverse KL at temperature 1",
+                   "Zhao et al. 2026, arXiv 2601.18734 (same weights teach with the solution in context; "
+                   "per-token reverse KL)",
+                   ("ema",), {"ema": {"beta": 0.0, "every": 1}},
+                   {"divergence": "rkl", "loss_temperature": 1.0}),
     "unisd-star": Preset(
         "UniSD*: EMA teacher + token-level retrieval agreement + contrastive hinge + joint feature matching "
         "+ divergence clipping at 10",

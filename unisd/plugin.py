@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 import torch
 
 if TYPE_CHECKING:
+    from unisd.rollout import Rollout
     from unisd.train import Batch, Outputs, Run
 
 API_VERSION = 1
 GROUP = "unisd.plugins"
-HOOKS = ("setup", "views", "teacher", "token_loss", "weights", "aux_losses", "after_step",
+HOOKS = ("setup", "completions", "views", "teacher", "token_loss", "weights", "aux_losses", "after_step",
          "state_dict", "load_state_dict")
 
 
@@ -32,6 +33,7 @@ class Plugin:
 
     Hooks, in the order the step calls them:
       setup(run)               once, after model and data are loaded
+      completions(batch, run)  -> Rollout or None: completions to train on instead of a student sample
       views(batch)             -> {view name: [prompt per example]}: extra no-grad teacher views
       teacher(run)             -> module or None: replaces the primary teacher model
       token_loss(D, out)       -> D': transforms the per-token divergence [B, T] (chained in CLI order)
@@ -53,6 +55,9 @@ class Plugin:
 
     def setup(self, run: Run) -> None:
         pass
+
+    def completions(self, batch: Batch, run: Run) -> Rollout | None:
+        return None
 
     def views(self, batch: Batch) -> dict[str, list[str]]:
         return {}

@@ -42,3 +42,17 @@ def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
     width = max(int(mask.sum(-1).max().item()), 1)
     tokens, mask = tokens[:, :width], mask[:, :width]
     return Rollout(tokens.masked_fill(mask == 0, tokenizer.pad_token_id), mask, truncated)
+
+
+def from_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_new_tokens: int) -> Rollout:
+    """Completions given as text (e.g. gold demonstrations), ended by EOS; longer ones are cut and marked truncated."""
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    truncated = torch.tensor([len(r) > max_new_tokens for r in rows])
+    rows = [r[:max_new_tokens] for r in rows]
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1.0
+    return Rollout(tokens, mask, truncated)

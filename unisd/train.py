@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from unisd import checkpoint, losses, models
+from unisd import checkpoint, losses, models, report
 from unisd.config import TrainConfig
 from unisd.data import DataError, Example, load_data
 from unisd.data.prompts import teacher_prompt
@@ -185,8 +185,12 @@ def step(run: Run) -> dict[str, float]:
     for _ in range(c.grad_accum):
         batch = make_batch(run)
         t0 = time.perf_counter()
-        prompt_ids = [render(run.tokenizer, p) for p in batch.prompts["student"]]
-        rollout = sample(run.student, run.tokenizer, prompt_ids, c.max_new_tokens, c.temperature, c.top_p)
+        rollout = None
+        for p in plugins:
+            rollout = rollout or _guard(p, "completions", batch, run)
+        if rollout is None:  # on-policy: the student samples
+            prompt_ids = [render(run.tokenizer, p) for p in batch.prompts["student"]]
+            rollout = sample(run.student, run.tokenizer, prompt_ids, c.max_new_tokens, c.temperature, c.top_p)
         batch.tokens, batch.truncated = rollout.tokens.to(run.device), rollout.truncated
         batch.mask = rollout.mask.to(run.device)
         if c.mask_truncated:
@@ -324,6 +328,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     bar.close()
     checkpoint.save(run)
     checkpoint.save_final(run)
+    report.training_curves(metrics_path, out / "curves.png")
     return out
 
 

@@ -1,0 +1,59 @@
+"""`mix`: train some micro-batches on completions that are not the student's own sample.
+
+With probability `prob` a micro-batch's completions come from `source` instead of the on-policy
+student: `gold`, the dataset's demonstration (SFT and GKD's off-policy share), or `base`, a sample
+of the frozen initial model at `temperature` (SSD). The draw uses the plugin's own seeded generator,
+saved with the checkpoint, so resumes are exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from unisd import models
+from unisd.data.prompts import demonstration
+from unisd.plugin import Plugin
+from unisd.rollout import Rollout, from_texts, sample
+from unisd.sequences import render
+
+
+class Mix(Plugin):
+    @dataclass(frozen=True)
+    class Config:
+        source: str = "gold"       # gold | base
+        prob: float = 1.0          # probability that a micro-batch uses `source`
+        temperature: float = 1.0   # sampling temperature for source=base
+
+        def __post_init__(self) -> None:
+            if self.source not in ("gold", "base"):
+                raise ValueError(f"mix.source must be gold or base, got {self.source!r}")
+            if not 0.0 <= self.prob <= 1.0:
+                raise ValueError(f"mix.prob must be in [0, 1], got {self.prob}")
+            if self.temperature <= 0:
+                raise ValueError("mix.temperature must be positive")
+
+    def setup(self, run: Any) -> None:
+        self.generator = torch.Generator().manual_seed(run.config.seed + 7)
+        self.used = 0
+
+    def completions(self, batch: Any, run: Any) -> Rollout | None:
+        if torch.rand((), generator=self.generator).item() >= self.config.prob:
+            return None
+        self.used += 1
+        c = run.config
+        if self.config.source == "gold":
+            return from_texts(run.tokenizer, [demonstration(e) for e in batch.examples], c.max_new_tokens)
+        prompts = [render(run.tokenizer, p) for p in batch.prompts["student"]]
+        if models.is_peft(run.student):  # the initial model is the student with its adapter off
+            with run.student.disable_adapter():
+                return sample(run.student, run.tokenizer, prompts, c.max_new_tokens, self.config.temperature, c.top_p)
+        return sample(run.teacher, run.tokenizer, prompts, c.max_new_tokens, self.config.temperature, c.top_p)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "used": self.used}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.used = state["used"]
