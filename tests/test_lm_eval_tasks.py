@@ -58,10 +58,6 @@ def test_missing_offline_data_fails_clearly(monkeypatch, tmp_path):
         _manager().load(["unisd_scienceqa"])
 
 
-def _doc_for(task, bench, split):
-    return list(task.test_docs()), B.load(bench, split)
-
-
 def test_process_results_scores_gold_1_and_wrong_0(fixtures_env):
     tasks = _manager().load(["unisd_mbpp", "unisd_humaneval", "unisd_toolalpaca", "unisd_gpqa"])["tasks"]
     pr = tasks["unisd_mbpp"].process_results

@@ -84,16 +84,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(run: Run) -> Path:
     """Write a complete checkpoint for run.step, then prune to the newest keep_checkpoints."""
+    from unisd import distributed
+
+    rngs = distributed.gather(rng_state(), run.world)  # every rank's generators, for an exact resume
     root = run.out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{run.step:06d}"
+    if not run.world.main:
+        distributed.barrier(run.world)
+        return final
+    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{run.step:06d}-"))
     trainable = {n: p.detach().contiguous().cpu() for n, p in run.student.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
     assert run.optimizer is not None
     torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"step": run.step, "position": run.position, "bad_steps": run.bad_steps,
-                "scheduler": run.scheduler.state_dict(), "rng": rng_state(),
+                "scheduler": run.scheduler.state_dict(), "rng": rngs,
                 "plugins": {p.name: p.state_dict() for p in run.plugins}}, tmp / "state.pt")
     files = sorted(f.name for f in tmp.iterdir())
     (tmp / MANIFEST).write_text(json.dumps({f: _sha256(tmp / f) for f in files}, indent=1))
@@ -102,6 +108,7 @@ def save(run: Run) -> Path:
     os.rename(tmp, final)
     for old in sorted(root.glob("step-*"))[:-run.config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier(run.world)
     return final
 
 
@@ -125,8 +132,9 @@ def verify(folder: Path) -> str:
 def restore(run: Run, echo: Callable[[str], None]) -> bool:
     """Load the newest intact checkpoint into run; False if there is none."""
     root = run.out / "checkpoints"
-    for leftover in root.glob(".tmp-step-*"):  # a save interrupted by a crash
-        shutil.rmtree(leftover, ignore_errors=True)
+    if run.world.main:
+        for leftover in root.glob(".tmp-step-*"):  # a save interrupted by a crash
+            shutil.rmtree(leftover, ignore_errors=True)
     for folder in sorted(root.glob("step-*"), reverse=True):
         problem = verify(folder)
         if problem:
@@ -145,7 +153,10 @@ def restore(run: Run, echo: Callable[[str], None]) -> bool:
         for p in run.plugins:
             if p.name in state["plugins"]:
                 p.load_state_dict(state["plugins"][p.name])
-        set_rng_state(state["rng"])
+        rngs = state["rng"]
+        if len(rngs) != run.world.size:
+            raise OutputDirError(f"{folder} was written by {len(rngs)} processes; resume with as many")
+        set_rng_state(rngs[run.world.rank])
         return True
     echo("no intact checkpoint found; starting from the beginning")
     return False

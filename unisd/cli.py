@@ -178,3 +178,7 @@ def plot(run_dir: str) -> None:
         _fail(f"{metrics}: no metrics to plot")
     keys = report.training_curves(metrics, Path(run_dir) / "curves.png")
     click.echo(f"{Path(run_dir) / 'curves.png'}: {', '.join(keys)}")
+
+
+from unisd.ablate import ablate_command  # noqa: E402  (at the end: ablate looks cli up lazily)
+main.add_command(ablate_command)

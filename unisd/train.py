@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from unisd import checkpoint, losses, models, report
+from unisd import checkpoint, distributed, losses, models, report
 from unisd.config import TrainConfig
 from unisd.data import DataError, Example, load_data
 from unisd.data.prompts import teacher_prompt
@@ -66,9 +66,10 @@ class Run:
     tokenizer: PreTrainedTokenizerBase
     examples: list[Example]
     plugins: list[Plugin]
-    device: torch.device
+    world: distributed.World
     teacher: Any                       # the frozen initial model: a copy, or the LoRA student with adapters off
     out: Path
+    student_hidden: torch.nn.Module | None = None  # HiddenStates(student), DDP-wrapped under torchrun
     kept: list[int] = field(default_factory=list)   # indices of examples whose prompts fit
     total_steps: int = 0
     step: int = 0                      # optimizer steps done
@@ -102,17 +103,44 @@ def _inner(model: Any) -> Any:
     return model.get_base_model() if models.is_peft(model) else model
 
 
-def _hidden(model: Any, prompts: list[list[int]], batch: Batch, pad_id: int) -> torch.Tensor:
+class HiddenStates(torch.nn.Module):
+    """A model's final (normed) hidden states, without logits: the loss computes those in chunks.
+
+    The student's forward goes through this module so that DDP sees a forward call it can wrap.
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        decoder = _inner(self.model).get_decoder()
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
+
+def _hidden(encode: Callable[..., torch.Tensor], prompts: list[list[int]], batch: Batch, pad_id: int) -> torch.Tensor:
     """Final hidden states [R, T, H] at the positions that predict each completion token."""
     assert batch.tokens is not None and batch.mask is not None
     repeat = len(prompts) // batch.tokens.shape[0]
     packed = pack(prompts, batch.tokens.repeat(repeat, 1), batch.mask.repeat(repeat, 1), pad_id)
-    decoder = _inner(model).get_decoder()  # returns final (normed) hidden states, no logits
     device = batch.tokens.device
-    hidden = decoder(input_ids=packed.ids.to(device), attention_mask=packed.attention.to(device),
-                     position_ids=packed.positions.to(device)).last_hidden_state
+    with _autocast(device):
+        hidden = encode(input_ids=packed.ids.to(device), attention_mask=packed.attention.to(device),
+                        position_ids=packed.positions.to(device))
     T = batch.tokens.shape[1]
     return hidden[:, packed.start - 1: packed.start - 1 + T]
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 mixed precision on CUDA (fp32 master weights); plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _teacher_encoder(teacher: Any) -> Callable[..., torch.Tensor]:
+    decoder = _inner(teacher).get_decoder()
+    return lambda **kw: decoder(**kw).last_hidden_state
 
 
 def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
@@ -120,10 +148,10 @@ def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
     assert batch.tokens is not None and batch.mask is not None
     pad = run.tokenizer.pad_token_id
     tok = lambda view: [render(run.tokenizer, p) for p in batch.prompts[view]]  # noqa: E731
-    student_h = _hidden(run.student, tok("student"), batch, pad)
+    student_h = _hidden(run.student_hidden or HiddenStates(run.student), tok("student"), batch, pad)
     no_grad_views = [v for v in batch.prompts if v != "student"]  # "teacher" first, then plugin views
     with torch.no_grad():
-        view_h = _hidden(teacher, sum((tok(v) for v in no_grad_views), []), batch, pad)
+        view_h = _hidden(_teacher_encoder(teacher), sum((tok(v) for v in no_grad_views), []), batch, pad)
     B = batch.tokens.shape[0]
     view_h = {v: view_h[i * B:(i + 1) * B] for i, v in enumerate(no_grad_views)}
 
@@ -157,9 +185,10 @@ def _guard(plugin: Plugin, hook: str, *args: Any) -> Any:
 
 def make_batch(run: Run) -> Batch:
     """The next micro-batch in the seeded data order, with its student and teacher prompts."""
-    B = run.config.batch_size
-    indices = [run.kept[i] for i in order_slice(len(run.kept), run.config.seed, run.position, B)]
-    run.position += B
+    B, world = run.config.batch_size, run.world
+    global_slice = order_slice(len(run.kept), run.config.seed, run.position, B * world.size)
+    indices = [run.kept[i] for i in global_slice[world.rank * B:(world.rank + 1) * B]]  # this rank's share
+    run.position += B * world.size
     examples = [run.examples[i] for i in indices]
     return Batch(indices, examples, {"student": [e.prompt for e in examples],
                                      "teacher": [teacher_prompt(e) for e in examples]})
@@ -182,7 +211,7 @@ def step(run: Run) -> dict[str, float]:
     started = time.perf_counter()
     totals: dict[str, float] = {}
     timing = {"rollout_s": 0.0, "forward_s": 0.0, "backward_s": 0.0}
-    for _ in range(c.grad_accum):
+    for micro in range(c.grad_accum):
         batch = make_batch(run)
         t0 = time.perf_counter()
         rollout = None
@@ -191,10 +220,11 @@ def step(run: Run) -> dict[str, float]:
         if rollout is None:  # on-policy: the student samples
             prompt_ids = [render(run.tokenizer, p) for p in batch.prompts["student"]]
             rollout = sample(run.student, run.tokenizer, prompt_ids, c.max_new_tokens, c.temperature, c.top_p)
-        batch.tokens, batch.truncated = rollout.tokens.to(run.device), rollout.truncated
-        batch.mask = rollout.mask.to(run.device)
+        device = run.world.device
+        batch.tokens, batch.truncated = rollout.tokens.to(device), rollout.truncated
+        batch.mask = rollout.mask.to(device)
         if c.mask_truncated:
-            batch.mask = batch.mask * (~rollout.truncated).to(run.device, batch.mask.dtype)[:, None]
+            batch.mask = batch.mask * (~rollout.truncated).to(device, batch.mask.dtype)[:, None]
         t1 = time.perf_counter()
         for p in plugins:
             batch.prompts.update(_guard(p, "views", batch))
@@ -215,8 +245,11 @@ def step(run: Run) -> dict[str, float]:
             aux.update(_guard(p, "aux_losses", out))
         loss = distill + sum(aux.values())
         t2 = time.perf_counter()
-        if loss.requires_grad:  # False only when no token counts (e.g. every completion truncated and masked)
-            (loss / c.grad_accum).backward()
+        last = micro == c.grad_accum - 1
+        sync = run.student_hidden.no_sync() if (not last and run.world.size > 1) else contextlib.nullcontext()
+        with sync:  # DDP averages gradients once, on the last micro-batch
+            if loss.requires_grad:  # False only when no token counts (e.g. every completion truncated and masked)
+                (loss / c.grad_accum).backward()
         t3 = time.perf_counter()
         timing["rollout_s"] += t1 - t0
         timing["forward_s"] += t2 - t1
@@ -226,6 +259,7 @@ def step(run: Run) -> dict[str, float]:
                      "completion_tokens": float(out.mask.sum()),
                      "truncated": float(rollout.truncated.float().mean())}.items():
             totals[k] = totals.get(k, 0.0) + v / c.grad_accum
+    totals = distributed.mean(totals, run.world)
     t4 = time.perf_counter()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in run.student.parameters() if p.requires_grad],
                                                c.max_grad_norm)
@@ -253,20 +287,23 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     plugins = load_plugins(list(config.plugins), config.options)
     examples = load_data(config.data, "train")
     tokenizer = models.load_tokenizer(config.model)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(config.seed)
-    student = models.load_model(config.model).to(device)
+    world = distributed.init()
+    torch.manual_seed(config.seed + world.rank)  # ranks sample different completions
+    student = models.load_model(config.model).to(world.device)
+    if world.device.type == "cuda":  # activations dominate GPU memory: recompute them in backward
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
         student = models.add_lora(student, config.lora_r, config.lora_alpha, config.lora_dropout)
         teacher: Any = AdapterOff(student)
     else:
         teacher = copy.deepcopy(student).requires_grad_(False).eval()
     student.train()
-    run = Run(config, student, tokenizer, examples, plugins, device, teacher, Path(config.out))
+    run = Run(config, student, tokenizer, examples, plugins, world, teacher, Path(config.out))
+    run.student_hidden = distributed.wrap(HiddenStates(student), world)
     for p in plugins:
         _guard(p, "setup", run)
     run.kept = _fitting(run, echo)
-    per_step = config.batch_size * config.grad_accum
+    per_step = config.batch_size * config.grad_accum * world.size
     run.total_steps = config.max_steps or math.ceil(len(run.kept) / per_step)
     params = [p for p in student.parameters() if p.requires_grad]
     run.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -299,20 +336,25 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     out = Path(config.out)
     checkpoint.check_out_dir(out, resume=resume, overwrite=overwrite)
     run = prepare(config, echo)
-    if overwrite:
+    main = run.world.main
+    echo = echo if main else (lambda m: None)  # one voice: rank 0 speaks and writes
+    if overwrite and main:
         checkpoint.clear(out)
+    distributed.barrier(run.world)
     out.mkdir(parents=True, exist_ok=True)
     if resume and checkpoint.restore(run, echo):
         echo(f"resumed at step {run.step} of {run.total_steps}")
     stop = _StopOnSignal()
     metrics_path = out / "metrics.jsonl"
-    checkpoint.truncate_metrics(metrics_path, run.step)
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None)
-    with stop, metrics_path.open("a") as log:
+    if main:
+        checkpoint.truncate_metrics(metrics_path, run.step)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None if main else True)
+    with stop, (metrics_path.open("a") if main else contextlib.nullcontext()) as log:
         while run.step < run.total_steps:
             metrics = _step_or_save(run)
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if metrics["skipped"]:
@@ -321,14 +363,17 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
                     saved = checkpoint.save(run)  # skipped steps changed no weight: this state is good
                     raise TrainError(f"{run.bad_steps} non-finite steps in a row; stopped "
                                      f"(checkpoint {saved.name} holds the last good weights)")
-            if stop.signal or (config.save_every and run.step % config.save_every == 0):
+            stopping = distributed.any_rank(bool(stop.signal), run.world)
+            if stopping or (config.save_every and run.step % config.save_every == 0):
                 checkpoint.save(run)
-            if stop.signal:
-                raise TrainError(f"stopped by {stop.signal} at step {run.step}; resume with --resume")
+            if stopping:
+                raise TrainError(f"stopped by {stop.signal or 'a signal'} at step {run.step}; resume with --resume")
     bar.close()
     checkpoint.save(run)
-    checkpoint.save_final(run)
-    report.training_curves(metrics_path, out / "curves.png")
+    if main:
+        checkpoint.save_final(run)
+        report.training_curves(metrics_path, out / "curves.png")
+    distributed.barrier(run.world)
     return out
 
 

@@ -1,0 +1,206 @@
+"""`unisd ablate`: plan, train and score runs alike; a killed ablation finishes only what is missing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from click.testing import CliRunner
+
+import unisd.evaluate
+import unisd.plugin
+import unisd.train
+from unisd import ablate
+from unisd.cli import main
+
+ANIMALS = [("barks", "dog"), ("says moo", "cow"), ("lives in water", "fish"), ("flies", "bird")]
+QUESTIONS = [(f"What is {a} plus {b}?", [str(a + b), str(a + b + 1)][::1 - 2 * (a % 2)], a % 2)
+             for a in range(1, 7) for b in range(1, 5)]
+QUESTIONS += [(f"Which animal {does}?", [name, other], 0) for does, name in ANIMALS for _, other in ANIMALS
+              if other != name]
+RUNS = ["sd", "clip", "match", "clip+match", "clip[max=0.5]", "clip[max=3]"]
+
+
+def write_tasks(folder: Path) -> Path:
+    """Two tiny multiple-choice log-likelihood tasks: sums (24 questions) and animals (12)."""
+    folder.mkdir(parents=True)
+    for name, rows in (("tiny_a", QUESTIONS[:24]), ("tiny_b", QUESTIONS[24:])):
+        data = folder / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({"question": q, "choices": c, "label": y}) + "\n" for q, c, y in rows))
+        (folder / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+            "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+            "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
+            "metadata:\n  version: 1.0\n")
+    return folder
+
+
+def args(tiny_model: Path, data: Path, tasks: Path, out: Path, *extra: str) -> list[str]:
+    return ["ablate", "--model", str(tiny_model), "--data", str(data), "--plugins", "clip,match",
+            "--combos", "pairs", "--grid", "clip.max=0.5,3", "--eval-tasks", "tiny_a,tiny_b",
+            "--include-path", str(tasks), "--out", str(out), "--max-steps", "1", "--batch-size", "2",
+            "--max-new-tokens", "6", "--lr", "0.05", "-o", "match.weight=1.0", "-o", "clip.max=2", *extra]
+
+
+class Recorder:
+    """Wraps train / run_lm_eval: records what ran, and can die before the n-th training."""
+
+    def __init__(self, die_at: int = 0) -> None:
+        self.trained: list[str] = []
+        self.evaluated: list[str] = []
+        self.die_at = die_at
+
+    def train(self, config, **kwargs):
+        if len(self.trained) + 1 == self.die_at:
+            raise RuntimeError("killed")
+        self.trained.append(Path(config.out).name)
+        assert kwargs["resume"] is True  # an unfinished run continues from its checkpoint
+        return REAL_TRAIN(config, **kwargs)
+
+    def run_lm_eval(self, path, *rest):
+        self.evaluated.append(Path(path).name)
+        return REAL_EVAL(path, *rest)
+
+
+REAL_TRAIN, REAL_EVAL = unisd.train.train, unisd.evaluate.run_lm_eval
+
+
+def invoke(argv: list[str], recorder: Recorder):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(unisd.train, "train", recorder.train)
+        mp.setattr(unisd.evaluate, "run_lm_eval", recorder.run_lm_eval)
+        return CliRunner().invoke(main, argv)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_model):
+    """An ablation killed before its 3rd training, rerun to the end, then rerun once more."""
+    root = tmp_path_factory.mktemp("ablation")
+    tasks = write_tasks(root / "tasks")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{q} A. {c[0]} B. {c[1]}", "answer": "AB"[y]}) + "\n"
+                            for q, c, y in QUESTIONS[::4]))
+    out = root / "out"
+    argv = args(tiny_model, data, tasks, out)
+    first = Recorder(die_at=3)
+    killed = invoke(argv, first)
+    mtimes = {f: (out / "runs" / f / "unisd.json").stat().st_mtime for f in first.trained}
+    second = Recorder()
+    finished = invoke(argv, second)
+    third = Recorder()
+    again = invoke(argv, third)
+    return {"out": out, "argv": argv, "killed": killed, "first": first, "mtimes": mtimes, "second": second,
+            "finished": finished, "third": third, "again": again}
+
+
+def test_killed_ablation_finishes_only_the_missing_runs(study):
+    assert isinstance(study["killed"].exception, RuntimeError)
+    assert study["first"].trained == ["sd", "clip"] and study["first"].evaluated == []
+    assert study["finished"].exit_code == 0, study["finished"].output
+    assert study["second"].trained == ["match", "clip+match", "clip_max_0.5", "clip_max_3"]
+    assert "sd: finished earlier, not retrained" in study["finished"].output
+    for folder, mtime in study["mtimes"].items():
+        assert (study["out"] / "runs" / folder / "unisd.json").stat().st_mtime == mtime
+    assert study["second"].evaluated[0] == Path(study["argv"][2]).name  # the base model is scored first
+    assert len(study["second"].evaluated) == len(RUNS) + 1
+    # a third pass trains and evaluates nothing and writes the same results
+    assert study["again"].exit_code == 0
+    assert study["third"].trained == [] and study["third"].evaluated == []
+    results = json.loads((study["out"] / "results.json").read_text())
+    assert list(results["scores"]) == ["base", *RUNS]
+
+
+def test_table_and_interactions_match_the_scores(study):
+    out = study["out"]
+    results = json.loads((out / "results.json").read_text())
+    scores = results["scores"]
+    overall = {n: (row["tiny_a"] + row["tiny_b"]) / 2 for n, row in scores.items()}
+    gain = {n: overall[n] - overall["sd"] for n in overall}
+    assert results["gains"]["clip+match"] == pytest.approx(gain["clip+match"])
+    assert results["interactions"] == {"clip+match": pytest.approx(gain["clip+match"] - gain["clip"] - gain["match"])}
+    assert len({round(v, 3) for v in overall.values()}) > 1, "every run scored the same: the task cannot tell them apart"
+    table = (out / "table.md").read_text()
+    lines = table.splitlines()
+    assert lines[0] == "| run | tiny_a | tiny_b | Overall |"
+    assert [ln.split(" | ")[0][2:] for ln in lines[2:2 + len(scores)]] == ["base", *RUNS]
+    row = scores["clip+match"]
+    assert f"| clip+match | {row['tiny_a']:.1f} | {row['tiny_b']:.1f} | {overall['clip+match']:.1f} |" in table
+    assert f"| clip | – | {results['interactions']['clip+match']:+.1f} |" in table
+    assert results["settings"]["max_steps"] == 1 and results["settings"]["eval"]["tasks"] == ["tiny_a", "tiny_b"]
+    for png in ("interactions.png", "sensitivity_clip.max.png"):
+        image = matplotlib.image.imread(out / png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_grid_runs_carry_their_value(study):
+    results = json.loads((study["out"] / "results.json").read_text())
+    grid = {p["name"]: p for p in results["plan"] if p["grid"]}
+    assert grid["clip[max=3]"]["options"] == {"clip": {"max": "3"}}
+    stored = json.loads((study["out"] / "runs" / "clip_max_3" / "unisd.json").read_text())
+    assert stored["plugins"]["clip"]["options"]["max"] == 3.0
+    assert json.loads((study["out"] / "runs" / "clip" / "unisd.json").read_text())["plugins"]["clip"]["options"]["max"] == 2.0
+
+
+def test_finished_runs_with_other_settings_are_refused(study):
+    argv = [a if a != "0.05" else "0.01" for a in study["argv"]]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1].startswith("error: runs/sd (sd) was trained with other settings (lr)")
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, args(tiny_model, tmp_path / "d.jsonl", tmp_path, out, "--dry-run",
+                                           "--sec-per-step", "2", "--baselines", "sft", "--combos", "all,unisd-star"))
+    assert result.exit_code == 0, result.output
+    names = [ln.split()[0] for ln in result.output.splitlines()[1:9]]
+    assert names == [*RUNS[:4], "preset:unisd-star", "clip[max=0.5]", "clip[max=3]", "preset:sft"]
+    assert "8 runs x 1 steps = 8 steps" in result.output and "estimated training time" in result.output
+    assert "agree,contrast" in result.output  # unisd-star's plugins
+    assert not out.exists()
+
+
+def test_cost_model():
+    available = unisd.plugin.discover()
+    cost = lambda plugins, options=None: ablate.step_cost(  # noqa: E731
+        ablate.cfg.resolve("", plugins, options or {}, model="m", data="d", out="o"), available)
+    assert cost(()) == 1.0 and cost(("clip", "match")) == 1.0
+    assert cost(("agree",), {"agree": {"k": "5"}}) == pytest.approx(1 + 5 * ablate.TEACHER_FORWARD)
+    assert cost(("agree", "contrast"), {"agree": {"k": "3"}}) == pytest.approx(1 + 4 * ablate.TEACHER_FORWARD)
+
+
+def test_interactions_by_hand():
+    overall = {"sd": 50.0, "a": 53.0, "b": 51.0, "c": 49.0, "a+b": 52.0, "a+c": 56.0}
+    got = ablate.interactions(overall, ("a", "b", "c"))
+    assert got == {("a", "b"): pytest.approx(-2.0), ("a", "c"): pytest.approx(4.0)}  # b+c was not run
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--plugins", "clip,match,nope"], "error: unknown plugin 'nope' (available:"),
+    (["--grid", "clip.nope=1,2"], "error: unknown option clip.nope"),
+    (["--grid", "clip.max"], "error: --grid 'clip.max': expected plugin.key=v1,v2"),
+    (["--combos", "pairs,clip+ema"], "error: --combos 'clip+ema': 'ema' is not in --plugins"),
+    (["-o", "ema.beta=0.5"], "error: -o given for 'ema', which is not in --plugins"),
+    (["--baselines", "nope"], "error: unknown preset 'nope'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_model, extra, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, args(tiny_model, tmp_path / "d.jsonl", tmp_path, out, *extra))
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(message) and len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()
+
+
+def test_third_party_plugin_by_name(tmp_path, tiny_model, plugin_dist):
+    plugin_dist("unisd-extra", {"halve": "halve_plugin:Halve"}, {"halve_plugin": (
+        "from dataclasses import dataclass\nfrom unisd.plugin import Plugin\n\n"
+        "class Halve(Plugin):\n    @dataclass(frozen=True)\n    class Config:\n        factor: float = 0.5\n\n"
+        "    def token_loss(self, D, out):\n        return D * self.config.factor\n")})
+    result = CliRunner().invoke(main, ["ablate", "--model", str(tiny_model), "--data", "d.jsonl", "--plugins",
+                                       "clip,halve", "--combos", "pairs", "--grid", "halve.factor=0.1,0.9",
+                                       "--eval-tasks", "t", "--out", str(tmp_path / "o"), "--dry-run",
+                                       "--max-steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert "clip+halve" in result.output and "halve[factor=0.9]" in result.output
+    assert f"{1 + ablate.TEACHER_FORWARD:.2f}" in result.output  # an unknown plugin counts as one extra view

@@ -1,0 +1,214 @@
+"""Each mechanism's formula against hand-computed values, and its gradient through the real reduction."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from unisd import losses
+from unisd.plugin import PluginError, configure
+from unisd_plugins.agree import Agree, sequence_weights, token_weights
+from unisd_plugins.clip import Clip, clip
+from unisd_plugins.contrast import final_answer, hinge, negative_demo
+from unisd_plugins.match import Match, feature_mse
+
+
+def _out(mask: torch.Tensor, **kw) -> SimpleNamespace:
+    return SimpleNamespace(mask=mask, metrics={}, logps=kw.get("logps", {}), hidden=kw.get("hidden", {}),
+                           batch=kw.get("batch"))
+
+
+# ---------------------------------------------------------------- agree
+
+def test_token_weights_by_hand() -> None:
+    # K=2 views, one sequence of 3 tokens: unbiased var of (a, b) = (a-b)^2 / 2
+    logps = torch.tensor([[[0.0, -1.0, -2.0]], [[0.0, -3.0, -2.0]]])
+    mask = torch.ones(1, 3)
+    # δ = [0, 2, 0]; q = quantile_0.95([0, 2, 0]) = 1.8; δ/q = [0, 1.111, 0]
+    w = token_weights(logps, mask, gamma=0.5)
+    q = 1.8
+    torch.testing.assert_close(w, torch.tensor([[1.0, 1.0 / (1.0 + 0.5 * 2.0 / q), 1.0]]))
+    # the cap bounds δ/q, the floor bounds w
+    torch.testing.assert_close(token_weights(logps, mask, gamma=0.5, cap=0.5)[0, 1], torch.tensor(1 / 1.25))
+    assert float(token_weights(logps, mask, gamma=1000.0)[0, 1]) == pytest.approx(0.01)
+    # range statistic: δ = [0, 2, 0] as well here (two views); with three views it differs from var
+    torch.testing.assert_close(token_weights(logps, mask, 0.5, stat="range")[0, 1], w[0, 1])
+    three = torch.tensor([[[0.0, 0.0]], [[0.0, -3.0]], [[0.0, 0.0]]])   # unbiased var of (0, -3, 0) = 3; q = max = 3
+    torch.testing.assert_close(token_weights(three, torch.ones(1, 2), 1.0, quantile=1.0), torch.tensor([[1.0, 0.5]]))
+
+
+def test_token_weights_quantile_uses_masked_tokens_only() -> None:
+    logps = torch.tensor([[[0.0, -1.0, -50.0]], [[0.0, -3.0, 50.0]]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])   # the huge disagreement is on a padding token
+    # δ over masked = [0, 2] → q = 1.9
+    assert float(token_weights(logps, mask, gamma=1.0)[0, 1]) == pytest.approx(1 / (1 + 2 / 1.9))
+
+
+def test_sequence_weights_by_hand() -> None:
+    logps = torch.tensor([[[-1.0, -1.0], [-1.0, -9.0]],
+                          [[-3.0, -3.0], [-1.0, -9.0]]])       # [K=2, B=2, T=2]
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    # seq 0: view means -1, -3 → population var 1 ; seq 1: means -1, -1 → var 0
+    w = sequence_weights(logps, mask, gamma=0.3)
+    torch.testing.assert_close(w, torch.tensor([[math.exp(-0.3)], [1.0]]))
+    assert w.shape == (2, 1)
+    torch.testing.assert_close(sequence_weights(logps, mask, 0.3, stat="range"), torch.tensor([[math.exp(-0.6)], [1.0]]))
+
+
+def _grad_of_D(weights: torch.Tensor | None, D: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    D = D.clone().requires_grad_(True)
+    losses.weighted_mean(D, mask, weights).backward()
+    return D.grad
+
+
+def test_disagreeing_token_gets_less_gradient() -> None:
+    agree = Agree(configure(Agree, {"k": "2", "gamma": "1.0"}))
+    agree.name = "agree"
+    # token 1 has disagreeing views; tokens 0 and 2 agree
+    logps = {"agree:0": torch.tensor([[-1.0, -1.0, -2.0]]), "agree:1": torch.tensor([[-1.0, -4.0, -2.0]])}
+    mask = torch.ones(1, 3)
+    out = _out(mask, logps=logps)
+    w = agree.weights(out)
+    g = _grad_of_D(w, torch.ones(1, 3), mask)[0]
+    assert g[1] < g[0] and g[0] == pytest.approx(float(g[2]))
+    assert 0 < out.metrics["agree/weight_mean"] < 1
+
+
+def test_disagreeing_sequence_gets_less_gradient() -> None:
+    agree = Agree(configure(Agree, {"k": "3", "gamma": "1.0", "level": "sequence"}))
+    agree.name = "agree"
+    agreeing, disagreeing = torch.full((1, 2), -1.0), torch.full((1, 2), -1.0)
+    logps = {f"agree:{k}": torch.cat([agreeing, disagreeing - k]) for k in range(3)}
+    mask = torch.ones(2, 2)
+    w = agree.weights(_out(mask, logps=logps))
+    g = _grad_of_D(w, torch.ones(2, 2), mask)
+    # sequence 1 as a whole counts less than sequence 0: the weight does not cancel in the reduction
+    assert float(g[1].sum()) < float(g[0].sum())
+    assert float(g[1].sum() / g[0].sum()) == pytest.approx(math.exp(-2 / 3), rel=1e-5)
+
+
+def test_agree_k1_and_bad_options_are_errors() -> None:
+    with pytest.raises(PluginError, match="agree.k must be at least 2"):
+        configure(Agree, {"k": "1"}, "agree")
+    with pytest.raises(PluginError, match="agree.level must be token or sequence"):
+        configure(Agree, {"level": "word"}, "agree")
+
+
+# ---------------------------------------------------------------- contrast
+
+def test_hinge_by_hand() -> None:
+    s = torch.tensor([[-1.0, -1.0]])
+    pos = torch.tensor([[-1.5, -1.0]])
+    neg = torch.tensor([[-4.0, -1.2]])
+    # token 0: 0.5 + 0.5 - 3.0 < 0 → 0 ; token 1: 0.5 + 0 - 0.2 = 0.3
+    torch.testing.assert_close(hinge(s, pos, neg, 0.5), torch.tensor([[0.0, 0.3]]))
+
+
+def test_hinge_is_zero_when_the_margin_is_met_and_pushes_toward_the_positive() -> None:
+    s = torch.tensor([[-2.0, -2.0]], requires_grad=True)
+    pos = torch.tensor([[-1.0, -5.0]])     # positive above the student at token 0, below at token 1
+    neg = torch.tensor([[-2.1, -1.9]])
+    loss = losses.weighted_mean(hinge(s, pos, neg, 0.5), torch.ones(1, 2))
+    loss.backward()
+    # gradient descent moves ℓθ toward ℓ⁺: up at token 0, down at token 1
+    assert s.grad[0, 0] < 0 and s.grad[0, 1] > 0
+    far = torch.tensor([[-1.0]], requires_grad=True)
+    met = hinge(far, torch.tensor([[-1.0]]), torch.tensor([[-5.0]]), 0.5)   # 0.5 + 0 - 4 < 0
+    assert float(met.detach()) == 0.0
+    met.sum().backward()
+    assert float(far.grad) == 0.0
+
+
+def test_contrast_masks_rows_without_negative() -> None:
+    from unisd_plugins.contrast import Contrast
+
+    plugin = Contrast(configure(Contrast, {"weight": "2.0", "margin": "0.5"}))
+    plugin.name = "contrast"
+    plugin.negatives = ["wrong", None]
+    mask = torch.ones(2, 1)
+    s = torch.tensor([[-1.0], [-1.0]], requires_grad=True)
+    out = _out(mask, batch=SimpleNamespace(indices=[0, 1]),
+               logps={"student": s, "teacher": torch.tensor([[-1.0], [-1.0]]),
+                      "contrast:negative": torch.tensor([[-1.2], [-1.0]])})
+    loss = plugin.aux_losses(out)["contrast"]
+    assert float(loss.detach()) == pytest.approx(2.0 * 0.3)     # only row 0 counts: 0.5 + 0 - 0.2
+    assert out.metrics["contrast/no_negative"] == 0.5
+    loss.backward()
+    assert float(s.grad[1]) == 0.0
+
+
+def test_negatives_are_verified_wrong() -> None:
+    from unisd.data import Example
+
+    mc = Example("Q? A. x B. y", "B", "", {"gold": "B", "n_options": 2, "benchmark": "scienceqa"})
+    assert negative_demo(mc, "Because x.", "A") == "Reasoning: Because x.\nAnswer: A"
+    assert negative_demo(mc, "Because y.", "B") is None
+    plain = Example("What is two plus two?", "4")
+    assert negative_demo(plain, "It is obviously five.\nAnswer: 5", None) is not None
+    assert negative_demo(plain, "Two and two.\nAnswer: 4.", None) is None
+    assert negative_demo(plain, "", None) is None
+    capital = Example("What is the capital of France?", "Paris")
+    assert negative_demo(capital, 'The exact answer: "Paris"', None) is None   # no Answer line: whole text checked
+    assert negative_demo(capital, "It is Lyon, the old capital.\nAnswer: Lyon", None) is not None
+    assert final_answer("x\nAnswer: 7\nmore") == "7"
+    tool = Example("call it", "Action: a\nAction Input: {}", "",
+                   {"benchmark": "toolalpaca", "gold_calls": [{"Action": "a", "Action_Input": {}}]})
+    assert negative_demo(tool, "Action: a\nAction Input: {}", None) is None
+    assert negative_demo(tool, "Action: b\nAction Input: {}", None) is not None
+
+
+# ---------------------------------------------------------------- match
+
+def test_feature_mse_by_hand() -> None:
+    hs = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])
+    ht = torch.tensor([[[0.0, 0.0], [0.0, 4.0]]])
+    torch.testing.assert_close(feature_mse(hs, ht), torch.tensor([[2.5, 8.0]]))
+    plugin = Match(configure(Match, {"weight": "0.1"}))
+    plugin.name = "match"
+    loss = plugin.aux_losses(_out(torch.tensor([[1.0, 0.0]]), hidden={"student": hs, "teacher": ht}))["match"]
+    assert float(loss) == pytest.approx(0.25)   # the padding token does not count
+
+
+def test_match_repr_ignores_the_divergence() -> None:
+    D = torch.rand(2, 3, requires_grad=True)
+    mask = torch.ones(2, 3)
+    for mode, expect_zero in (("repr", True), ("joint", False)):
+        plugin = Match(configure(Match, {"mode": mode}))
+        D.grad = None
+        loss = losses.weighted_mean(plugin.token_loss(D, _out(mask)), mask)
+        if loss.requires_grad:
+            loss.backward()
+        zero = D.grad is None or bool((D.grad == 0).all())
+        assert zero == expect_zero
+    hs = torch.zeros(1, 1, 2, requires_grad=True)
+    plugin.aux_losses(_out(torch.ones(1, 1), hidden={"student": hs, "teacher": torch.ones(1, 1, 2)}))["match"].backward()
+    assert (hs.grad < 0).all()   # pulled toward the teacher
+
+
+# ---------------------------------------------------------------- clip
+
+def test_clip_by_hand_and_zero_gradient_above_the_cap() -> None:
+    D = torch.tensor([[1.0, 12.0, 3.0]], requires_grad=True)
+    mask = torch.ones(1, 3)
+    clipped, kappa = clip(D, mask, max=10.0)
+    assert kappa == 10.0
+    torch.testing.assert_close(clipped, torch.tensor([[1.0, 10.0, 3.0]]))
+    losses.weighted_mean(clipped, mask).backward()
+    assert D.grad[0, 1] == 0.0 and D.grad[0, 0] > 0 and D.grad[0, 2] > 0
+    # quantile wins over max: κ = median of [1, 12, 3] = 3
+    clipped, kappa = clip(D, mask, max=10.0, quantile=0.5)
+    assert kappa == 3.0 and clipped.tolist() == [[1.0, 3.0, 3.0]]
+    assert clip(D, mask, max=None)[0] is D
+
+
+def test_clip_plugin_logs_its_rate() -> None:
+    plugin = Clip(configure(Clip, {"max": "2"}))
+    plugin.name = "clip"
+    out = _out(torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    plugin.token_loss(torch.tensor([[1.0, 5.0, 3.0, 9.0]]), out)
+    assert out.metrics["clip/rate"] == pytest.approx(2 / 3)   # the padding token is not counted
+    with pytest.raises(PluginError, match="clip.quantile"):
+        configure(Clip, {"quantile": "1.5"}, "clip")
+    assert configure(Clip, {"max": "none"}, "clip").max is None

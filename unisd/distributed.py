@@ -1,0 +1,95 @@
+"""Several processes: torchrun's environment, the process group, and the few collectives the loop needs.
+
+    torchrun --nproc_per_node 2 -m unisd train --model ... --out runs/x
+
+Each rank takes its own slice of every global micro-batch, samples and scores it, and DDP averages
+the gradients; rank 0 alone writes metrics, checkpoints and the final model. With one process every
+function here is a no-op, so the single-device path has no distributed code in it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init() -> World:
+    """Join torchrun's process group (gloo on CPU, nccl on GPU), or describe a single process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return World(dist.get_rank() if size > 1 else 0, size, device)
+
+
+def wrap(module: torch.nn.Module, world: World) -> torch.nn.Module:
+    """DDP around the module that computes the student's hidden states (identity for one process)."""
+    if world.size == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def mean(values: dict[str, float], world: World) -> dict[str, float]:
+    """The mean of each value over ranks (keys must be the same on every rank)."""
+    if world.size == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=world.device)
+    dist.all_reduce(t)
+    return {k: float(v) / world.size for k, v in zip(keys, t.tolist())}
+
+
+def any_rank(flag: bool, world: World) -> bool:
+    """True if the flag is set on any rank (e.g. a signal that reached only some of them)."""
+    if world.size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather(obj: Any, world: World) -> list[Any]:
+    """Every rank's object, in rank order, on every rank."""
+    if world.size == 1:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def cat(t: torch.Tensor, world: World) -> torch.Tensor:
+    """Concatenate a 1-D tensor of any length across ranks (e.g. per-token statistics for a quantile)."""
+    if world.size == 1:
+        return t
+    return torch.cat([x.to(t.device) for x in gather(t.detach().cpu(), world)])
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def close(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
