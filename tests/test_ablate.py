@@ -44,18 +44,23 @@ def args(tiny_model: Path, data: Path, tasks: Path, out: Path, *extra: str) -> l
 
 
 class Recorder:
-    """Wraps train / run_lm_eval: records what ran, and can die before the n-th training."""
+    """Wraps train / run_lm_eval: records what ran; can be killed during the n-th training."""
 
     def __init__(self, die_at: int = 0) -> None:
         self.trained: list[str] = []
+        self.resumed: list[str] = []
         self.evaluated: list[str] = []
         self.die_at = die_at
 
     def train(self, config, **kwargs):
-        if len(self.trained) + 1 == self.die_at:
+        out = Path(config.out)
+        if len(self.trained) + 1 == self.die_at:  # killed after its first step was logged
+            out.mkdir(parents=True)
+            (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "step_time_s": 0.1}) + "\n")
             raise RuntimeError("killed")
-        self.trained.append(Path(config.out).name)
-        assert kwargs["resume"] is True  # an unfinished run continues from its checkpoint
+        self.trained.append(out.name)
+        if kwargs["resume"]:
+            self.resumed.append(out.name)
         return REAL_TRAIN(config, **kwargs)
 
     def run_lm_eval(self, path, *rest):
@@ -99,6 +104,8 @@ def test_killed_ablation_finishes_only_the_missing_runs(study):
     assert study["first"].trained == ["sd", "clip"] and study["first"].evaluated == []
     assert study["finished"].exit_code == 0, study["finished"].output
     assert study["second"].trained == ["match", "clip+match", "clip_max_0.5", "clip_max_3"]
+    assert study["first"].resumed == [] and study["second"].resumed == ["match"]  # the killed one resumes
+    assert "[3/6] match: resuming" in study["finished"].output
     assert "sd: finished earlier, not retrained" in study["finished"].output
     for folder, mtime in study["mtimes"].items():
         assert (study["out"] / "runs" / folder / "unisd.json").stat().st_mtime == mtime
@@ -118,8 +125,9 @@ def test_table_and_interactions_match_the_scores(study):
     overall = {n: (row["tiny_a"] + row["tiny_b"]) / 2 for n, row in scores.items()}
     gain = {n: overall[n] - overall["sd"] for n in overall}
     assert results["gains"]["clip+match"] == pytest.approx(gain["clip+match"])
-    assert results["interactions"] == {"clip+match": pytest.approx(gain["clip+match"] - gain["clip"] - gain["match"])}
-    assert len({round(v, 3) for v in overall.values()}) > 1, "every run scored the same: the task cannot tell them apart"
+    by_hand = gain["clip+match"] - gain["clip"] - gain["match"]
+    assert results["interactions"] == {"clip+match": pytest.approx(by_hand)}
+    assert len({round(v, 3) for v in overall.values()}) > 1, "all runs scored alike: the task tells nothing apart"
     table = (out / "table.md").read_text()
     lines = table.splitlines()
     assert lines[0] == "| run | tiny_a | tiny_b | Overall |"
@@ -139,7 +147,8 @@ def test_grid_runs_carry_their_value(study):
     assert grid["clip[max=3]"]["options"] == {"clip": {"max": "3"}}
     stored = json.loads((study["out"] / "runs" / "clip_max_3" / "unisd.json").read_text())
     assert stored["plugins"]["clip"]["options"]["max"] == 3.0
-    assert json.loads((study["out"] / "runs" / "clip" / "unisd.json").read_text())["plugins"]["clip"]["options"]["max"] == 2.0
+    single = json.loads((study["out"] / "runs" / "clip" / "unisd.json").read_text())
+    assert single["plugins"]["clip"]["options"]["max"] == 2.0  # the -o value, where no grid value replaces it
 
 
 def test_finished_runs_with_other_settings_are_refused(study):

@@ -229,8 +229,9 @@ def train_all(runs: list[Planned], configs_: Mapping[str, TrainConfig], echo: Ca
             _check_same_settings(r.name, config)
             echo(f"[{i}/{len(runs)}] {r.name}: finished earlier, not retrained")
             continue
-        echo(f"[{i}/{len(runs)}] {r.name}: training")
-        train(config, resume=True, echo=echo)
+        started = Path(config.out).is_dir()  # a killed run left its folder: continue from its checkpoint
+        echo(f"[{i}/{len(runs)}] {r.name}: {'resuming' if started else 'training'}")
+        train(config, resume=started, echo=echo)
 
 
 def evaluate_one(name: str, model: str, record: Path, tasks: list[str], limit: int | None,
@@ -319,7 +320,7 @@ def interaction_png(pairs: Mapping[tuple[str, str], float], plugins: tuple[str, 
     for i, row in enumerate(matrix):
         for j, x in enumerate(row):
             ax.text(j, i, _fmt(x), ha="center", va="center", fontsize="small",
-                    fontstyle="italic" if i == j else "normal")
+                    color="white" if abs(x) > 0.6 * bound else "black", fontstyle="italic" if i == j else "normal")
     ax.set_xticks(range(len(shown)), shown)
     ax.set_yticks(range(len(shown)), shown)
     ax.set_title("interaction on Overall (points)\ndiagonal, italic: gain alone over raw SD", fontsize="small")
@@ -391,7 +392,7 @@ def _grid_groups(runs: list[Planned]) -> dict[tuple[str, str], list[Planned]]:
     return groups
 
 
-def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: str, grid: list[str] | tuple[str, ...],
+def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: str, grid: tuple[str, ...],
            baselines: tuple[str, ...], overrides: Mapping[str, Mapping[str, str]], tasks: list[str],
            limit: int | None, include: list[str], eval_batch_size: int = 4, base: bool = True,
            dry_run: bool = False, sec_per_step: float | None = None, echo: Callable[[str], None] = print,
@@ -437,14 +438,16 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.command(name="ablate", epilog="Example:\n\n\b\n    unisd ablate --model smollm2-135m --data train.jsonl "
-               "--plugins ema,agree,clip --combos pairs --grid agree.k=1,3,5 --eval-tasks unisd_cose --out abl/")
+               "--plugins ema,agree,clip --combos pairs --grid agree.k=2,3,5 --eval-tasks unisd_cose "
+               "--out abl/")
 @click.option("--model", required=True, help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")
 @click.option("--data", required=True, help="Benchmark name or a JSONL file; every run trains on it in the same order.")
 @click.option("--out", required=True, help="Folder: runs/, evals/, results.json, table.md, *.png.")
 @click.option("--plugins", default="", help="Comma-separated components (any installed plugin).")
 @click.option("--combos", default="singles", show_default=True,
               help="singles | pairs | all, or a comma list of presets and a+b combinations.")
-@click.option("--grid", multiple=True, metavar="PLUGIN.KEY=V1,V2", help="Sensitivity: one run of PLUGIN alone per value.")
+@click.option("--grid", multiple=True, metavar="PLUGIN.KEY=V1,V2",
+              help="Sensitivity: one run of PLUGIN alone per value.")
 @click.option("--baselines", default="", help="Comma-separated presets to add as reference runs (e.g. sft,gkd).")
 @click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.KEY=VALUE",
               help="A plugin option for every run that uses the plugin.")

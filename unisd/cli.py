@@ -154,6 +154,20 @@ def eval_cmd(model_specs: tuple[str, ...], tasks: str, limit: int | None, out: s
     del combined
 
 
+@main.command(epilog=EXAMPLE.format("unisd demo --out runs/demo"))
+@click.option("--out", default="runs/demo", show_default=True, help="Folder for the model, metrics, tables and charts.")
+@click.option("--steps", type=int, default=12, show_default=True, help="UniSD* optimizer steps.")
+@click.option("--eval-limit", type=int, default=40, show_default=True, help="Demo questions scored per model.")
+@click.option("--humaneval-limit", type=int, default=3, show_default=True, help="HumanEval problems scored per model.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous demo in --out.")
+@_errors_are_one_line
+def demo(out: str, steps: int, eval_limit: int, humaneval_limit: int, overwrite: bool) -> None:
+    """Self-distil SmolLM2-135M with UniSD* on a bundled task, then score it before and after with lm-eval."""
+    from unisd import demo as demo_run
+
+    demo_run.run(Path(out), steps, eval_limit, humaneval_limit, overwrite=overwrite, echo=lambda m: click.echo(m, err=True))
+
+
 @main.command(epilog=EXAMPLE.format("unisd compare eval-a/results.json eval-b/results.json --out compare/"))
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, help="Folder for the rebuilt table.md and scores.png.")

@@ -69,7 +69,8 @@ def scores(results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def run_lm_eval(path: str, tasks: list[str], limit: int | None, include: list[str], batch_size: int) -> dict[str, Any]:
+def run_lm_eval(path: str, tasks: list[str], limit: int | None, include: list[str], batch_size: int,
+                max_gen_toks: int | None = None) -> dict[str, Any]:
     """One in-process lm-eval run with the settings every checkpoint shares."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -84,6 +85,7 @@ def run_lm_eval(path: str, tasks: list[str], limit: int | None, include: list[st
     return simple_evaluate(model="hf", model_args=model_args, tasks=tasks, task_manager=manager, limit=limit,
                            apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True,
                            device="cuda" if cuda else "cpu", batch_size=batch_size, random_seed=SEED,
+                           gen_kwargs=f"max_gen_toks={max_gen_toks}" if max_gen_toks else None,
                            numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
 
 
@@ -143,15 +145,16 @@ def retention(samples: dict[str, list[dict[str, Any]]], checkpoint: str, base: s
 
 def evaluate(checkpoints: dict[str, str], tasks: list[str], out: Path, limit: int | None = None,
              include: list[str] | None = None, base: str | None = None, batch_size: int = 4,
-             echo: Callable[[str], None] = print) -> dict[str, Any]:
+             echo: Callable[[str], None] = print, max_gen_toks: int | None = None) -> dict[str, Any]:
     """Score every checkpoint, write out/<name>/results.json, out/results.json, out/table.md, out/scores.png."""
     from unisd import report
 
     out.mkdir(parents=True, exist_ok=True)
-    combined: dict[str, Any] = {"tasks": tasks, "limit": limit, "seed": SEED, "scores": {}, "retention": {}}
+    combined: dict[str, Any] = {"tasks": tasks, "limit": limit, "seed": SEED, "max_gen_toks": max_gen_toks,
+                                "scores": {}, "retention": {}}
     for name, path in checkpoints.items():
         echo(f"evaluating {name} ({path}) on {', '.join(tasks)}")
-        result = run_lm_eval(path, tasks, limit, include or [], batch_size)
+        result = run_lm_eval(path, tasks, limit, include or [], batch_size, max_gen_toks)
         samples = result.pop("samples", {})
         folder = out / name
         folder.mkdir(exist_ok=True)

@@ -1,6 +1,15 @@
-"""On-policy rollout: the student samples one completion per prompt (transformers `generate`, KV cache)."""
+"""On-policy rollout: the student samples one completion per prompt (transformers `generate`, KV cache).
+
+Sampling is memory-bandwidth bound on CPU (every new token reads all weights), so `sample` can run in
+a lower precision (`dtype=torch.bfloat16`, or UNISD_ROLLOUT_DTYPE=bf16): a shadow copy of the student
+in that dtype is refreshed from the student's *current* weights (LoRA merged) at every call, so the
+sample stays on-policy up to bf16 rounding of the weights; the default (fp32) samples the student itself.
+"""
 from __future__ import annotations
 
+import copy
+import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -24,19 +33,63 @@ def eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[i
     return {i for i in ids if i is not None}
 
 
+_DTYPES = {"": None, "fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_shadows: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def default_dtype() -> torch.dtype | None:
+    """The rollout precision from UNISD_ROLLOUT_DTYPE (fp32 | bf16); None: the student's own weights."""
+    name = os.environ.get("UNISD_ROLLOUT_DTYPE", "").strip().lower()
+    if name not in _DTYPES:
+        raise ValueError(f"UNISD_ROLLOUT_DTYPE must be fp32 or bf16, got {name!r}")
+    return _DTYPES[name]
+
+
+@torch.no_grad()
+def shadow(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A plain copy of `model` in `dtype` holding its current effective weights (built once, refreshed each call)."""
+    from unisd import models
+
+    copy_ = _shadows.get(model)
+    if copy_ is None or next(copy_.parameters()).dtype != dtype:
+        plain = copy.deepcopy(model).merge_and_unload() if models.is_peft(model) else copy.deepcopy(model)
+        copy_ = plain.to(dtype).requires_grad_(False).eval()
+        _shadows[model] = copy_
+    if models.is_peft(model):
+        current = models.effective_weights(model)
+        for name, p in copy_.named_parameters():
+            p.copy_(current[models.canonical_name(name)])
+    else:
+        for p, q in zip(copy_.parameters(), model.parameters()):  # same module tree, same order
+            p.copy_(q)
+    return copy_
+
+
 @torch.no_grad()
 def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
-           max_new_tokens: int, temperature: float, top_p: float) -> Rollout:
-    """Sample from the model as it is now; dropout is off while sampling and restored afterwards."""
+           max_new_tokens: int, temperature: float, top_p: float, min_new_tokens: int = 0,
+           dtype: torch.dtype | None = None) -> Rollout:
+    """Sample from the model as it is now; dropout is off while sampling and restored afterwards.
+
+    `min_new_tokens` suppresses EOS before that many tokens (benchmarks use it to fix the length);
+    `dtype` (default: UNISD_ROLLOUT_DTYPE) samples with a shadow copy in that precision, see the module doc.
+    """
+    dtype = dtype if dtype is not None else default_dtype()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ids, attn = left_pad(prompts, tokenizer.pad_token_id)
     stops = sorted(eos_ids(model, tokenizer))
-    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                         temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
+    sampler = model if dtype is None or dtype == next(model.parameters()).dtype else shadow(model, dtype)
+    extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
+    try:
+        with torch.inference_mode():
+            out = sampler.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                                   temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                                   eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **extra)
+    finally:
+        model.train(was_training)
+    out = out.clone()  # an ordinary tensor, not an inference tensor
     tokens = out[:, ids.shape[1]:]
     mask, truncated = completion_mask(tokens, set(stops))
     width = max(int(mask.sum(-1).max().item()), 1)

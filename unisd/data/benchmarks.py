@@ -99,6 +99,10 @@ def _gpqa(row: Row, i: int) -> Example:
                domain=row.get("High-level domain", ""))
 
 
+def _demo(row: Row, i: int) -> Example:
+    return _mc("demo", row["question"], row["correct"], row["others"], row["rationale"], task_id=row["id"])
+
+
 def _mbpp(row: Row, i: int) -> Example:
     tests = list(row["test_list"])
     code, entry = S.fix_function_name(row["code"].replace("\r\n", "\n"), tests)
@@ -142,13 +146,13 @@ def _toolalpaca(row: Row, i: int) -> Example:
 
 _ADAPTERS: dict[str, Callable[[Row, int], Example | None]] = {
     "scienceqa": _scienceqa, "mbpp": _mbpp, "cos_e": _cos_e,
-    "toolalpaca": _toolalpaca, "gpqa": _gpqa, "humaneval": _humaneval,
+    "toolalpaca": _toolalpaca, "gpqa": _gpqa, "humaneval": _humaneval, "demo": _demo,
 }
 NAMES: tuple[str, ...] = tuple(_ADAPTERS)
 
 #: the split each benchmark is evaluated on in the paper (the lm-eval tasks use these)
 EVAL_SPLITS: dict[str, str] = {"scienceqa": "test", "mbpp": "test", "cos_e": "validation",
-                               "toolalpaca": "test", "gpqa": "train", "humaneval": "test"}
+                               "toolalpaca": "test", "gpqa": "train", "humaneval": "test", "demo": "test"}
 
 
 def _adapt(name: str, raw: Iterable[Row]) -> list[Example]:
@@ -166,7 +170,12 @@ def load(name: str, split: str = "train") -> list[Example]:
     """
     if name not in _ADAPTERS:
         raise DataError(f"unknown benchmark {name!r}; valid names: {', '.join(NAMES)}")
-    raw = humaneval_problems() if name == "humaneval" else rows(name, split)
+    if name == "demo":
+        from unisd.data import demo
+
+        raw: Iterable[Row] = demo.rows(split if split in demo.SIZES else "test")
+    else:
+        raw = humaneval_problems() if name == "humaneval" else rows(name, split)
     return _adapt(name, raw)
 
 

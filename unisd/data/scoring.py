@@ -358,7 +358,7 @@ def score_tools(generation: str, meta: Mapping[str, Any]) -> dict[str, float]:
 # Dispatch (trainer and lm-eval)
 # --------------------------------------------------------------------------------------------------
 
-MC_BENCHMARKS = ("scienceqa", "cos_e", "gpqa")
+MC_BENCHMARKS = ("scienceqa", "cos_e", "gpqa", "demo")
 CODE_BENCHMARKS = ("mbpp", "humaneval")
 
 

@@ -1,0 +1,150 @@
+"""Multi-teacher agreement (UniSD paper §2.2, Eq. 2): trust the teacher less where its views disagree.
+
+    unisd train ... --plugins agree -o agree.k=3 -o agree.level=token -o agree.contexts=retrieval
+
+The same sampled completion is scored under K auxiliary contexts c_k (one batched no-grad teacher
+forward with the primary teacher): ℓ^k_t = log π_T(ŷ_t | x, c_k, ŷ_<t). Each context is the student
+prompt preceded by one solved *other* example (`random` or `retrieval` neighbour; never the current
+gold answer) or by an instruction the model induced from a few solved examples (`induction`).
+
+Token level:    δ_t = var_k ℓ^k_t (unbiased) or range;  q = 0.95-quantile of δ over masked tokens;
+                w_t = max(1 / (1 + γ·min(δ_t/q, cap)), floor)
+Sequence level: L^k = Σ_t m ℓ^k_t / Σ_t m;  δ = var_k L^k (population) or range;
+                w = max(exp(−γ·δ), 1e-6), returned as a [B, 1] weight.
+
+Differences from the official code:
+- sequence weights really down-weight a sequence against the others in the batch, because the
+  core's `losses.weighted_mean` weights each sequence by its mean weight; the official per-sequence
+  normalisation by Σ_t m·w cancels a constant sequence weight (agreement_seq_* ≈ plain SD);
+- K = 1 is refused (the official unbiased variance of one view is NaN);
+- retrieval works offline by default (TF-IDF cosine, scikit-learn) over the student prompt;
+  `retriever=minilm` uses all-MiniLM-L6-v2 as the official code does; self-matches are excluded;
+- induction samples the instructions with a seeded generator and caches them by content hash.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from unisd.plugin import Plugin
+from unisd_plugins import _contexts as C
+
+if TYPE_CHECKING:
+    from unisd.train import Batch, Outputs, Run
+
+
+def token_weights(logps: torch.Tensor, mask: torch.Tensor, gamma: float, stat: str = "var",
+                  quantile: float = 0.95, cap: float = 10.0, floor: float = 0.01) -> torch.Tensor:
+    """Token reliability weights [B, T] from view log-probs [K, B, T] (K >= 2) and the mask [B, T]."""
+    delta = logps.var(0, unbiased=True) if stat == "var" else logps.amax(0) - logps.amin(0)
+    valid = mask.bool()
+    q = torch.quantile(delta[valid].float(), quantile).clamp_min(1e-6) if valid.any() else delta.new_tensor(1.0)
+    w = 1.0 / (1.0 + gamma * (delta / q).clamp_max(cap))
+    return w.clamp_min(floor).detach()
+
+
+def sequence_weights(logps: torch.Tensor, mask: torch.Tensor, gamma: float, stat: str = "var") -> torch.Tensor:
+    """Sequence reliability weights [B, 1] from view log-probs [K, B, T] and the mask [B, T]."""
+    m = mask.to(logps.dtype)
+    per_view = (logps * m).sum(-1) / m.sum(-1).clamp_min(1.0)          # [K, B]
+    delta = per_view.var(0, unbiased=False) if stat == "var" else per_view.amax(0) - per_view.amin(0)
+    return torch.exp(-gamma * delta).clamp_min(1e-6)[:, None].detach()
+
+
+class Agree(Plugin):
+    __doc__ = __doc__
+
+    @dataclass(frozen=True)
+    class Config:
+        k: int = 3                   # auxiliary views per example (official orchestrator: 3)
+        gamma: float = 0.01          # agreement strength γ (orchestrator: 0.01; UniSD*: 0.001)
+        level: Literal["token", "sequence"] = "token"
+        stat: Literal["var", "range"] = "var"
+        contexts: Literal["random", "retrieval", "induction"] = "retrieval"
+        quantile: float = 0.95       # token level: δ is normalised by this quantile over masked tokens
+        cap: float = 10.0            # token level: cap on the normalised δ
+        floor: float = 0.01          # token level: smallest weight
+        retriever: Literal["tfidf", "minilm"] = "tfidf"   # tfidf: offline; minilm: sentence-transformers
+        induction_demos: int = 3     # solved examples shown per induction prompt (orchestrator: 3)
+        induction_max: int = 16      # at most this many induced instructions (official: 100)
+        induction_tokens: int = 96   # max new tokens per induced instruction
+
+        def __post_init__(self) -> None:
+            checks = [
+                (self.k >= 2, f"agree.k must be at least 2 (disagreement needs two views), got {self.k}"),
+                (self.gamma >= 0, "agree.gamma must be >= 0"),
+                (self.level in ("token", "sequence"), f"agree.level must be token or sequence, got {self.level!r}"),
+                (self.stat in ("var", "range"), f"agree.stat must be var or range, got {self.stat!r}"),
+                (self.contexts in ("random", "retrieval", "induction"),
+                 f"agree.contexts must be random, retrieval or induction, got {self.contexts!r}"),
+                (0 < self.quantile <= 1, "agree.quantile must be in (0, 1]"),
+                (self.cap > 0, "agree.cap must be positive"),
+                (0 < self.floor <= 1, "agree.floor must be in (0, 1]"),
+                (self.retriever in ("tfidf", "minilm"), f"agree.retriever must be tfidf or minilm, got {self.retriever!r}"),
+                (self.induction_demos >= 1 and self.induction_max >= 1 and self.induction_tokens >= 1,
+                 "agree.induction_demos, induction_max and induction_tokens must be at least 1"),
+            ]
+            for ok, message in checks:
+                if not ok:
+                    raise ValueError(message)
+
+    config: Config
+
+    def __init__(self, config: Config | None = None) -> None:
+        super().__init__(config)
+        self.contexts: list[list[str]] = []   # example index -> K prompts
+
+    def view_names(self) -> list[str]:
+        return [f"{self.name or 'agree'}:{k}" for k in range(self.config.k)]
+
+    def setup(self, run: Run) -> None:
+        c, examples, seed = self.config, run.examples, run.config.seed
+        if len(examples) < 2 and c.contexts != "induction":
+            raise ValueError("agree needs at least 2 examples: a context shows a solved *other* example")
+        if c.contexts == "random":
+            donors = C.random_donors(len(examples), c.k, seed)
+        elif c.contexts == "retrieval":
+            key = {"kind": "retrieval", "data": C.data_digest(examples), "k": c.k, "retriever": c.retriever}
+            donors = C.cached("agree", key, lambda: C.retrieval_donors([e.prompt for e in examples], c.k, c.retriever))
+        else:
+            self.contexts = self._induced(run)
+            return
+        self.contexts = [[C.reference_context(e, examples[j]) for j in donors[i]] for i, e in enumerate(examples)]
+
+    def _induced(self, run: Run) -> list[list[str]]:
+        """K induced instructions per example, drawn with replacement from a seeded, cached pool."""
+        c, examples, seed = self.config, run.examples, run.config.seed
+        rng = random.Random(seed)
+        n_sets = max(1, min(len(examples) // c.induction_demos, c.induction_max))
+        order = rng.sample(range(len(examples)), len(examples))
+        demo_sets = [[examples[j] for j in order[s * c.induction_demos:(s + 1) * c.induction_demos]] or examples[:1]
+                     for s in range(n_sets)]
+        key = {"kind": "induction", "data": C.data_digest(examples), "model": run.config.model,
+               "weights": C.model_digest(run.student), "seed": seed, "demos": c.induction_demos,
+               "max": c.induction_max, "tokens": c.induction_tokens}
+        pool = C.cached("agree", key, lambda: C.generate(run.student, run.tokenizer,
+                                                         [C.induction_prompt(d) for d in demo_sets],
+                                                         c.induction_tokens, seed))
+        pool = [p for p in pool if p.strip()]
+        if not pool:
+            raise ValueError("agree: the model induced no usable instruction (all empty); use contexts=retrieval")
+        return [[C.instruction_context(e, p) for p in rng.choices(pool, k=c.k)] for e in examples]
+
+    def views(self, batch: Batch) -> dict[str, list[str]]:
+        return {name: [self.contexts[i][k] for i in batch.indices] for k, name in enumerate(self.view_names())}
+
+    def weights(self, out: Outputs) -> torch.Tensor:
+        c = self.config
+        logps = torch.stack([out.logps[v] for v in self.view_names()])          # [K, B, T]
+        if c.level == "token":
+            w = token_weights(logps, out.mask, c.gamma, c.stat, c.quantile, c.cap, c.floor)
+            mean = float((w * out.mask).sum() / out.mask.sum().clamp_min(1.0))
+        else:
+            w = sequence_weights(logps, out.mask, c.gamma, c.stat)
+            has = out.mask.sum(-1) > 0
+            mean = float(w[has].mean()) if has.any() else 1.0
+        out.metrics[f"{self.name}/weight_mean"] = mean
+        return w
