@@ -363,9 +363,10 @@ def sensitivity_png(points: list[tuple[str, Mapping[str, float], float]], raw: f
 
 # ---- the whole ablation -----------------------------------------------------------------------------
 
-def write_outputs(out: Path, runs: list[Planned], table: dict[str, dict[str, float]], tasks: list[str],
+def write_outputs(out: Path, runs: list[Planned], table: dict[str, dict[str, float]],
                   plugins: tuple[str, ...], settings: dict[str, Any]) -> dict[str, Any]:
     """results.json, table.md, interactions.png and sensitivity_<plugin>.<key>.png."""
+    tasks = list(dict.fromkeys(t for row in table.values() for t in row))  # leaf tasks, also of a group
     overall = overall_scores(table, tasks)
     pairs = interactions(overall, plugins)
     (out / "table.md").write_text(markdown(table, overall, pairs, plugins))
@@ -420,7 +421,7 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
                                 eval_batch_size, echo) for name, path in targets}
     shared = {k: v for k, v in next(iter(configs_.values())).to_json().items()
               if k not in ("out", "plugins", "options", "preset")}
-    return write_outputs(out, runs, table, tasks, plugins,
+    return write_outputs(out, runs, table, plugins,
                          {**shared, "eval": {"tasks": tasks, "limit": limit, "include": include}})
 
 

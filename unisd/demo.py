@@ -23,7 +23,8 @@ def run(out: Path, steps: int = 12, eval_limit: int = 40, humaneval_limit: int =
     started = time.time()
     model_dir = out / "model"
     echo(f"[1/3] training {MODEL} with the unisd-star preset for {steps} steps on the demo task")
-    config = cfg.resolve("unisd-star", (), {}, model=MODEL, data="demo", out=str(model_dir), max_steps=steps,
+    # short negatives keep the contrast plugin's one-off generation at setup to a minute on a laptop
+    config = cfg.resolve("unisd-star", (), {"contrast": {"max_new_tokens": "48"}}, model=MODEL, data="demo", out=str(model_dir), max_steps=steps,
                          batch_size=batch_size, max_new_tokens=64, lr=5e-5, save_every=max(steps // 2, 1))
     train(config, overwrite=overwrite, echo=echo)
     checkpoints = {"base": MODEL, "unisd-star": str(model_dir)}

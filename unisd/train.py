@@ -6,7 +6,6 @@ a mechanism. `train(config)` runs a whole job; `prepare(config)` builds the `Run
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -67,8 +66,8 @@ class Run:
     examples: list[Example]
     plugins: list[Plugin]
     world: distributed.World
-    teacher: Any                       # the frozen initial model: a copy, or the LoRA student with adapters off
     out: Path
+    initial: Any = None                # the frozen initial model, built on first use (see `teacher`)
     student_hidden: torch.nn.Module | None = None  # HiddenStates(student), DDP-wrapped under torchrun
     kept: list[int] = field(default_factory=list)   # indices of examples whose prompts fit
     total_steps: int = 0
@@ -77,6 +76,18 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     bad_steps: int = 0
+
+    @property
+    def teacher(self) -> Any:
+        """The frozen initial model: the LoRA student with its adapter off, or a fresh load from disk.
+
+        Loaded lazily (never copied from the student, which may already have trained or been restored),
+        so a run whose teacher comes from a plugin, such as ema, keeps no unused third copy.
+        """
+        if self.initial is None:
+            model = models.load_model(self.config.model).to(self.world.device)
+            self.initial = model.requires_grad_(False).eval()
+        return self.initial
 
 
 class AdapterOff:
@@ -228,10 +239,10 @@ def step(run: Run) -> dict[str, float]:
         t1 = time.perf_counter()
         for p in plugins:
             batch.prompts.update(_guard(p, "views", batch))
-        teacher = run.teacher
+        teacher = None
         for p in plugins:
             teacher = _guard(p, "teacher", run) or teacher
-        out = forward(run, batch, teacher)
+        out = forward(run, batch, teacher or run.teacher)
         D = out.divergence
         for p in plugins:
             D = _guard(p, "token_loss", D, out)
@@ -294,11 +305,9 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
         student = models.add_lora(student, config.lora_r, config.lora_alpha, config.lora_dropout)
-        teacher: Any = AdapterOff(student)
-    else:
-        teacher = copy.deepcopy(student).requires_grad_(False).eval()
     student.train()
-    run = Run(config, student, tokenizer, examples, plugins, world, teacher, Path(config.out))
+    run = Run(config, student, tokenizer, examples, plugins, world, Path(config.out),
+              initial=AdapterOff(student) if config.lora else None)
     run.student_hidden = distributed.wrap(HiddenStates(student), world)
     for p in plugins:
         _guard(p, "setup", run)

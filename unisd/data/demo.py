@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-SIZES = {"train": 96, "test": 60}
+SIZES = {"train": 48, "test": 60}
 _SEEDS = {"train": 11, "test": 23}
 
 QUESTIONS = [
