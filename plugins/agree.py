@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
+from unisd import distributed
 from unisd.plugin import Plugin
 from unisd_plugins import _contexts as C
 
@@ -37,11 +38,15 @@ if TYPE_CHECKING:
 
 
 def token_weights(logps: torch.Tensor, mask: torch.Tensor, gamma: float, stat: str = "var",
-                  quantile: float = 0.95, cap: float = 10.0, floor: float = 0.01) -> torch.Tensor:
-    """Token reliability weights [B, T] from view log-probs [K, B, T] (K >= 2) and the mask [B, T]."""
+                  quantile: float = 0.95, cap: float = 10.0, floor: float = 0.01,
+                  pool: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+    """Token reliability weights [B, T] from view log-probs [K, B, T] (K >= 2) and the mask [B, T].
+
+    `pool` gathers the masked δ of every data-parallel rank, so the quantile is that of the global batch.
+    """
     delta = logps.var(0, unbiased=True) if stat == "var" else logps.amax(0) - logps.amin(0)
-    valid = mask.bool()
-    q = torch.quantile(delta[valid].float(), quantile).clamp_min(1e-6) if valid.any() else delta.new_tensor(1.0)
+    pooled = pool(delta[mask.bool()].float())
+    q = torch.quantile(pooled, quantile).clamp_min(1e-6) if pooled.numel() else delta.new_tensor(1.0)
     w = 1.0 / (1.0 + gamma * (delta / q).clamp_max(cap))
     return w.clamp_min(floor).detach()
 
@@ -96,12 +101,14 @@ class Agree(Plugin):
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config)
         self.contexts: list[list[str]] = []   # example index -> K prompts
+        self.world = distributed.World(0, 1, torch.device("cpu"))  # replaced by the run's at setup
 
     def view_names(self) -> list[str]:
         return [f"{self.name or 'agree'}:{k}" for k in range(self.config.k)]
 
     def setup(self, run: Run) -> None:
         c, examples, seed = self.config, run.examples, run.config.seed
+        self.world = run.world
         if len(examples) < 2 and c.contexts != "induction":
             raise ValueError("agree needs at least 2 examples: a context shows a solved *other* example")
         if c.contexts == "random":
@@ -140,7 +147,8 @@ class Agree(Plugin):
         c = self.config
         logps = torch.stack([out.logps[v] for v in self.view_names()])          # [K, B, T]
         if c.level == "token":
-            w = token_weights(logps, out.mask, c.gamma, c.stat, c.quantile, c.cap, c.floor)
+            w = token_weights(logps, out.mask, c.gamma, c.stat, c.quantile, c.cap, c.floor,
+                              lambda t: distributed.cat(t, self.world))
             mean = float((w * out.mask).sum() / out.mask.sum().clamp_min(1.0))
         else:
             w = sequence_weights(logps, out.mask, c.gamma, c.stat)

@@ -57,11 +57,11 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-@pytest.mark.parametrize("plugins", ["mix", "mix,ema"])
+@pytest.mark.parametrize("plugins", ["mix", "mix,ema,agree"])
 def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tiny_data, tmp_path, plugins):
     extra = ["--plugins", plugins, *GOLD, "--max-steps", "2"]
-    if "ema" in plugins:
-        extra += ["-o", "ema.beta=0.5", "-o", "ema.every=1"]
+    if "ema" in plugins:  # a fast-moving EMA and strong, globally normalised agreement weights
+        extra += ["-o", "ema.beta=0.5", "-o", "ema.every=1", "-o", "agree.gamma=5", "-o", "agree.contexts=random"]
     _finish(_train(tiny_model, tiny_data, tmp_path / "one", 2, 1, *extra))
     _finish(_train(tiny_model, tiny_data, tmp_path / "two", 1, 2, *extra))
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")

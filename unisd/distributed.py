@@ -60,6 +60,15 @@ def mean(values: dict[str, float], world: World) -> dict[str, float]:
     return {k: float(v) / world.size for k, v in zip(keys, t.tolist())}
 
 
+def total(t: torch.Tensor, world: World) -> torch.Tensor:
+    """The sum of a scalar over ranks (no gradient)."""
+    if world.size == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
 def any_rank(flag: bool, world: World) -> bool:
     """True if the flag is set on any rank (e.g. a signal that reached only some of them)."""
     if world.size == 1:

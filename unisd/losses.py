@@ -96,6 +96,15 @@ def logprobs_in_chunks(head: Callable[[torch.Tensor], torch.Tensor], hidden: tor
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def weighted_sums(values: torch.Tensor, mask: torch.Tensor,
+                  weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(numerator, denominator) of `weighted_mean`; data-parallel ranks add up the denominators."""
+    mask = mask.to(values.dtype)
+    w = mask if weights is None else mask * weights.to(values.dtype)
+    per_token = w / mask.sum(-1, keepdim=True).clamp_min(1.0)
+    return (per_token * values).sum(), per_token.sum().detach()
+
+
 def weighted_mean(values: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence weighted mean, sequences weighted by their mean reliability.
 
@@ -105,8 +114,7 @@ def weighted_mean(values: torch.Tensor, mask: torch.Tensor, weights: torch.Tenso
     tokens within a sequence, and a sequence whose weights are low as a whole counts less than the
     others in the batch (a constant per-sequence weight does not cancel, unlike a per-sequence
     normalisation by sum_t m w). Sequences with no valid token are ignored; an empty batch gives 0.
+    Weights carry no gradient.
     """
-    mask = mask.to(values.dtype)
-    w = mask if weights is None else mask * weights.to(values.dtype)
-    per_token = w / mask.sum(-1, keepdim=True).clamp_min(1.0)
-    return (per_token * values).sum() / per_token.sum().clamp_min(1e-12)
+    numerator, denominator = weighted_sums(values, mask, weights)
+    return numerator / denominator.clamp_min(1e-12)

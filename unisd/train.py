@@ -250,7 +250,9 @@ def step(run: Run) -> dict[str, float]:
         for p in plugins:
             pw = _guard(p, "weights", out)
             w = pw if w is None else (w if pw is None else w * pw)
-        distill = losses.weighted_mean(D, out.mask, w)
+        numerator, denominator = losses.weighted_sums(D, out.mask, w)
+        # the denominator of the whole global batch: DDP's average over ranks then equals one process
+        distill = numerator * run.world.size / distributed.total(denominator, run.world).clamp_min(1e-12)
         aux: dict[str, torch.Tensor] = {}
         for p in plugins:
             aux.update(_guard(p, "aux_losses", out))
