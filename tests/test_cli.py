@@ -92,7 +92,7 @@ CASES = ["unknown-plugin", "broken-plugin", "unknown-option", "badly-typed-optio
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, tiny_model, tiny_data, plugin_dist):
-    plugin_dist("bad-dist", {"good": "good_mod:Good", "broken": "no_such_module:Plugin"}, {"good_mod": GOOD})
+    plugin_dist("bad-dist", {"good": "cli_good_mod:Good", "broken": "no_such_module:Plugin"}, {"cli_good_mod": GOOD})
     args, message, out = _case(tmp_path, tiny_model, tiny_data, case)
     before = _snapshot(out) if out.is_dir() else None
     existed = out.exists()
@@ -108,7 +108,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, tiny_mo
 
 
 def test_plugins_command_lists_broken_ones(plugin_dist):
-    plugin_dist("bad-dist", {"good": "good_mod:Good", "broken": "no_such_module:Plugin"}, {"good_mod": GOOD})
+    plugin_dist("bad-dist", {"good": "cli_good_mod:Good", "broken": "no_such_module:Plugin"}, {"cli_good_mod": GOOD})
     result = CliRunner().invoke(main, ["plugins", "--json"])
     assert result.exit_code == 0
     listed = {p["name"]: p for p in json.loads(result.output)}

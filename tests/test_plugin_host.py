@@ -39,8 +39,8 @@ class Old(Plugin):
 
 
 def test_discovery_records_broken_plugins_without_breaking_others(plugin_dist):
-    plugin_dist("good-dist", {"good": "good_mod:Good", "broken": "missing_module:Nope", "old": "old_mod:Old"},
-                {"good_mod": GOOD, "old_mod": OLD_API})
+    plugin_dist("good-dist", {"good": "host_good_mod:Good", "broken": "missing_module:Nope", "old": "host_old_mod:Old"},
+                {"host_good_mod": GOOD, "host_old_mod": OLD_API})
     found = plugin.discover()
     assert found["good"].cls is not None and found["good"].distribution == "good-dist"
     assert found["good"].hooks == ["token_loss"]
@@ -54,7 +54,7 @@ def test_discovery_records_broken_plugins_without_breaking_others(plugin_dist):
 
 
 def test_options_are_type_checked(plugin_dist):
-    plugin_dist("good-dist", {"good": "good_mod:Good"}, {"good_mod": GOOD})
+    plugin_dist("good-dist", {"good": "host_good_mod:Good"}, {"host_good_mod": GOOD})
     found = plugin.discover()
     [p] = plugin.load(["good"], {"good": {"scale": "0.5", "steps": "3", "on": "false", "cap": "none"}}, found)
     assert p.name == "good"
