@@ -134,8 +134,3 @@ def test_bf16_shadow_follows_current_weights(model_tok, monkeypatch):
     for i in range(3):
         n = int(got.mask[i].sum())
         assert got.tokens[i, :n].tolist() == ref[i, :n].tolist()
-    monkeypatch.setenv("UNISD_ROLLOUT_DTYPE", "bf16")
-    assert rollout.default_dtype() is torch.bfloat16
-    monkeypatch.setenv("UNISD_ROLLOUT_DTYPE", "int3")
-    with pytest.raises(ValueError):
-        rollout.default_dtype()

@@ -34,6 +34,7 @@ class TrainConfig:
     divergence: str = "fkl"            # fkl | rkl | jsd
     alpha: float = 0.5                 # jsd mixture weight (Eq. 7)
     mask_truncated: bool = False       # drop completions that hit max_new_tokens without EOS from the loss
+    rollout_bf16: bool = False         # sample with a bf16 copy of the current weights (faster on CPU, not bit-exact)
     seed: int = 42
     save_every: int = 0                # 0: checkpoint only at the end
     keep_checkpoints: int = 2

@@ -1,14 +1,13 @@
 """On-policy rollout: the student samples one completion per prompt (transformers `generate`, KV cache).
 
 Sampling is memory-bandwidth bound on CPU (every new token reads all weights), so `sample` can run in
-a lower precision (`dtype=torch.bfloat16`, or UNISD_ROLLOUT_DTYPE=bf16): a shadow copy of the student
+a lower precision (`dtype=torch.bfloat16`, `unisd train --rollout-bf16`): a shadow copy of the student
 in that dtype is refreshed from the student's *current* weights (LoRA merged) at every call, so the
 sample stays on-policy up to bf16 rounding of the weights; the default (fp32) samples the student itself.
 """
 from __future__ import annotations
 
 import copy
-import os
 import weakref
 from dataclasses import dataclass
 
@@ -33,16 +32,7 @@ def eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[i
     return {i for i in ids if i is not None}
 
 
-_DTYPES = {"": None, "fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _shadows: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
-
-
-def default_dtype() -> torch.dtype | None:
-    """The rollout precision from UNISD_ROLLOUT_DTYPE (fp32 | bf16); None: the student's own weights."""
-    name = os.environ.get("UNISD_ROLLOUT_DTYPE", "").strip().lower()
-    if name not in _DTYPES:
-        raise ValueError(f"UNISD_ROLLOUT_DTYPE must be fp32 or bf16, got {name!r}")
-    return _DTYPES[name]
 
 
 @torch.no_grad()
@@ -72,9 +62,8 @@ def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
     """Sample from the model as it is now; dropout is off while sampling and restored afterwards.
 
     `min_new_tokens` suppresses EOS before that many tokens (benchmarks use it to fix the length);
-    `dtype` (default: UNISD_ROLLOUT_DTYPE) samples with a shadow copy in that precision, see the module doc.
+    `dtype` samples with a shadow copy in that precision, see the module doc.
     """
-    dtype = dtype if dtype is not None else default_dtype()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -230,7 +230,8 @@ def step(run: Run) -> dict[str, float]:
             rollout = rollout or _guard(p, "completions", batch, run)
         if rollout is None:  # on-policy: the student samples
             prompt_ids = [render(run.tokenizer, p) for p in batch.prompts["student"]]
-            rollout = sample(run.student, run.tokenizer, prompt_ids, c.max_new_tokens, c.temperature, c.top_p)
+            rollout = sample(run.student, run.tokenizer, prompt_ids, c.max_new_tokens, c.temperature, c.top_p,
+                             dtype=torch.bfloat16 if c.rollout_bf16 else None)
         device = run.world.device
         batch.tokens, batch.truncated = rollout.tokens.to(device), rollout.truncated
         batch.mask = rollout.mask.to(device)
