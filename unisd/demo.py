@@ -18,16 +18,16 @@ MODEL = "smollm2-135m"
 
 
 def run(out: Path, steps: int = 12, eval_limit: int = 40, humaneval_limit: int = 3, batch_size: int = 4,
-        overwrite: bool = False, echo: Callable[[str], None] = print) -> dict[str, Path]:
+        overwrite: bool = False, echo: Callable[[str], None] = print, model: str = MODEL) -> dict[str, Path]:
     """Train, evaluate before/after, and return the paths of everything written."""
     started = time.time()
     model_dir = out / "model"
-    echo(f"[1/3] training {MODEL} with the unisd-star preset for {steps} steps on the demo task")
+    echo(f"[1/3] training {model} with the unisd-star preset for {steps} steps on the demo task")
     # short negatives keep the contrast plugin's one-off generation at setup to a minute on a laptop
-    config = cfg.resolve("unisd-star", (), {"contrast": {"max_new_tokens": "48"}}, model=MODEL, data="demo", out=str(model_dir), max_steps=steps,
+    config = cfg.resolve("unisd-star", (), {"contrast": {"max_new_tokens": "48"}}, model=model, data="demo", out=str(model_dir), max_steps=steps,
                          batch_size=batch_size, max_new_tokens=64, lr=5e-5, save_every=max(steps // 2, 1))
     train(config, overwrite=overwrite, echo=echo)
-    checkpoints = {"base": MODEL, "unisd-star": str(model_dir)}
+    checkpoints = {"base": model, "unisd-star": str(model_dir)}
     echo(f"[2/3] scoring base and trained model on unisd_demo ({eval_limit} questions)")
     demo = evaluate.evaluate(checkpoints, ["unisd_demo"], out / "eval-demo", eval_limit, echo=echo)
     echo(f"[3/3] scoring both on a HumanEval slice ({humaneval_limit} problems)")

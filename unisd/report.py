@@ -16,7 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 SHORT = {"unisd_scienceqa": "ScienceQA", "unisd_mbpp": "MBPP", "unisd_cose": "CoS-E",
-         "unisd_toolalpaca": "ToolAlpaca", "unisd_gpqa": "GPQA", "unisd_humaneval": "HumanEval"}
+         "unisd_toolalpaca": "ToolAlpaca", "unisd_gpqa": "GPQA", "unisd_humaneval": "HumanEval",
+         "unisd_demo": "Demo"}
 
 
 def _label(task: str) -> str:
@@ -96,12 +97,13 @@ def write_comparison(combined: dict[str, Any], out: Path) -> None:
 
 
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Combine several results.json dicts (later runs with the same name win)."""
+    """Combine several results.json dicts, run by run and task by task (a later file wins a clash)."""
     merged: dict[str, Any] = {"tasks": [], "scores": {}, "retention": {}}
     for r in results:
         merged["tasks"] += [t for t in r.get("tasks", []) if t not in merged["tasks"]]
-        merged["scores"].update(r.get("scores", {}))
-        merged["retention"].update(r.get("retention", {}))
+        for key in ("scores", "retention"):
+            for run, per_task in r.get(key, {}).items():
+                merged[key].setdefault(run, {}).update(per_task)
     return merged
 
 
