@@ -43,7 +43,9 @@ def _kill_after(args: list[str], metrics: Path, steps_done: int) -> None:
     proc.wait()
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora"]], ids=["full", "lora"])
+@pytest.mark.parametrize("extra", [[], ["--lora"], ["--plugins", "ema,agree,clip", "-o", "ema.every=1",
+                                                   "-o", "agree.contexts=random", "-o", "clip.max=0.5"]],
+                         ids=["full", "lora", "plugins"])
 def test_sigkill_then_resume_is_bitwise_equal(tiny_model, tiny_data, tmp_path, extra):
     steps = 4
     reference = tmp_path / "reference"
