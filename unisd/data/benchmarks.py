@@ -57,12 +57,15 @@ def rows(name: str, split: str) -> list[dict[str, Any]]:
 
 
 def shuffled_options(question: str, correct: str, others: Sequence[str]) -> tuple[list[str], str]:
-    """(options, gold letter): options in an order fixed by a hash of the question, not by global random.
+    """(options, gold letter): options in an order fixed by a hash of the question and its options, never by
+    global random state.
 
     The same question always gets the same order, in training and at evaluation, on any machine.
     """
     options = [correct, *others]
-    seed = int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:8], "big")
+    # the options are part of the key: questions that share a stem (e.g. generated ones) still vary
+    key = json.dumps([question, sorted(options)], ensure_ascii=False)
+    seed = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
     order = list(range(len(options)))
     random.Random(seed).shuffle(order)
     shuffled = [options[i] for i in order]
