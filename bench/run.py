@@ -146,7 +146,7 @@ def patch_unisd(rollout_dtype: torch.dtype | None) -> None:
     import unisd.train as T
     from unisd import losses, rollout
 
-    def fixed_sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p):
+    def fixed_sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, dtype=None):
         return rollout.sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
                               min_new_tokens=max_new_tokens, dtype=rollout_dtype)
 
