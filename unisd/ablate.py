@@ -20,6 +20,7 @@ from the step times of runs already finished in DIR.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -213,7 +214,9 @@ def _check_same_settings(name: str, config: TrainConfig) -> None:
     """A finished run is reused only if it was trained with exactly this run's configuration."""
     stored = json.loads((Path(config.out) / "unisd.json").read_text())["config"]
     wanted = json.loads(json.dumps(config.to_json()))
-    changed = [k for k in wanted if k != "out" and stored.get(k) != wanted[k]]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    # a setting added to unisd after that run was trained counts as its default value
+    changed = [k for k in wanted if k != "out" and stored.get(k, defaults.get(k)) != wanted[k]]
     if changed:
         raise ConfigError(f"runs/{Path(config.out).name} ({name}) was trained with other settings "
                           f"({', '.join(changed)}); use another --out or delete that run")
