@@ -238,11 +238,12 @@ def train_all(runs: list[Planned], configs_: Mapping[str, TrainConfig], echo: Ca
 
 
 def evaluate_one(name: str, model: str, record: Path, tasks: list[str], limit: int | None,
-                 include: list[str], batch_size: int, echo: Callable[[str], None]) -> dict[str, float]:
+                 include: list[str], batch_size: int, echo: Callable[[str], None],
+                 max_gen_toks: int | None = None) -> dict[str, float]:
     """Scores of one model, from record when it holds these settings and is newer than the model."""
     from unisd.evaluate import run_lm_eval, scores
 
-    settings = {"tasks": tasks, "limit": limit}
+    settings = {"tasks": tasks, "limit": limit, "max_gen_toks": max_gen_toks}
     marker = Path(model) / "unisd.json"
     if record.is_file():
         saved = json.loads(record.read_text())
@@ -251,7 +252,7 @@ def evaluate_one(name: str, model: str, record: Path, tasks: list[str], limit: i
             echo(f"{name}: evaluated earlier, not repeated")
             return saved["scores"]
     echo(f"{name}: evaluating on {', '.join(tasks)}")
-    result = run_lm_eval(model, tasks, limit, include, batch_size)
+    result = run_lm_eval(model, tasks, limit, include, batch_size, max_gen_toks)
     result.pop("samples", None)
     found = scores(result)
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -400,7 +401,8 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
            baselines: tuple[str, ...], overrides: Mapping[str, Mapping[str, str]], tasks: list[str],
            limit: int | None, include: list[str], eval_batch_size: int = 4, base: bool = True,
            dry_run: bool = False, sec_per_step: float | None = None, echo: Callable[[str], None] = print,
-           show: Callable[[str], None] = print, **settings: Any) -> dict[str, Any] | None:
+           show: Callable[[str], None] = print, eval_max_gen_toks: int | None = None,
+           **settings: Any) -> dict[str, Any] | None:
     """Plan, validate, print the plan; then train, evaluate and analyse (unless dry_run)."""
     from unisd.plugin import discover
 
@@ -421,11 +423,12 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
     targets = ([("base", model)] if base else []) + [(r.name, configs_[r.name].out) for r in runs]
     folder = {r.name: r.folder for r in runs} | {"base": "base"}
     table = {name: evaluate_one(name, path, out / "evals" / f"{folder[name]}.json", tasks, limit, include,
-                                eval_batch_size, echo) for name, path in targets}
+                                eval_batch_size, echo, eval_max_gen_toks) for name, path in targets}
     shared = {k: v for k, v in next(iter(configs_.values())).to_json().items()
               if k not in ("out", "plugins", "options", "preset")}
     return write_outputs(out, runs, table, plugins,
-                         {**shared, "eval": {"tasks": tasks, "limit": limit, "include": include}})
+                         {**shared, "eval": {"tasks": tasks, "limit": limit, "include": include,
+                                             "max_gen_toks": eval_max_gen_toks}})
 
 
 # ---- command line -----------------------------------------------------------------------------------
@@ -458,6 +461,8 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--eval-tasks", required=True, help="Comma-separated lm-eval tasks or groups.")
 @click.option("--eval-limit", type=int, default=None, help="Score only the first N documents of each task.")
 @click.option("--eval-batch-size", type=int, default=4, show_default=True)
+@click.option("--eval-max-gen-toks", type=int, default=None,
+              help="Cap every task's generation length (the same for every run) to keep a study cheap.")
 @click.option("--include-path", "include", multiple=True, help="Extra lm-eval task folders.")
 @click.option("--no-base", is_flag=True, help="Do not score the untrained --model as a reference row.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the estimated cost; write nothing.")
@@ -476,14 +481,16 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_one_line_errors
 def ablate_command(model: str, data: str, out: str, plugins: str, combos: str, grid: tuple[str, ...],
                    baselines: str, options: tuple[str, ...], eval_tasks: str, eval_limit: int | None,
-                   eval_batch_size: int, include: tuple[str, ...], no_base: bool, dry_run: bool,
+                   eval_batch_size: int, eval_max_gen_toks: int | None, include: tuple[str, ...],
+                   no_base: bool, dry_run: bool,
                    sec_per_step: float | None, **settings: Any) -> None:
     """Train raw SD, each component, their combinations and option grids alike; score and compare them."""
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     result = ablate(model, data, Path(out), split(plugins), combos, grid, split(baselines),
                     cfg.parse_overrides(options), list(split(eval_tasks)), eval_limit, list(include),
-                    eval_batch_size, not no_base, dry_run, sec_per_step, echo, click.echo, **settings)
+                    eval_batch_size, not no_base, dry_run, sec_per_step, echo, click.echo,
+                    eval_max_gen_toks=eval_max_gen_toks, **settings)
     if result is not None:
         click.echo((Path(out) / "table.md").read_text())
         click.echo(f"results: {Path(out) / 'results.json'}")
