@@ -10,6 +10,8 @@ prompt (it replaces the frozen initial model as the primary teacher; agree/contr
 Difference from the official code: its sync callback skips LoRA parameters and averages only the
 frozen base weights, so under LoRA (always on there) its EMA teacher never moves from the base model.
 Here the teacher follows the merged weights, with or without LoRA.
+
+Under `--fsdp` the teacher is sharded like the student, so each rank averages only its own shards.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from unisd import models
+from unisd import distributed, models
 from unisd.plugin import Plugin
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ class EMA(Plugin):
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config)
         self.model: torch.nn.Module | None = None
+        self.encoder: torch.nn.Module | None = None  # the model's encoder in the run (sharded under --fsdp)
         self.updates = 0
 
     def setup(self, run: Run) -> None:
@@ -56,9 +59,13 @@ class EMA(Plugin):
         if missing:
             raise ValueError(f"ema: the student has no weights for {sorted(missing)[:3]}")
         self.update(student, beta=0.0)  # θ̄ ← θ exactly
+        self.encoder = run.encoder(self.model)
 
     def _params(self) -> dict[str, torch.nn.Parameter]:
+        """The stored weights: a sharded teacher is resharded first (a forward leaves its root gathered)."""
         assert self.model is not None, "ema: setup was not called"
+        if self.encoder is not None and distributed.is_sharded(self.encoder):
+            self.encoder.reshard()
         return dict(self.model.named_parameters())
 
     @torch.no_grad()
@@ -78,7 +85,8 @@ class EMA(Plugin):
             self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": {k: v.detach().clone() for k, v in self._params().items()}, "updates": self.updates}
+        weights = {k: distributed.whole(v.detach()).to("cpu", copy=True) for k, v in self._params().items()}  # every rank
+        return {"weights": weights, "updates": self.updates}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -86,5 +94,5 @@ class EMA(Plugin):
         if set(state["weights"]) != set(params):
             raise ValueError("ema: the checkpoint's teacher weights do not match this model")
         for name, p in params.items():
-            p.copy_(state["weights"][name])
+            distributed.assign(p, state["weights"][name])
         self.updates = int(state.get("updates", 0))

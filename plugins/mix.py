@@ -3,7 +3,8 @@
 With probability `prob` a micro-batch's completions come from `source` instead of the on-policy
 student: `gold`, the dataset's demonstration (SFT and GKD's off-policy share), or `base`, a sample
 of the frozen initial model at `temperature` (SSD). The draw uses the plugin's own seeded generator,
-saved with the checkpoint, so resumes are exact.
+saved with the checkpoint, so resumes are exact; it is seeded alike on every rank, so all ranks
+draw the same way (sharded sampling needs every rank to decode together).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class Mix(Plugin):
         if models.is_peft(run.student):  # the initial model is the student with its adapter off
             with run.student.disable_adapter():
                 return sample(run.student, run.tokenizer, prompts, c.max_new_tokens, self.config.temperature, c.top_p)
-        return sample(run.teacher, run.tokenizer, prompts, c.max_new_tokens, self.config.temperature, c.top_p)
+        return sample(run.sampler(run.teacher), run.tokenizer, prompts, c.max_new_tokens, self.config.temperature, c.top_p)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "used": self.used}

@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo): same weights as one process with the same global batch; resume."""
+"""torchrun with 2 CPU processes (gloo), data-parallel and sharded (FSDP2): same weights as one process
+with the same global batch; a killed run resumes exactly."""
 from __future__ import annotations
 
 import os
@@ -63,17 +64,22 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tiny_dat
     if "ema" in plugins:  # a fast-moving EMA and strong, globally normalised agreement weights
         extra += ["-o", "ema.beta=0.5", "-o", "ema.every=1", "-o", "agree.gamma=5", "-o", "agree.contexts=random"]
     _finish(_train(tiny_model, tiny_data, tmp_path / "one", 2, 1, *extra))
-    _finish(_train(tiny_model, tiny_data, tmp_path / "two", 1, 2, *extra))
-    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    initial = _weights(tiny_model)
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=TOLERANCE)
+    _finish(_train(tiny_model, tiny_data, tmp_path / "ddp", 1, 2, *extra))
+    _finish(_train(tiny_model, tiny_data, tmp_path / "fsdp", 1, 2, *extra, "--fsdp"))
+    one, initial = _weights(tmp_path / "one"), _weights(tiny_model)
     assert any(not torch.equal(one[k], initial[k]) for k in one)  # training moved the weights
-    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone writes
+    for run in ("ddp", "fsdp"):
+        two = _weights(tmp_path / run)
+        assert sorted(two) == sorted(one)
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=0, atol=TOLERANCE, msg=f"{run}: {k}")
+        assert len((tmp_path / run / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone writes
 
 
-def test_killed_two_process_run_resumes(tiny_model, tiny_data, tmp_path):
-    extra = ["--plugins", "mix", *GOLD, "--max-steps", "4"]
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_killed_two_process_run_resumes(tiny_model, tiny_data, tmp_path, sharding):
+    # the sharded run samples on-policy: ranks whose completions end at different lengths decode together
+    extra = ["--max-steps", "4", *sharding, *(["--max-new-tokens", "12"] if sharding else ["--plugins", "mix", *GOLD])]
     _finish(_train(tiny_model, tiny_data, tmp_path / "ref", 1, 2, *extra))
     out = tmp_path / "killed"
     proc = _train(tiny_model, tiny_data, out, 1, 2, *extra)

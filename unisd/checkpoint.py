@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 import unisd
 from unisd import models
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from unisd.train import Run
 
 MANIFEST = "MANIFEST.json"
+WHOLE_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # sharded or not, one file format
 RUN_MARKERS = ("unisd.json", "checkpoints", "metrics.jsonl")
 
 
@@ -86,7 +88,13 @@ def save(run: Run) -> Path:
     """Write a complete checkpoint for run.step, then prune to the newest keep_checkpoints."""
     from unisd import distributed
 
+    # collectives first, on every rank: RNGs, and whole tensors of anything sharded
     rngs = distributed.gather(rng_state(), run.world)  # every rank's generators, for an exact resume
+    trainable = distributed.gathered(((n, p) for n, p in run.student.named_parameters() if p.requires_grad),
+                                     run.world)
+    assert run.optimizer is not None
+    optimizer = get_optimizer_state_dict(run.student, run.optimizer, options=WHOLE_ON_RANK0)
+    plugins = {p.name: p.state_dict() for p in run.plugins}
     root = run.out / "checkpoints"
     final = root / f"step-{run.step:06d}"
     if not run.world.main:
@@ -94,13 +102,10 @@ def save(run: Run) -> Path:
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{run.step:06d}-"))
-    trainable = {n: p.detach().contiguous().cpu() for n, p in run.student.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
-    assert run.optimizer is not None
-    torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer, tmp / "optimizer.pt")
     torch.save({"step": run.step, "position": run.position, "bad_steps": run.bad_steps,
-                "scheduler": run.scheduler.state_dict(), "rng": rngs,
-                "plugins": {p.name: p.state_dict() for p in run.plugins}}, tmp / "state.pt")
+                "scheduler": run.scheduler.state_dict(), "rng": rngs, "plugins": plugins}, tmp / "state.pt")
     files = sorted(f.name for f in tmp.iterdir())
     (tmp / MANIFEST).write_text(json.dumps({f: _sha256(tmp / f) for f in files}, indent=1))
     if final.exists():
@@ -131,6 +136,8 @@ def verify(folder: Path) -> str:
 
 def restore(run: Run, echo: Callable[[str], None]) -> bool:
     """Load the newest intact checkpoint into run; False if there is none."""
+    from unisd import distributed
+
     root = run.out / "checkpoints"
     if run.world.main:
         for leftover in root.glob(".tmp-step-*"):  # a save interrupted by a crash
@@ -140,13 +147,13 @@ def restore(run: Run, echo: Callable[[str], None]) -> bool:
         if problem:
             echo(f"warning: skipping checkpoint {folder.name}: {problem}")
             continue
-        trainable = load_file(str(folder / "trainable.safetensors"))
+        trainable = load_file(str(folder / "trainable.safetensors"), device=str(run.world.device))
         params = dict(run.student.named_parameters())
-        with torch.no_grad():
-            for name, value in trainable.items():
-                params[name].copy_(value)
+        for name, value in trainable.items():
+            distributed.assign(params[name], value)
         assert run.optimizer is not None
-        run.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        set_optimizer_state_dict(run.student, run.optimizer, torch.load(folder / "optimizer.pt", weights_only=False),
+                                 options=StateDictOptions(full_state_dict=True))
         state = torch.load(folder / "state.pt", weights_only=False)
         run.scheduler.load_state_dict(state["scheduler"])
         run.step, run.position, run.bad_steps = state["step"], state["position"], state["bad_steps"]
@@ -190,8 +197,17 @@ def model_card(run: Run) -> str:
 
 
 def save_final(run: Run) -> None:
-    """Write the final model into run.out itself; unisd.json goes last and marks the run finished."""
+    """Write the final model into run.out itself; unisd.json goes last and marks the run finished.
+
+    Every rank calls it: a sharded student's whole weights are gathered to rank 0, which writes.
+    """
+    from unisd import distributed
     from unisd.plugin import discover
+
+    sharded = distributed.is_sharded(run.student_hidden)
+    weights = distributed.gathered(run.student.named_parameters(), run.world) if sharded else None
+    if not run.world.main:
+        return
 
     staging = Path(tempfile.mkdtemp(dir=run.out, prefix=".final-"))
     found = discover()
@@ -201,7 +217,7 @@ def save_final(run: Run) -> None:
                                    "version": found[p.name].version if p.name in found else "?",
                                    "options": {k: v for k, v in vars(p.config).items()}} for p in run.plugins},
               "torch": torch.__version__}
-    models.save_final(run.student, run.tokenizer, staging, model_card(run), record)
+    models.save_final(run.student, run.tokenizer, staging, model_card(run), record, weights)
     names = sorted(f.name for f in staging.iterdir())
     for name in [n for n in names if n != "unisd.json"] + ["unisd.json"]:
         os.replace(staging / name, run.out / name)

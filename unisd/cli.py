@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -77,6 +78,7 @@ def main() -> None:
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many non-finite steps in a row [3].")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0: only at the end) [0].")
 @click.option("--lora", is_flag=True, default=None, help="Train a LoRA adapter (r 64, alpha 128) instead of all weights.")
+@click.option("--fsdp", is_flag=True, default=None, help="Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
 @click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
 @_errors_are_one_line
@@ -88,7 +90,8 @@ def train(model: str, data: str, out: str, plugins: str, preset: str, options: t
     names = tuple(n.strip() for n in plugins.split(",") if n.strip())
     config = cfg.resolve(preset, names, cfg.parse_overrides(options), model=model, data=data, out=out, **settings)
     final = run_training(config, resume=resume, overwrite=overwrite, echo=lambda m: click.echo(m, err=True))
-    click.echo(f"model written to {final}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one voice
+        click.echo(f"model written to {final}")
 
 
 @main.command(name="plugins", epilog=EXAMPLE.format("unisd plugins --json"))

@@ -43,6 +43,7 @@ class TrainConfig:
     lora_r: int = 64
     lora_alpha: int = 128
     lora_dropout: float = 0.05
+    fsdp: bool = False                 # under torchrun: shard weights, gradients and optimizer state (FSDP2)
 
     def __post_init__(self) -> None:
         checks = [
@@ -61,6 +62,9 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (not (self.fsdp and self.lora), "--fsdp and --lora cannot be combined yet; a LoRA run keeps one "
+                                            "frozen copy of the weights, so use data parallelism (no --fsdp)"),
+            (not (self.fsdp and self.rollout_bf16), "--rollout-bf16 keeps a whole copy of the weights; drop it with --fsdp"),
         ]
         for ok, message in checks:
             if not ok:

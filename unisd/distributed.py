@@ -5,9 +5,14 @@
 Each rank takes its own slice of every global micro-batch, samples and scores it, and DDP averages
 the gradients; rank 0 alone writes metrics, checkpoints and the final model. With one process every
 function here is a no-op, so the single-device path has no distributed code in it.
+
+With `--fsdp` the models are sharded instead (FSDP2, `fully_shard`): each rank holds 1/N of every
+weight, gradient and optimizer state, and a layer's weights are gathered only while it runs. `whole`
+and `assign` move between a sharded parameter and the whole tensor a checkpoint stores.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +53,65 @@ def wrap(module: torch.nn.Module, world: World) -> torch.nn.Module:
 
     ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids)
+
+
+def shard(root: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 in place: each decoder layer of `model` is a unit, `root` (which calls `model`) holds the rest.
+
+    `root.generate` is registered as a forward too, so sampling gathers the root's weights like a forward.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())  # transformers names its decoder layer class
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise ValueError(f"--fsdp: {type(model).__name__} declares no decoder layer class to shard by")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(root)
+    register_fsdp_forward_method(root, "generate")
+    return root
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a sharded parameter (a collective: every rank must call it); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, sharded or not (a sharded one keeps this rank's part)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):  # every rank has `value`: cut locally, no communication
+        value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                  src_data_rank=None)
+    param.copy_(value)
+
+
+def gathered(named: Any, world: World) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of (name, tensor) pairs on rank 0, {} elsewhere; every rank must call it."""
+    out = {}
+    for name, t in named:
+        t = whole(t.detach())
+        if world.main:
+            out[name] = t.contiguous().cpu()
+    return out
+
+
+def accumulating(module: torch.nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync on micro-batches before the last: gradients are averaged once per step."""
+    if skip_sync and hasattr(module, "no_sync"):
+        return module.no_sync()
+    return contextlib.nullcontext()
 
 
 def mean(values: dict[str, float], world: World) -> dict[str, float]:

@@ -134,10 +134,13 @@ def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_final(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path, card: str,
-               record: dict[str, Any]) -> None:
-    """Write a plain transformers model (LoRA merged) that `lm_eval --model hf` loads from `out` itself."""
+               record: dict[str, Any], weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a plain transformers model (LoRA merged) that `lm_eval --model hf` loads from `out` itself.
+
+    `weights` replaces the model's own tensors (the whole weights of a sharded model, gathered).
+    """
     plain = model.merge_and_unload() if is_peft(model) else model
-    plain.save_pretrained(out, safe_serialization=True)
+    plain.save_pretrained(out, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(out)
     (out / "unisd.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     (out / "README.md").write_text(card)

@@ -62,8 +62,12 @@ def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
     """Sample from the model as it is now; dropout is off while sampling and restored afterwards.
 
     `min_new_tokens` suppresses EOS before that many tokens (benchmarks use it to fix the length);
-    `dtype` samples with a shadow copy in that precision, see the module doc.
+    `dtype` samples with a shadow copy in that precision, see the module doc. A model sharded with
+    FSDP gathers each layer's weights at every decoding step, so every rank keeps decoding until all
+    ranks are done (`synced_gpus`), and no inference tensors are made (they would live on as weights).
     """
+    from unisd import distributed
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -71,8 +75,11 @@ def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
     stops = sorted(eos_ids(model, tokenizer))
     sampler = model if dtype is None or dtype == next(model.parameters()).dtype else shadow(model, dtype)
     extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
+    sharded = distributed.is_sharded(model)
+    if sharded:
+        extra["synced_gpus"] = True
     try:
-        with torch.inference_mode():
+        with torch.no_grad() if sharded else torch.inference_mode():
             out = sampler.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
                                    temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
                                    eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **extra)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from unisd import checkpoint, distributed, losses, models, report
-from unisd.config import TrainConfig
+from unisd.config import ConfigError, TrainConfig
 from unisd.data import DataError, Example, load_data
 from unisd.data.prompts import teacher_prompt
 from unisd.plugin import Plugin, load as load_plugins
@@ -68,7 +68,8 @@ class Run:
     world: distributed.World
     out: Path
     initial: Any = None                # the frozen initial model, built on first use (see `teacher`)
-    student_hidden: torch.nn.Module | None = None  # HiddenStates(student), DDP-wrapped under torchrun
+    student_hidden: Any = None         # the student's encoder, DDP-wrapped under torchrun (see `prepare`)
+    encoders: dict[int, "HiddenStates"] = field(default_factory=dict)  # id(model) -> its encoder
     kept: list[int] = field(default_factory=list)   # indices of examples whose prompts fit
     total_steps: int = 0
     step: int = 0                      # optimizer steps done
@@ -88,6 +89,20 @@ class Run:
             model = models.load_model(self.config.model).to(self.world.device)
             self.initial = model.requires_grad_(False).eval()
         return self.initial
+
+    def encoder(self, model: Any) -> "HiddenStates":
+        """The module a model's hidden states come from: built once per model, sharded under --fsdp."""
+        found = self.encoders.get(id(model))  # the encoder holds the model, so the id stays its own
+        if found is None:
+            found = HiddenStates(model)
+            if self.config.fsdp:
+                distributed.shard(found, model)
+            self.encoders[id(model)] = found
+        return found
+
+    def sampler(self, model: Any) -> Any:
+        """What samples from a model: the model itself, or its sharded encoder (ranks then decode in step)."""
+        return self.encoder(model) if self.config.fsdp else model
 
 
 class AdapterOff:
@@ -117,12 +132,21 @@ def _inner(model: Any) -> Any:
 class HiddenStates(torch.nn.Module):
     """A model's final (normed) hidden states, without logits: the loss computes those in chunks.
 
-    The student's forward goes through this module so that DDP sees a forward call it can wrap.
+    The student's forward goes through this module so that DDP sees a forward call it can wrap, and
+    under FSDP it is the root that holds the weights outside the decoder layers (embeddings, norm, head).
     """
 
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
+        self.train(getattr(model, "training", False))
+
+    @property
+    def generation_config(self) -> Any:
+        return self.model.generation_config
+
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        return self.model.generate(**kwargs)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         decoder = _inner(self.model).get_decoder()
@@ -149,20 +173,15 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _teacher_encoder(teacher: Any) -> Callable[..., torch.Tensor]:
-    decoder = _inner(teacher).get_decoder()
-    return lambda **kw: decoder(**kw).last_hidden_state
-
-
 def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
     """Student forward (grad) and one batched no-grad forward of every teacher view on the same completion."""
     assert batch.tokens is not None and batch.mask is not None
     pad = run.tokenizer.pad_token_id
     tok = lambda view: [render(run.tokenizer, p) for p in batch.prompts[view]]  # noqa: E731
-    student_h = _hidden(run.student_hidden or HiddenStates(run.student), tok("student"), batch, pad)
+    student_h = _hidden(run.student_hidden, tok("student"), batch, pad)
     no_grad_views = [v for v in batch.prompts if v != "student"]  # "teacher" first, then plugin views
     with torch.no_grad():
-        view_h = _hidden(_teacher_encoder(teacher), sum((tok(v) for v in no_grad_views), []), batch, pad)
+        view_h = _hidden(run.encoder(teacher), sum((tok(v) for v in no_grad_views), []), batch, pad)
     B = batch.tokens.shape[0]
     view_h = {v: view_h[i * B:(i + 1) * B] for i, v in enumerate(no_grad_views)}
 
@@ -230,7 +249,7 @@ def step(run: Run) -> dict[str, float]:
             rollout = rollout or _guard(p, "completions", batch, run)
         if rollout is None:  # on-policy: the student samples
             prompt_ids = [render(run.tokenizer, p) for p in batch.prompts["student"]]
-            rollout = sample(run.student, run.tokenizer, prompt_ids, c.max_new_tokens, c.temperature, c.top_p,
+            rollout = sample(run.sampler(run.student), run.tokenizer, prompt_ids, c.max_new_tokens, c.temperature, c.top_p,
                              dtype=torch.bfloat16 if c.rollout_bf16 else None)
         device = run.world.device
         batch.tokens, batch.truncated = rollout.tokens.to(device), rollout.truncated
@@ -260,8 +279,7 @@ def step(run: Run) -> dict[str, float]:
         loss = distill + sum(aux.values())
         t2 = time.perf_counter()
         last = micro == c.grad_accum - 1
-        sync = run.student_hidden.no_sync() if (not last and run.world.size > 1) else contextlib.nullcontext()
-        with sync:  # DDP averages gradients once, on the last micro-batch
+        with distributed.accumulating(run.student_hidden, skip_sync=not last):
             if loss.requires_grad:  # False only when no token counts (e.g. every completion truncated and masked)
                 (loss / c.grad_accum).backward()
         t3 = time.perf_counter()
@@ -275,8 +293,8 @@ def step(run: Run) -> dict[str, float]:
             totals[k] = totals.get(k, 0.0) + v / c.grad_accum
     totals = distributed.mean(totals, run.world)
     t4 = time.perf_counter()
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in run.student.parameters() if p.requires_grad],
-                                               c.max_grad_norm)
+    grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(
+        [p for p in run.student.parameters() if p.requires_grad], c.max_grad_norm))
     finite = math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm))
     if finite:
         run.optimizer.step()
@@ -302,6 +320,8 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     examples = load_data(config.data, "train")
     tokenizer = models.load_tokenizer(config.model)
     world = distributed.init()
+    if config.fsdp and world.size == 1:
+        raise ConfigError("--fsdp shards over several processes: launch with torchrun --nproc_per_node N")
     torch.manual_seed(config.seed + world.rank)  # ranks sample different completions
     student = models.load_model(config.model).to(world.device)
     if world.device.type == "cuda":  # activations dominate GPU memory: recompute them in backward
@@ -311,9 +331,10 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     student.train()
     run = Run(config, student, tokenizer, examples, plugins, world, Path(config.out),
               initial=AdapterOff(student) if config.lora else None)
-    run.student_hidden = distributed.wrap(HiddenStates(student), world)
-    for p in plugins:
+    for p in plugins:  # before sharding: setup may copy the student or sample from it
         _guard(p, "setup", run)
+    encoder = run.encoder(student)
+    run.student_hidden = encoder if config.fsdp else distributed.wrap(encoder, world)
     run.kept = _fitting(run, echo)
     per_step = config.batch_size * config.grad_accum * world.size
     run.total_steps = config.max_steps or math.ceil(len(run.kept) / per_step)
@@ -382,8 +403,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
                 raise TrainError(f"stopped by {stop.signal or 'a signal'} at step {run.step}; resume with --resume")
     bar.close()
     checkpoint.save(run)
+    checkpoint.save_final(run)
     if main:
-        checkpoint.save_final(run)
         report.training_curves(metrics_path, out / "curves.png")
     distributed.barrier(run.world)
     return out
