@@ -1,6 +1,6 @@
 """Benchmark harness: one optimizer step of plain SD, UniSD* (K = 1, 3, 5) and TRL's SDFT trainer.
 
-    python bench/run.py [--quick] [--out bench/results/NAME.json] [--no-trl] [--rollout-dtype bf16]
+    python bench/run.py [--quick] [--out bench/results/NAME.json] [--no-trl] [--bf16]
 
 Fixed shapes on smollm2-135m (every completion is exactly --completion tokens: EOS is suppressed until
 then), time and peak RSS per phase: rollout / no-grad view forwards / student forward (+ vocab heads) /
@@ -141,14 +141,14 @@ def make_rows(n: int, prompt_tokens: int, tokenizer: Any) -> list[dict[str, str]
 # Our trainer
 # ------------------------------------------------------------------------------------------------
 
-def patch_unisd(rollout_dtype: torch.dtype | None) -> None:
+def patch_unisd() -> None:
     """Phase timers around unisd.train's calls; the rollout samples exactly max_new_tokens tokens."""
     import unisd.train as T
     from unisd import losses, rollout
 
     def fixed_sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, dtype=None):
         return rollout.sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
-                              min_new_tokens=max_new_tokens, dtype=rollout_dtype)
+                              min_new_tokens=max_new_tokens, dtype=dtype)
 
     T.sample = timed("rollout", fixed_sample)
     T._hidden = timed(lambda *a, **k: "student_fwd" if torch.is_grad_enabled() else "views_fwd", T._hidden)
@@ -175,7 +175,7 @@ class UnisdCase:
         self.name = name
         config = cfg.resolve(preset, plugins, options, model=ARGS.model, data=str(data), out=str(out),
                              max_steps=1000, batch_size=batch, max_new_tokens=completion, max_prompt_tokens=4096,
-                             **extra)
+                             bf16=ARGS.bf16, **extra)
         self.run = prepare(config, echo=lambda m: None)
 
     def step(self) -> dict[str, float]:
@@ -222,7 +222,7 @@ class TrlCase:
                           num_generations=1, max_completion_length=completion, max_steps=1000,
                           generation_kwargs={"min_new_tokens": completion}, temperature=1.0, top_p=1.0, top_k=0,
                           distillation_mode="full_logits", distillation_alpha=0.5, teacher_model_kind="base",
-                          learning_rate=2e-5, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+                          learning_rate=2e-5, use_cpu=True, bf16=ARGS.bf16, report_to="none", save_strategy="no",
                           logging_steps=10_000, disable_dropout=True, dataloader_num_workers=0, seed=42,
                           max_grad_norm=1.0)
         self.trainer = SDFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
@@ -288,7 +288,11 @@ def rollout_throughput(model: Any, tokenizer: Any, batch: int, prompt: int, comp
             model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=0.7, top_k=0,
                            max_new_tokens=completion, min_new_tokens=completion, pad_token_id=tokenizer.pad_token_id)
 
-    variants = {"generate_fp32": plain,
+    def autocast() -> None:  # what a mixed-precision trainer's generate does: casts every weight at every step
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain()
+
+    variants = {"generate_fp32": plain, "generate_autocast_bf16": autocast,
                 "sample_fp32": lambda: rollout.sample(model, tokenizer, prompts, completion, 0.7, 1.0,
                                                       min_new_tokens=completion, dtype=torch.float32),
                 "sample_bf16": lambda: rollout.sample(model, tokenizer, prompts, completion, 0.7, 1.0,
@@ -428,7 +432,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+",
                     default=["sd", "sdft", "trl-sdft", "unisd*-K1", "unisd*-K3", "unisd*-K5"])
     ap.add_argument("--rounds", type=int, default=2, help="round-robin passes over the cases (medians)")
-    ap.add_argument("--rollout-dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--bf16", action="store_true", help="every case in bf16 mixed precision (ours: --bf16; TRL: bf16=True)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--skip-limits", action="store_true", help="skip GEMM and rollout-throughput probes")
     ap.add_argument("--out", default="")
@@ -443,13 +447,12 @@ def main() -> None:
     except ImportError:
         have_trl = False
     cases = [c for c in ARGS.cases if have_trl or c != "trl-sdft"]
-    rollout_dtype = torch.bfloat16 if ARGS.rollout_dtype == "bf16" else torch.float32
-    patch_unisd(rollout_dtype)
+    patch_unisd()
     install_phase_hooks()
     from unisd import models
     result: dict[str, Any] = {"argv": sys.argv[1:], "machine": platform.processor() or platform.machine(),
                               "threads": torch.get_num_threads(), "torch": torch.__version__,
-                              "rollout_dtype": ARGS.rollout_dtype, "trl": have_trl, "cells": []}
+                              "bf16": ARGS.bf16, "trl": have_trl, "cells": []}
     tokenizer = models.load_tokenizer(ARGS.model)
     if not ARGS.skip_limits:
         result["gemm_gflops"] = {"fp32": gemm(torch.float32), "bf16": gemm(torch.bfloat16)}
@@ -512,10 +515,23 @@ def main() -> None:
                     result["cells"].append(cell)
                     report_cell(cell, result)
     METER.close()
+    result["scaling"] = scaling(result["cells"])
     out = Path(ARGS.out) if ARGS.out else HERE / "results" / time.strftime("run-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
+
+
+def scaling(cells: list[dict]) -> dict[str, dict[str, float]]:
+    """Step seconds against completion length (per case) and against K (UniSD*), for each batch x prompt."""
+    table: dict[str, dict[str, float]] = {}
+    for cell in cells:
+        for case, v in cell["cases"].items():
+            table.setdefault(f"B{cell['batch']} P{cell['prompt']} {case}", {})[f"T{cell['completion']}"] = v["step_s"]
+    print("\nstep seconds by completion length (rows: batch, prompt, case)")
+    for row, by_t in table.items():
+        print(f"  {row:28s} " + "  ".join(f"{t}: {s:6.2f}" for t, s in by_t.items()))
+    return table
 
 
 def report_cell(cell: dict, result: dict) -> None:
@@ -539,7 +555,8 @@ def report_cell(cell: dict, result: dict) -> None:
             ratios[f"{k}/sd peak"] = cs[k]["peak_mb"] / cs["sd"]["peak_mb"]
     if "student_fb" in cell and "gemm_gflops" in result:
         fb = cell["student_fb"]
-        ratios["student fwd+bwd / fp32 GEMM"] = fb["gflops"] / result["gemm_gflops"]["fp32"]
+        dtype = "bf16" if result["bf16"] else "fp32"
+        ratios[f"student fwd+bwd / {dtype} GEMM"] = fb["gflops"] / result["gemm_gflops"][dtype]
         print(f"student fwd+bwd (sd): {fb['flops'] / 1e9:.0f} GFLOP in {fb['s']:.2f}s = {fb['gflops']:.0f} GFLOP/s")
     cell["ratios"] = ratios
     for k, v in ratios.items():

@@ -49,6 +49,32 @@ def test_padding_gives_the_same_per_example_loss_as_unbatched(tiny_model, tiny_d
         torch.testing.assert_close(per_example, alone.divergence[0, :n].mean())
 
 
+def test_bf16_computes_in_bf16_with_fp32_master_weights(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """--bf16 on CPU: same loss as fp32 up to bf16 rounding; fp32 weights and grads; bf16 teacher and sampler."""
+    prompts = ["What is two plus two?", "Name a colour of the sky, please, in one word only."]
+    completions = [[40, 41, 42, 43, 44, 45], [50, 51]]
+    exact = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "fp32"))
+    fast = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "bf16", bf16=True))
+    assert all(p.dtype == torch.bfloat16 for p in fast.teacher.parameters())
+    reference = tr.forward(exact, _fixed_batch(exact, prompts, completions), exact.teacher)
+    seen: list[torch.dtype] = []
+    for model in (fast.student, fast.teacher):
+        model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    got = tr.forward(fast, _fixed_batch(fast, prompts, completions), fast.teacher)
+    assert seen == [torch.bfloat16, torch.bfloat16]  # the student's and the teacher's layer computed in bf16
+    assert not torch.equal(got.divergence, reference.divergence)
+    torch.testing.assert_close(got.divergence, reference.divergence, rtol=0.1, atol=0.02)
+    losses.weighted_mean(got.divergence, got.mask).backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               for p in fast.student.parameters())
+    dtypes: list[object] = []
+    real_sample = tr.sample
+    monkeypatch.setattr(tr, "sample", lambda *a, **k: dtypes.append(k.get("dtype")) or real_sample(*a, **k))
+    fast.optimizer.zero_grad()
+    assert torch.isfinite(torch.tensor(tr.step(fast)["loss"]))
+    assert dtypes == [torch.bfloat16]
+
+
 def test_loss_decreases_on_a_repeated_batch(tiny_model, tmp_path, monkeypatch):
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"prompt": "What is two plus two?", "answer": "four", "rationale": "2+2=4"}) + "\n")

@@ -73,7 +73,8 @@ def main() -> None:
 @click.option("--alpha", type=float, default=None, help="JSD mixture weight, 0 < alpha < 1 [0.5].")
 @click.option("--loss-temperature", type=float, default=None, help="Logit temperature inside the divergence [0.7].")
 @click.option("--mask-truncated", is_flag=True, default=None, help="Leave completions that hit the length limit out of the loss.")
-@click.option("--rollout-bf16", is_flag=True, default=None, help="Sample with a bf16 copy of the current weights (faster on CPU).")
+@click.option("--bf16", is_flag=True, default=None,
+              help="bf16 compute with fp32 master weights, on CPU too; bf16 frozen teacher and sampling copy.")
 @click.option("--seed", type=int, default=None, help="Seed for data order, sampling and plugins [42].")
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many non-finite steps in a row [3].")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0: only at the end) [0].")

@@ -34,7 +34,7 @@ class TrainConfig:
     divergence: str = "fkl"            # fkl | rkl | jsd
     alpha: float = 0.5                 # jsd mixture weight (Eq. 7)
     mask_truncated: bool = False       # drop completions that hit max_new_tokens without EOS from the loss
-    rollout_bf16: bool = False         # sample with a bf16 copy of the current weights (faster on CPU, not bit-exact)
+    bf16: bool = False                 # bf16 compute on CPU too, bf16 teacher and sampling copies (see train.prepare)
     seed: int = 42
     save_every: int = 0                # 0: checkpoint only at the end
     keep_checkpoints: int = 2
@@ -64,7 +64,7 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (not (self.fsdp and self.lora), "--fsdp and --lora cannot be combined yet; a LoRA run keeps one "
                                             "frozen copy of the weights, so use data parallelism (no --fsdp)"),
-            (not (self.fsdp and self.rollout_bf16), "--rollout-bf16 keeps a whole copy of the weights; drop it with --fsdp"),
+            (not (self.fsdp and self.bf16), "--bf16 samples from a whole bf16 copy of the weights; drop it with --fsdp"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,7 +1,7 @@
 """On-policy rollout: the student samples one completion per prompt (transformers `generate`, KV cache).
 
 Sampling is memory-bandwidth bound on CPU (every new token reads all weights), so `sample` can run in
-a lower precision (`dtype=torch.bfloat16`, `unisd train --rollout-bf16`): a shadow copy of the student
+a lower precision (`dtype=torch.bfloat16`, `unisd train --bf16`): a shadow copy of the student
 in that dtype is refreshed from the student's *current* weights (LoRA merged) at every call, so the
 sample stays on-policy up to bf16 rounding of the weights; the default (fp32) samples the student itself.
 """
