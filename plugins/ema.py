@@ -12,6 +12,8 @@ frozen base weights, so under LoRA (always on there) its EMA teacher never moves
 Here the teacher follows the merged weights, with or without LoRA.
 
 Under `--fsdp` the teacher is sharded like the student, so each rank averages only its own shards.
+The average itself is always kept in fp32 (a bf16 average would round away most updates); with
+`--bf16` the teacher's forwards run on a bf16 copy of it, refreshed after every update.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class EMA(Plugin):
         super().__init__(config)
         self.model: torch.nn.Module | None = None
         self.encoder: torch.nn.Module | None = None  # the model's encoder in the run (sharded under --fsdp)
+        self.scorer: torch.nn.Module | None = None   # what scores: the average, or its bf16 copy (--bf16)
         self.updates = 0
 
     def setup(self, run: Run) -> None:
@@ -58,6 +61,7 @@ class EMA(Plugin):
         missing = set(self._params()) - set(models.effective_weights(student))
         if missing:
             raise ValueError(f"ema: the student has no weights for {sorted(missing)[:3]}")
+        self.scorer = copy.deepcopy(self.model).to(torch.bfloat16) if run.config.bf16 else self.model
         self.update(student, beta=0.0)  # θ̄ ← θ exactly
         self.encoder = run.encoder(self.model)
 
@@ -75,9 +79,17 @@ class EMA(Plugin):
         current = models.effective_weights(student)
         for name, p in self._params().items():
             p.lerp_(current[name].to(p.dtype), 1.0 - beta)
+        self._refresh()
+
+    @torch.no_grad()
+    def _refresh(self) -> None:
+        if self.scorer is not None and self.scorer is not self.model:
+            master = self._params()
+            for name, p in self.scorer.named_parameters():
+                p.copy_(master[name])
 
     def teacher(self, run: Run) -> torch.nn.Module | None:
-        return self.model
+        return self.scorer
 
     def after_step(self, run: Run) -> None:
         if run.step % self.config.every == 0:
@@ -95,4 +107,5 @@ class EMA(Plugin):
             raise ValueError("ema: the checkpoint's teacher weights do not match this model")
         for name, p in params.items():
             distributed.assign(p, state["weights"][name])
+        self._refresh()
         self.updates = int(state.get("updates", 0))

@@ -135,6 +135,25 @@ def test_ema_teacher_moves_toward_the_student(tiny_model: Path, tiny_data: Path,
     assert ema.teacher(run) is ema.model and not any(p.requires_grad for p in ema.model.parameters())
 
 
+def test_ema_under_bf16_averages_in_fp32_and_scores_with_a_bf16_copy(tiny_model: Path, tiny_data: Path,
+                                                                    tmp_path: Path) -> None:
+    from unisd.models import effective_weights
+
+    run = prepare(_config(tiny_model, tiny_data, tmp_path / "e", ("ema",), options={"ema": {"every": "1", "beta": "0.5"}},
+                          lr=5e-2, bf16=True))
+    ema = run.plugins[0]
+    initial = {n: p.detach().clone() for n, p in ema.model.named_parameters()}
+    assert step(run)["skipped"] is False
+    student = effective_weights(run.student)
+    scorer = ema.teacher(run)
+    assert scorer is not ema.model
+    for n, p in ema.model.named_parameters():
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, 0.5 * initial[n] + 0.5 * student[n])  # the average, unrounded
+        assert dict(scorer.named_parameters())[n].dtype == torch.bfloat16
+        assert torch.equal(dict(scorer.named_parameters())[n], p.to(torch.bfloat16))  # refreshed after the update
+
+
 def test_ema_every_counts_optimizer_steps(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
     run = prepare(_config(tiny_model, tiny_data, tmp_path / "e", ("ema",), options={"ema": {"every": "2"}}, lr=5e-2))
     ema = run.plugins[0]
