@@ -34,7 +34,7 @@ class TrainConfig:
     divergence: str = "fkl"            # fkl | rkl | jsd
     alpha: float = 0.5                 # jsd mixture weight (Eq. 7)
     mask_truncated: bool = False       # drop completions that hit max_new_tokens without EOS from the loss
-    bf16: bool = False                 # bf16 compute on CPU too, bf16 teacher and sampling copies (see train.prepare)
+    bf16: bool = False                 # bf16 autocast on CPU too; bf16 copies of the frozen/EMA teacher and for sampling
     seed: int = 42
     save_every: int = 0                # 0: checkpoint only at the end
     keep_checkpoints: int = 2

@@ -46,8 +46,9 @@ def init() -> World:
 
 
 def wrap(module: torch.nn.Module, world: World) -> torch.nn.Module:
-    """DDP around the module that computes the student's hidden states (identity for one process)."""
-    if world.size == 1:
+    """DDP around the module that computes the student's hidden states (identity for one process, or
+    for a module FSDP already shards: it reduces its own gradients)."""
+    if world.size == 1 or is_sharded(module):
         return module
     from torch.nn.parallel import DistributedDataParallel
 

@@ -68,7 +68,7 @@ class Run:
     world: distributed.World
     out: Path
     initial: Any = None                # the frozen initial model, built on first use (see `teacher`)
-    student_hidden: Any = None         # the student's encoder, DDP-wrapped under torchrun (see `prepare`)
+    student_hidden: Any = None         # the student's encoder, DDP-wrapped under torchrun without --fsdp
     encoders: dict[int, "HiddenStates"] = field(default_factory=dict)  # id(model) -> its encoder
     kept: list[int] = field(default_factory=list)   # indices of examples whose prompts fit
     total_steps: int = 0
@@ -335,8 +335,7 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
               initial=AdapterOff(student) if config.lora else None)
     for p in plugins:  # before sharding: setup may copy the student or sample from it
         _guard(p, "setup", run)
-    encoder = run.encoder(student)
-    run.student_hidden = encoder if config.fsdp else distributed.wrap(encoder, world)
+    run.student_hidden = distributed.wrap(run.encoder(student), world)
     run.kept = _fitting(run, echo)
     per_step = config.batch_size * config.grad_accum * world.size
     run.total_steps = config.max_steps or math.ceil(len(run.kept) / per_step)
