@@ -146,9 +146,9 @@ def patch_unisd() -> None:
     import unisd.train as T
     from unisd import losses, rollout
 
-    def fixed_sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, dtype=None):
+    def fixed_sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, dtype=None, engine=None):
         return rollout.sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
-                              min_new_tokens=max_new_tokens, dtype=dtype)
+                              min_new_tokens=max_new_tokens, dtype=dtype, engine=engine)
 
     T.sample = timed("rollout", fixed_sample)
     T._hidden = timed(lambda *a, **k: "student_fwd" if torch.is_grad_enabled() else "views_fwd", T._hidden)

@@ -12,17 +12,18 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from unisd import models
+from unisd import distributed, models
 from unisd.data import Example
 from unisd.data.prompts import demonstration
-from unisd.rollout import eos_ids
-from unisd.sequences import left_pad, render
+from unisd.data.scoring import LETTERS
+from unisd.rollout import eos_ids, sample
+from unisd.sequences import completion_mask, left_pad, render
 
 REFERENCE_HEADER = (
     "## Reference Samples (DO NOT SOLVE THESE)\n"
@@ -57,7 +58,14 @@ def model_digest(model: torch.nn.Module) -> str:
 
 
 def cached(kind: str, key: Any, build: Callable[[], Any]) -> Any:
-    """`build()`'s JSON-able result, stored at cache_dir()/plugins/<kind>/<sha256(key)>.json (atomic write)."""
+    """`build()`'s JSON-able result, stored at cache_dir()/plugins/<kind>/<sha256(key)>.json (atomic write).
+
+    Under torchrun, rank 0 alone looks it up or builds it and every rank receives the same value.
+    """
+    return distributed.once(lambda: _cached(kind, key, build))
+
+
+def _cached(kind: str, key: Any, build: Callable[[], Any]) -> Any:
     path = models.cache_dir() / "plugins" / kind / f"{content_hash(key)}.json"
     if path.is_file():
         try:
@@ -79,21 +87,32 @@ def cached(kind: str, key: Any, build: Callable[[], Any]) -> Any:
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-             max_new_tokens: int, seed: int, temperature: float = 0.7, batch_size: int = 8) -> list[str]:
-    """One sampled reply per prompt, batched; seeded through a forked RNG so global state is untouched."""
+             max_new_tokens: int, seed: int, temperature: float = 0.7, batch_size: int = 8,
+             engine: Any = None) -> list[tuple[str, bool]]:
+    """(reply, finished) per prompt, batched; `finished` is False when the reply hit max_new_tokens without
+    an end of turn. Seeded through a forked RNG so global state is untouched. With a vLLM `engine`
+    (`--rollout vllm`) the same draw runs there, with the model's current weights."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     stops = sorted(eos_ids(models.base_model(model), tokenizer))
-    replies: list[str] = []
+    replies: list[tuple[str, bool]] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
-            ids, attn = left_pad([render(tokenizer, p) for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
-            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                                 temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
-                                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
-            replies.extend(tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1]:])
+            rows = [render(tokenizer, p) for p in prompts[i:i + batch_size]]
+            if engine is not None:
+                drawn = sample(model, tokenizer, rows, max_new_tokens, temperature, 1.0, engine=engine)
+                completions, truncated = drawn.tokens, drawn.truncated
+            else:
+                ids, attn = left_pad(rows, tokenizer.pad_token_id)
+                out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                                     temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                                     eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+                completions = out[:, ids.shape[1]:]
+                _, truncated = completion_mask(completions, set(stops))
+            replies.extend((tokenizer.decode(row, skip_special_tokens=True).strip(), not bool(cut))
+                           for row, cut in zip(completions, truncated))
     model.train(was_training)
     return replies
 
@@ -102,15 +121,44 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
 # Auxiliary contexts (agree)
 # ------------------------------------------------------------------------------------------------
 
+def donor_task(donor: Example) -> str:
+    """A solved example's task in compact form: its question and options, or its instruction.
+
+    As in the official context builders: multiple choice shows the question and options, tool use the
+    user instruction without the API documentation; other data shows its (short) prompt.
+    """
+    meta = donor.meta
+    if "instruction" in meta:
+        return str(meta["instruction"]).strip()
+    if "question" in meta and meta.get("options"):
+        options = "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, meta["options"]))
+        return f"Question: {meta['question']}\nOptions:\n{options}"
+    return donor.prompt.strip()
+
+
 def reference_context(example: Example, donor: Example) -> str:
-    """The student prompt preceded by one solved *other* example (never the current gold answer)."""
-    return (f"{REFERENCE_HEADER}### [REFERENCE ONLY]\n{donor.prompt}\n\nSolved answer:\n{demonstration(donor)}\n\n"
+    """The student prompt preceded by one solved *other* example, compact (never the current gold answer)."""
+    return (f"{REFERENCE_HEADER}### [REFERENCE ONLY]\n{donor_task(donor)}\n\nSolved answer:\n{demonstration(donor)}\n\n"
             f"{TASK_HEADER}{example.prompt}")
 
 
 def instruction_context(example: Example, instruction: str) -> str:
     """The student prompt preceded by a general instruction the model induced from solved examples."""
     return f"{INSTRUCTION_HEADER}{instruction.strip()}\n\n{example.prompt}"
+
+
+def pick_fitting(contexts: Iterable[str], k: int, fits: Callable[[str], bool]) -> list[str]:
+    """The first k contexts that fit, in the given order (cycled when fewer fit); [] when none does.
+
+    `contexts` may be lazy, so a context past the k-th fitting one is never built.
+    """
+    found: list[str] = []
+    for text in contexts:
+        if fits(text):
+            found.append(text)
+            if len(found) == k:
+                break
+    return [found[r % len(found)] for r in range(k)] if found else []
 
 
 def random_donors(n: int, k: int, seed: int) -> list[list[int]]:

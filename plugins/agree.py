@@ -5,7 +5,15 @@
 The same sampled completion is scored under K auxiliary contexts c_k (one batched no-grad teacher
 forward with the primary teacher): ℓ^k_t = log π_T(ŷ_t | x, c_k, ŷ_<t). Each context is the student
 prompt preceded by one solved *other* example (`random` or `retrieval` neighbour; never the current
-gold answer) or by an instruction the model induced from a few solved examples (`induction`).
+gold answer) or by an instruction the model induced from a few solved examples (`induction`). As in
+the official code, a solved example is shown compactly: its question and options (multiple choice) or
+its instruction (tool use), then its solved answer, never its whole prompt.
+
+Contexts fit --max-prompt-tokens by construction, so agree never changes which examples a run trains
+on: a donor whose context is too long gives way to the next-nearest one (up to 4·K candidates), and
+an example for which none fits keeps weight 1 and stays out of the δ quantile; it is counted at setup
+and in the metric `agree/no_context`. `agree/removed` = 1 − mean weight says how much the mechanism
+acted on a step.
 
 Token level:    δ_t = var_k ℓ^k_t (unbiased) or range;  q = 0.95-quantile of δ over masked tokens;
                 w_t = max(1 / (1 + γ·min(δ_t/q, cap)), floor)
@@ -31,10 +39,13 @@ import torch
 
 from unisd import distributed
 from unisd.plugin import Plugin
+from unisd.sequences import render
 from unisd_plugins import _contexts as C
 
 if TYPE_CHECKING:
     from unisd.train import Batch, Outputs, Run
+
+CANDIDATES_PER_VIEW = 4   # donors ranked per context; a donor whose context is too long gives way to the next
 
 
 def token_weights(logps: torch.Tensor, mask: torch.Tensor, gamma: float, stat: str = "var",
@@ -111,17 +122,26 @@ class Agree(Plugin):
         self.world = run.world
         if len(examples) < 2 and c.contexts != "induction":
             raise ValueError("agree needs at least 2 examples: a context shows a solved *other* example")
-        if c.contexts == "random":
-            donors = C.random_donors(len(examples), c.k, seed)
-        elif c.contexts == "retrieval":
-            key = {"kind": "retrieval", "data": C.data_digest(examples), "k": c.k, "retriever": c.retriever}
-            donors = C.cached("agree", key, lambda: C.retrieval_donors([e.prompt for e in examples], c.k, c.retriever))
+        limit = run.config.max_prompt_tokens
+        fits = lambda text: len(render(run.tokenizer, text)) <= limit  # noqa: E731
+        if c.contexts == "induction":
+            self.contexts = self._induced(run, fits)
         else:
-            self.contexts = self._induced(run)
-            return
-        self.contexts = [[C.reference_context(e, examples[j]) for j in donors[i]] for i, e in enumerate(examples)]
+            pool = min(len(examples) - 1, CANDIDATES_PER_VIEW * c.k)  # nearer donors first, farther ones as spares
+            if c.contexts == "random":
+                donors = C.random_donors(len(examples), pool, seed)
+            else:
+                key = {"kind": "retrieval-v2", "data": C.data_digest(examples), "pool": pool, "retriever": c.retriever}
+                donors = C.cached("agree", key, lambda: C.retrieval_donors(
+                    [C.donor_task(e) for e in examples], pool, c.retriever))
+            self.contexts = [C.pick_fitting((C.reference_context(e, examples[j]) for j in candidates), c.k, fits)
+                             for e, candidates in zip(examples, donors)]
+        unfit = sum(not views for views in self.contexts)
+        if unfit:
+            distributed.say(f"warning: {self.name}: {unfit} of {len(examples)} examples have no auxiliary context within "
+                            f"--max-prompt-tokens {limit}; they keep weight 1 (metric {self.name}/no_context)")
 
-    def _induced(self, run: Run) -> list[list[str]]:
+    def _induced(self, run: Run, fits: Callable[[str], bool]) -> list[list[str]]:
         """K induced instructions per example, drawn with replacement from a seeded, cached pool."""
         c, examples, seed = self.config, run.examples, run.config.seed
         rng = random.Random(seed)
@@ -132,27 +152,36 @@ class Agree(Plugin):
         key = {"kind": "induction", "data": C.data_digest(examples), "model": run.config.model,
                "weights": C.model_digest(run.student), "seed": seed, "demos": c.induction_demos,
                "max": c.induction_max, "tokens": c.induction_tokens}
-        pool = C.cached("agree", key, lambda: C.generate(run.student, run.tokenizer,
-                                                         [C.induction_prompt(d) for d in demo_sets],
-                                                         c.induction_tokens, seed))
+        pool = C.cached("agree", key, lambda: [text for text, _ in C.generate(
+            run.student, run.tokenizer, [C.induction_prompt(d) for d in demo_sets], c.induction_tokens, seed,
+            engine=run.engine)])
         pool = [p for p in pool if p.strip()]
         if not pool:
             raise ValueError("agree: the model induced no usable instruction (all empty); use contexts=retrieval")
-        return [[C.instruction_context(e, p) for p in rng.choices(pool, k=c.k)] for e in examples]
+        return [C.pick_fitting([C.instruction_context(e, p) for p in rng.choices(pool, k=c.k)], c.k, fits)
+                for e in examples]
 
     def views(self, batch: Batch) -> dict[str, list[str]]:
-        return {name: [self.contexts[i][k] for i in batch.indices] for k, name in enumerate(self.view_names())}
+        # an example without a fitting context is scored under its student prompt and keeps weight 1
+        rows = list(zip(batch.indices, batch.examples))
+        return {name: [self.contexts[i][k] if self.contexts[i] else e.prompt for i, e in rows]
+                for k, name in enumerate(self.view_names())}
 
     def weights(self, out: Outputs) -> torch.Tensor:
         c = self.config
         logps = torch.stack([out.logps[v] for v in self.view_names()])          # [K, B, T]
+        fitted = torch.tensor([bool(self.contexts[i]) for i in out.batch.indices], device=out.mask.device)
         if c.level == "token":
-            w = token_weights(logps, out.mask, c.gamma, c.stat, c.quantile, c.cap, c.floor,
+            w = token_weights(logps, out.mask * fitted[:, None], c.gamma, c.stat, c.quantile, c.cap, c.floor,
                               lambda t: distributed.cat(t, self.world))
+            w = torch.where(fitted[:, None], w, torch.ones_like(w))
             mean = float((w * out.mask).sum() / out.mask.sum().clamp_min(1.0))
         else:
             w = sequence_weights(logps, out.mask, c.gamma, c.stat)
+            w = torch.where(fitted[:, None], w, torch.ones_like(w))
             has = out.mask.sum(-1) > 0
             mean = float(w[has].mean()) if has.any() else 1.0
         out.metrics[f"{self.name}/weight_mean"] = mean
+        out.metrics[f"{self.name}/removed"] = 1.0 - mean   # how much the mechanism acted
+        out.metrics[f"{self.name}/no_context"] = float(1.0 - fitted.float().mean())
         return w

@@ -8,30 +8,42 @@
     L = weight · mean_b [ Σ_t m_t max(0, margin + |ℓθ_t − ℓ⁺_t| − |ℓθ_t − ℓ⁻_t|) / Σ_t m_t ]
 
 over the sequences that have a negative. Negatives are generated once at setup by the model itself
-(batched, short, seeded): a wrong option with an argument for it (multiple choice), code with a planted
-bug (MBPP/HumanEval), a corrupted tool call (ToolAlpaca), or a confident wrong answer (plain JSONL).
-Differences from the official code: each negative is **verified wrong** with the benchmark's checker
-(letter ≠ gold; code fails its tests in `unisd.sandbox`; tool calls ≠ gold; plain data: the extracted
-answer does not contain the gold answer as a word) and regenerated up to `tries` times; examples still without one are counted,
-reported at setup and as the metric `contrast/no_negative`, and their rows are masked out of this
-term (they still train on the main loss) — never silently dropped. The cache is keyed by a sha256 of
-the data, the model weights and the settings. Log-probs are at temperature 1 (official: 0.7).
+(batched, seeded, with up to `max_new_tokens` = 1024 tokens as in the official job): a wrong option with
+an argument for it (multiple choice), code with a planted bug (MBPP/HumanEval), a corrupted tool call
+(ToolAlpaca), or a confident wrong answer (plain JSONL).
+
+Differences from the official code, which uses its negatives unchecked:
+- each negative is **verified wrong** with the benchmark's checker: multiple choice on its reasoning
+  (the option the argument itself names must be the wrong one assigned, not the gold one); code fails
+  its tests in `unisd.sandbox`; a ReAct tool call that parses and differs from the gold calls; plain
+  data: the Answer line does not contain the gold answer as a word;
+- a reply that hit `max_new_tokens` is never used (a program or tool call cut mid-way fails its check
+  without being wrong); such replies are counted and reported at setup;
+- a negative has exactly the gold demonstration's format (reasoning only where the gold shows
+  reasoning; bare code where the gold is bare code), so ℓ⁺ and ℓ⁻ differ in content only;
+- a negative whose prompt would exceed --max-prompt-tokens is unused (the example still trains).
+Failed examples are regenerated up to `tries` times; those still without one are counted, reported at
+setup and as the metric `contrast/no_negative`, and their rows are masked out of this term (they still
+train on the main loss), never dropped. `contrast/active` is the share of counted tokens whose hinge is
+non-zero. The cache is keyed by a sha256 of the data, the model weights and the settings. Log-probs are
+at temperature 1 (official: 0.7).
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
-import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from unisd import losses
+from unisd import distributed, losses
 from unisd.data import Example
 from unisd.data import scoring as S
-from unisd.data.prompts import teacher_prompt
+from unisd.data.prompts import demonstration, teacher_prompt
 from unisd.plugin import Plugin
+from unisd.sequences import render
 from unisd_plugins import _contexts as C
 
 if TYPE_CHECKING:
@@ -77,45 +89,91 @@ def negative_request(example: Example, rng: random.Random) -> tuple[str, Any]:
             "sentences of reasoning, then a final line 'Answer: <a wrong answer>'."), None
 
 
+def argued_option(reasoning: str, meta: Mapping[str, Any]) -> str | None:
+    """The option a piece of reasoning itself argues for: its extracted letter, else the one option it names."""
+    n = int(meta["n_options"])
+    letter = S.extract_letter(reasoning, n)
+    if letter is not None:
+        return letter
+    options = meta.get("options") or []
+    named = [S.LETTERS[i] for i, text in enumerate(options[:n])
+             if re.search(rf"(?<!\w){re.escape(_norm(str(text)))}(?!\w)", _norm(reasoning))]
+    return named[0] if len(named) == 1 else None
+
+
 def negative_demo(example: Example, reply: str, extra: Any) -> str | None:
-    """The negative demonstration built from a reply, or None unless the checker says it is wrong."""
+    """The negative demonstration built from a reply, in exactly the positive demonstration's format, or
+    None unless the benchmark's checker says it is wrong."""
     meta, bench = example.meta, example.meta.get("benchmark")
     reply = reply.strip()
     if "gold" in meta and "n_options" in meta:
-        demo = f"Reasoning: {reply}\nAnswer: {extra}" if reply else f"Answer: {extra}"
-        letter = S.extract_letter(demo, int(meta["n_options"]))
-        return demo if letter is not None and letter != meta["gold"] else None
+        # the reasoning must itself argue for the wrong letter we assigned, not merely end with it
+        if not reply or extra == meta["gold"] or argued_option(reply, meta) != extra:
+            return None
+        return _like_positive(example, extra, reply)
     if bench in S.CODE_BENCHMARKS:
-        code = S.extract_code(reply).strip()
+        code = S.extract_code(reply).strip()  # the positive is bare code: no fenced block
+        try:
+            compile(code, "<negative>", "exec")  # a program with a bug, not prose or a syntax error
+        except (SyntaxError, ValueError):
+            return None
         if not code:
             return None
-        demo = f"```python\n{code}\n```"
         try:
             from unisd import sandbox
 
-            return None if sandbox.passes(demo, meta) else demo
+            return None if sandbox.passes(code, meta) else code
         except Exception:  # the sandbox cannot run here: unverifiable, so unusable
             return None
     if bench == "toolalpaca":
-        return reply if reply and S.score_tools(reply, meta)["full_acc"] < 1.0 else None
-    answer, gold = _norm(final_answer(reply)), _norm(example.answer)
+        parsed = bool(S.parse_react(reply))  # a ReAct response like the positive, not free text
+        return reply if parsed and S.score_tools(reply, meta)["full_acc"] < 1.0 else None
+    lines = re.findall(r"(?im)^\s*(?:final\s+)?answer\s*:\s*(.+?)\s*$", reply)
+    if not lines:
+        return None  # without an Answer line the wrong answer cannot be told apart from its reasoning
+    answer, gold = _norm(lines[-1]), _norm(example.answer)
     mentions_gold = bool(gold) and re.search(rf"(?<!\w){re.escape(gold)}(?!\w)", answer) is not None
-    return reply if answer and not mentions_gold else None
+    if not answer or mentions_gold:
+        return None
+    reasoning = re.split(r"(?im)^\s*(?:final\s+)?answer\s*:", reply)[0].strip()
+    return _like_positive(example, lines[-1].strip(), reasoning)
+
+
+def _like_positive(example: Example, answer: str, reasoning: str) -> str:
+    """`answer` (with `reasoning` when the gold demonstration shows reasoning) in the gold demonstration's format."""
+    return demonstration(dataclasses.replace(example, answer=answer,
+                                             rationale=reasoning if example.rationale.strip() else ""))
+
+
+@dataclass(frozen=True)
+class Negatives:
+    """The negatives of a data set and why the others are missing, counted over every try."""
+
+    demos: list[str | None]
+    cut_off: int = 0     # replies that hit max_new_tokens: unfinished, so never taken as wrong
+    not_wrong: int = 0   # finished replies the checker did not confirm as wrong
 
 
 def build_negatives(model: torch.nn.Module, tokenizer: Any, examples: list[Example], seed: int,
-                    max_new_tokens: int, tries: int) -> list[str | None]:
-    """One verified-wrong negative demonstration per example (None where every try failed)."""
+                    max_new_tokens: int, tries: int, engine: Any = None) -> Negatives:
+    """One verified-wrong, finished negative demonstration per example (None where every try failed);
+    sampled through the vLLM `engine` under --rollout vllm."""
     negatives: list[str | None] = [None] * len(examples)
+    cut_off = not_wrong = 0
     for attempt in range(tries):
         todo = [i for i, neg in enumerate(negatives) if neg is None]
         if not todo:
             break
         requests = [negative_request(examples[i], random.Random(f"{seed}:{attempt}:{i}")) for i in todo]
-        replies = C.generate(model, tokenizer, [r[0] for r in requests], max_new_tokens, seed + attempt)
-        for i, (_, extra), reply in zip(todo, requests, replies):
+        replies = C.generate(model, tokenizer, [r[0] for r in requests], max_new_tokens, seed + attempt,
+                             engine=engine)
+        for i, (_, extra), (reply, finished) in zip(todo, requests, replies):
+            if not finished:
+                cut_off += 1
+                continue
             negatives[i] = negative_demo(examples[i], reply, extra)
-    return negatives
+            not_wrong += negatives[i] is None
+    return Negatives(negatives, cut_off, not_wrong)
 
 
 class Contrast(Plugin):
@@ -126,7 +184,7 @@ class Contrast(Plugin):
         weight: float = 0.1          # λ (official contrastive run: 0.1; UniSD*: 0.01)
         margin: float = 0.5          # hinge margin (official contrastive run: 0.5; UniSD*: 0.1)
         tries: int = 2               # generation attempts per example before it counts as without negative
-        max_new_tokens: int = 96     # length of each generated negative (kept short: setup cost)
+        max_new_tokens: int = 1024   # room to finish (official: 1024); a reply that still hits it is not used
 
         def __post_init__(self) -> None:
             if self.weight < 0 or self.margin < 0:
@@ -146,14 +204,22 @@ class Contrast(Plugin):
 
     def setup(self, run: Run) -> None:
         c, seed = self.config, run.config.seed
-        key = {"kind": "negatives-v2", "data": C.data_digest(run.examples), "model": run.config.model,
+        key = {"kind": "negatives-v3", "data": C.data_digest(run.examples), "model": run.config.model,
                "weights": C.model_digest(run.student), "seed": seed, "tokens": c.max_new_tokens, "tries": c.tries}
-        self.negatives = C.cached("contrast", key, lambda: build_negatives(
-            run.student, run.tokenizer, run.examples, seed, c.max_new_tokens, c.tries))
+        found = Negatives(**C.cached("contrast", key, lambda: dataclasses.asdict(build_negatives(
+            run.student, run.tokenizer, run.examples, seed, c.max_new_tokens, c.tries, engine=run.engine))))
+        # the negative view must fit like every other prompt; one that does not is unused, not the example
+        limit = run.config.max_prompt_tokens
+        fits = [neg is not None and len(render(run.tokenizer, teacher_prompt(e, demo=neg))) <= limit
+                for e, neg in zip(run.examples, found.demos)]
+        self.negatives = [neg if ok else None for neg, ok in zip(found.demos, fits)]
+        too_long = sum(neg is not None for neg in found.demos) - sum(fits)
         missing = sum(neg is None for neg in self.negatives)
         if missing:
-            print(f"warning: {self.name}: {missing} of {len(self.negatives)} examples have no verified-wrong "
-                  "negative; they get no contrastive term (metric contrast/no_negative)", file=sys.stderr)
+            distributed.say(f"warning: {self.name}: {missing} of {len(self.negatives)} examples have no verified-wrong "
+                            f"negative ({found.cut_off} replies cut off at {c.max_new_tokens} tokens, {found.not_wrong} "
+                            f"not confirmed wrong, {too_long} too long for --max-prompt-tokens {limit}); they get no "
+                            f"contrastive term (metric {self.name}/no_negative)")
 
     def views(self, batch: Batch) -> dict[str, list[str]]:
         # rows without a negative are scored under the gold prompt and masked out in aux_losses
@@ -164,4 +230,6 @@ class Contrast(Plugin):
                            dtype=out.mask.dtype, device=out.mask.device)
         out.metrics[f"{self.name}/no_negative"] = float(1.0 - has.mean())
         c = hinge(out.logps["student"], out.logps["teacher"], out.logps[self.view], self.config.margin)
-        return {self.name or "contrast": self.config.weight * losses.weighted_mean(c, out.mask * has[:, None])}
+        counted = out.mask * has[:, None]
+        out.metrics[f"{self.name}/active"] = float(((c.detach() > 0) * counted).sum() / counted.sum().clamp_min(1.0))
+        return {self.name or "contrast": self.config.weight * losses.weighted_mean(c, counted)}

@@ -11,6 +11,9 @@ Difference from the official code: its sync callback skips LoRA parameters and a
 frozen base weights, so under LoRA (always on there) its EMA teacher never moves from the base model.
 Here the teacher follows the merged weights, with or without LoRA.
 
+The metric `ema/distance` is ‖θ̄ − θ‖ / ‖θ‖ just before the latest update: how far the student had
+moved from its teacher, i.e. how much the EMA held it back.
+
 Under `--fsdp` the teacher is sharded like the student, so each rank averages only its own shards.
 The average itself is always kept in fp32 (a bf16 average would round away most updates); with
 `--bf16` the teacher's forwards run on a bf16 copy of it, refreshed after every update.
@@ -27,7 +30,7 @@ from unisd import distributed, models
 from unisd.plugin import Plugin
 
 if TYPE_CHECKING:
-    from unisd.train import Run
+    from unisd.train import Outputs, Run
 
 
 class EMA(Plugin):
@@ -52,6 +55,7 @@ class EMA(Plugin):
         self.encoder: torch.nn.Module | None = None  # the model's encoder in the run (sharded under --fsdp)
         self.scorer: torch.nn.Module | None = None   # what scores: the average, or its bf16 copy (--bf16)
         self.updates = 0
+        self.distance = 0.0   # relative teacher-student distance before the latest update
 
     def setup(self, run: Run) -> None:
         student = run.student
@@ -93,8 +97,24 @@ class EMA(Plugin):
 
     def after_step(self, run: Run) -> None:
         if run.step % self.config.every == 0:
+            self.distance = self.relative_distance(run.student)
             self.update(run.student)
             self.updates += 1
+
+    @torch.no_grad()
+    def relative_distance(self, student: torch.nn.Module) -> float:
+        """‖θ̄ − θ‖ / ‖θ‖ over all weights: how far the student moved from its teacher since the last update."""
+        current = models.effective_weights(student)
+        diff = total = 0.0
+        for name, p in self._params().items():
+            theta = distributed.whole(current[name].detach()).float()
+            diff += float((distributed.whole(p.detach()).float() - theta).pow(2).sum())
+            total += float(theta.pow(2).sum())
+        return (diff / total) ** 0.5 if total else 0.0
+
+    def token_loss(self, D: torch.Tensor, out: Outputs) -> torch.Tensor:
+        out.metrics[f"{self.name}/distance"] = self.distance  # logged only: the divergence is unchanged
+        return D
 
     def state_dict(self) -> dict[str, Any]:
         weights = {k: distributed.whole(v.detach()).to("cpu", copy=True) for k, v in self._params().items()}  # every rank

@@ -2,9 +2,10 @@
 
 With probability `prob` a micro-batch's completions come from `source` instead of the on-policy
 student: `gold`, the dataset's demonstration (SFT and GKD's off-policy share), or `base`, a sample
-of the frozen initial model at `temperature` (SSD). The draw uses the plugin's own seeded generator,
-saved with the checkpoint, so resumes are exact; it is seeded alike on every rank, so all ranks
-draw the same way (sharded sampling needs every rank to decode together).
+of the frozen initial model with the run's sampling settings (--temperature, --top-p, --top-k; SSD).
+The draw uses the plugin's own seeded generator, saved with the checkpoint, so resumes are exact; it
+is seeded alike on every rank, so all ranks draw the same way (sharded sampling needs every rank to
+decode together).
 """
 from __future__ import annotations
 
@@ -25,15 +26,12 @@ class Mix(Plugin):
     class Config:
         source: str = "gold"       # gold | base
         prob: float = 1.0          # probability that a micro-batch uses `source`
-        temperature: float = 1.0   # sampling temperature for source=base
 
         def __post_init__(self) -> None:
             if self.source not in ("gold", "base"):
                 raise ValueError(f"mix.source must be gold or base, got {self.source!r}")
             if not 0.0 <= self.prob <= 1.0:
                 raise ValueError(f"mix.prob must be in [0, 1], got {self.prob}")
-            if self.temperature <= 0:
-                raise ValueError("mix.temperature must be positive")
 
     def setup(self, run: Any) -> None:
         self.generator = torch.Generator().manual_seed(run.config.seed + 7)
@@ -49,8 +47,10 @@ class Mix(Plugin):
         prompts = [render(run.tokenizer, p) for p in batch.prompts["student"]]
         if models.is_peft(run.student):  # the initial model is the student with its adapter off
             with run.student.disable_adapter():
-                return sample(run.student, run.tokenizer, prompts, c.max_new_tokens, self.config.temperature, c.top_p)
-        return sample(run.sampler(run.teacher), run.tokenizer, prompts, c.max_new_tokens, self.config.temperature, c.top_p)
+                return sample(run.student, run.tokenizer, prompts, c.max_new_tokens, c.temperature, c.top_p,
+                              engine=run.engine, top_k=c.top_k)
+        return sample(run.sampler(run.teacher), run.tokenizer, prompts, c.max_new_tokens, c.temperature, c.top_p,
+                      engine=run.engine, top_k=c.top_k)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "used": self.used}

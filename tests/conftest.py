@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Property tests (Hypothesis): 40 examples each by default; HYPOTHESIS_PROFILE=mutation runs 10 and
+# skips shrinking, so a mutant that breaks a property fails fast instead of timing out.
+from hypothesis import Phase, settings  # noqa: E402
+
+settings.register_profile("default", max_examples=40, deadline=None)
+settings.register_profile("mutation", max_examples=10, deadline=None,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -28,10 +38,28 @@ CORPUS = [
 ] * 4
 
 
-def build_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 32) and a ~300-token BPE tokenizer with a ChatML template."""
+def build_tiny_model(folder: Path, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+                     tokenizer: Any = None) -> Path:
+    """A 2-layer Llama (hidden 32 by default) and a ~300-token BPE tokenizer with a ChatML template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast = tokenizer if tokenizer is not None else _tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+                         pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
+                         bos_token_id=fast.bos_token_id, tie_word_embeddings=True, initializer_range=0.3)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = fast.eos_token_id
+    model.generation_config.pad_token_id = fast.pad_token_id
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def _tiny_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     special = ["<pad>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
@@ -43,22 +71,58 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
                                    bos_token="<|im_start|>")
     fast.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
-                         bos_token_id=fast.bos_token_id, tie_word_embeddings=True, initializer_range=0.3)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = fast.eos_token_id
-    model.generation_config.pad_token_id = fast.pad_token_id
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
+    return fast
+
+
+def write_tiny_tasks(folder: Path, rows: list[dict[str, Any]], prefix: str) -> Path:
+    """Two lm-eval tasks over `rows`: `<prefix>_mc` (acc from log-likelihoods) and `<prefix>_gen` (greedy replies)."""
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'rows.jsonl'}\ntest_split: test\n"
+    (folder / "mc.yaml").write_text(
+        f"task: {prefix}_mc\n{data}output_type: multiple_choice\ndoc_to_text: \"Question: {{{{question}}}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+    (folder / "gen.yaml").write_text(
+        f"task: {prefix}_gen\n{data}output_type: generate_until\ndoc_to_text: \"{{{{prompt}}}}\"\n"
+        "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"<|im_end|>\"]\n  max_gen_toks: 6\n"
+        "  do_sample: false\nmetric_list:\n  - metric: exact_match\nmetadata:\n  version: 1.0\n")
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same architecture and tokenizer with other initial weights: a second, different model."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-seed1"), seed=1)
+
+
+def _perplexity_by_hand(folder: Path, pairs: list[tuple[str, str]]) -> float:
+    """exp of minus the mean token log-likelihood of each continuation given its context, pooled over pairs."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for context, continuation in pairs:
+            ctx = tok(context, add_special_tokens=False)["input_ids"]
+            cont = tok(continuation, add_special_tokens=False)["input_ids"]
+            logits = model(input_ids=torch.tensor([ctx + cont])).logits[0]
+            for i, token in enumerate(cont):  # the logits at position p predict token p + 1
+                total += float(torch.log_softmax(logits[len(ctx) + i - 1], -1)[token])
+            count += len(cont)
+    return math.exp(-total / count)
+
+
+@pytest.fixture
+def hand_perplexity():
+    """perplexity(model_folder, [(context, continuation)]) with a plain transformers forward: the reference."""
+    return _perplexity_by_hand
 
 
 TINY_ROWS = [
@@ -100,3 +164,15 @@ def plugin_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         return root
 
     return register
+
+
+@pytest.fixture(scope="session")
+def tiny_task_writer() -> Any:
+    """`write_tiny_tasks`, for modules that build their own small lm-eval tasks."""
+    return write_tiny_tasks
+
+
+@pytest.fixture(scope="session")
+def tiny_model_builder() -> Any:
+    """`build_tiny_model`, for modules that need the tiny tokenizer with other model sizes."""
+    return build_tiny_model

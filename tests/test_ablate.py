@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import unisd.evaluate
 import unisd.plugin
 import unisd.train
-from unisd import ablate
+from unisd import ablate, stats
 from unisd.cli import main
 
 ANIMALS = [("barks", "dog"), ("says moo", "cow"), ("lives in water", "fish"), ("flies", "bird")]
@@ -132,9 +132,26 @@ def test_table_and_interactions_match_the_scores(study):
     lines = table.splitlines()
     assert lines[0] == "| run | tiny_a | tiny_b | Overall |"
     assert [ln.split(" | ")[0][2:] for ln in lines[2:2 + len(scores)]] == ["base", *RUNS]
-    row = scores["clip+match"]
-    assert f"| clip+match | {row['tiny_a']:.1f} | {row['tiny_b']:.1f} | {overall['clip+match']:.1f} |" in table
-    assert f"| clip | – | {results['interactions']['clip+match']:+.1f} |" in table
+    row, ci = scores["clip+match"], results["ci95"]["clip+match"]
+    half = {t: (ci[t][1] - ci[t][0]) / 2 for t in ci}
+    assert f"| clip+match | {row['tiny_a']:.1f} ± {half['tiny_a']:.1f} | {row['tiny_b']:.1f} ± {half['tiny_b']:.1f} |" \
+        in table
+    for name, per_task in results["items"].items():  # per-item scores: exact intervals of the 0/1 accuracies
+        for task, values in per_task.items():
+            assert len(values) == {"tiny_a": 24, "tiny_b": 12}[task]
+            assert 100 * sum(values.values()) / len(values) == pytest.approx(scores[name][task])
+            low, high = stats.proportion_ci(int(sum(values.values())), len(values))
+            assert results["ci95"][name][task] == pytest.approx([100 * low, 100 * high])
+    inter, inter_ci = results["interactions"]["clip+match"], results["interactions_ci95"]["clip+match"]
+    assert inter_ci[0] <= inter <= inter_ci[1]
+    assert f"| clip | – | {inter:+.1f} [{inter_ci[0]:+.1f}, {inter_ci[1]:+.1f}]" in table
+    for name, gain in results["gains"].items():
+        assert results["gains_ci95"][name][0] <= gain <= results["gains_ci95"][name][1]
+    assert "New tokens per answer at most: each task's own limit (the paper: 1024)." in table
+    gold_a = [y for _, _, y in QUESTIONS[:24]]  # the best constant answer on tiny_a: its most frequent label
+    best = max(gold_a.count(0), gold_a.count(1)) / 24
+    assert results["answers"]["sd"]["tiny_a"]["constant_baseline"] == pytest.approx(100 * best)
+    assert f"| constant answer | {100 * best:.1f} (always " in table
     assert results["settings"]["max_steps"] == 1 and results["settings"]["eval"]["tasks"] == ["tiny_a", "tiny_b"]
     for png in ("interactions.png", "sensitivity_clip.max.png"):
         image = matplotlib.image.imread(out / png)

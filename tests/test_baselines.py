@@ -91,24 +91,96 @@ def test_gkd_uses_dataset_completions_with_probability_one_minus_lambda(tiny_mod
     assert len(_metrics(out)) == 2
 
 
-def test_sdft_and_sd_settings(tiny_model, tiny_data, tmp_path):
-    sdft = _run(tiny_model, tiny_data, tmp_path, "sdft")
-    assert (sdft.divergence, sdft.alpha, sdft.temperature, sdft.plugins) == ("jsd", 0.5, 1.0, ())
-    sd = _run(tiny_model, tiny_data, tmp_path, "sd")
-    assert (sd.divergence, sd.plugins) == ("fkl", ())
-    for config in (sdft, sd):
-        assert len(_metrics(tr.train(config, echo=lambda m: None))) == 2
-
-
-def test_opsd_teacher_is_the_current_student(tiny_model, tiny_data, tmp_path):
-    config = _run(tiny_model, tiny_data, tmp_path, "opsd")
-    assert config.divergence == "rkl"
+def test_sdft_teacher_is_an_ema_of_the_student_updated_every_step(tiny_model, tiny_data, tmp_path):
+    config = _run(tiny_model, tiny_data, tmp_path, "sdft")
+    assert (config.divergence, config.temperature, config.top_p, config.top_k, config.loss_temperature) == \
+        ("rkl", 1.0, 1.0, 0, 1.0)
     run = tr.prepare(config, echo=lambda m: None)
+    before = {n: p.detach().clone() for n, p in run.student.named_parameters()}
     tr.step(run)
-    teacher = run.plugins[0].teacher(run)
-    student = dict(run.student.named_parameters())
-    for name, p in teacher.named_parameters():
-        assert torch.equal(p, student[name]), name
+    ema = run.plugins[0]
+    assert ema.teacher(run) is ema.model and ema.updates == 1
+    after = dict(run.student.named_parameters())
+    moved = False
+    for name, p in ema.model.named_parameters():  # phi <- 0.01 * theta + 0.99 * phi, phi starting at theta_0
+        torch.testing.assert_close(p, 0.99 * before[name] + 0.01 * after[name].detach(), rtol=0, atol=1e-6)
+        moved = moved or not torch.equal(p, before[name])
+    assert moved
+
+
+def test_sd_is_plain_forward_kl_to_the_frozen_initial_model(tiny_model, tiny_data, tmp_path):
+    sd = _run(tiny_model, tiny_data, tmp_path, "sd")
+    assert (sd.divergence, sd.plugins, sd.temperature, sd.top_k) == ("fkl", (), 0.7, 0)
+    assert len(_metrics(tr.train(sd, echo=lambda m: None))) == 2
+
+
+def _spy_on_sampling(module, monkeypatch) -> list[tuple]:
+    """Record (temperature, top_p, top_k) of every `sample` call made through `module`."""
+    calls: list[tuple] = []
+    real = module.sample
+
+    def spy(model, tokenizer, prompts, max_new_tokens, temperature, top_p, **kw):
+        calls.append((temperature, top_p, kw.get("top_k")))
+        return real(model, tokenizer, prompts, max_new_tokens, temperature, top_p, **kw)
+
+    monkeypatch.setattr(module, "sample", spy)
+    return calls
+
+
+def test_opsd_samples_with_its_truncation_and_keeps_the_initial_model_as_teacher(tiny_model, tiny_data, tmp_path,
+                                                                                monkeypatch):
+    config = _run(tiny_model, tiny_data, tmp_path, "opsd")
+    assert (config.divergence, config.alpha, config.loss_temperature, config.plugins) == ("jsd", 0.5, 1.1, ())
+    calls = _spy_on_sampling(tr, monkeypatch)
+    run = tr.prepare(config, echo=lambda m: None)
+    initial = {n: p.detach().clone() for n, p in run.student.named_parameters()}
+    tr.step(run)
+    assert calls == [(1.1, 0.95, 20)]
+    teacher = dict(run.teacher.named_parameters())
+    assert all(torch.equal(teacher[n], p) for n, p in initial.items())                  # frozen
+    assert any(not torch.equal(p, initial[n]) for n, p in run.student.named_parameters())  # the student moved
+
+
+def test_ssd_samples_at_its_training_temperature_and_truncation(tiny_model, tiny_data, tmp_path, monkeypatch):
+    import unisd_plugins.mix as mix
+
+    calls = _spy_on_sampling(mix, monkeypatch)
+    run = tr.prepare(_run(tiny_model, tiny_data, tmp_path, "ssd"), echo=lambda m: None)
+    tr.step(run)
+    assert calls == [(0.6, 0.95, 20)]
+
+
+def test_top_k_one_samples_the_greedy_continuation(tiny_model):
+    from unisd import models
+    from unisd.rollout import sample
+
+    model = models.load_model(str(tiny_model)).eval()
+    tok = models.load_tokenizer(str(tiny_model))
+    prompts = [tr.render(tok, "What is two plus two?"), tr.render(tok, "Name a colour of the sky.")]
+    torch.manual_seed(0)
+    sampled = sample(model, tok, prompts, 6, temperature=5.0, top_p=1.0, top_k=1)   # hot, but only one candidate
+    for row, prompt in enumerate(prompts):
+        greedy = model.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=6,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(prompt):]
+        n = int(sampled.mask[row].sum())
+        assert sampled.tokens[row, :n].tolist() == greedy[:n].tolist()
+
+
+def test_every_baseline_cites_a_source_for_each_defining_setting():
+    for name in ("sft", "sdft", "gkd", "ssd", "opsd", "sd"):
+        preset = cfg.PRESETS[name]
+        assert {"teacher", "divergence", "sampling", "on-policy fraction"} <= set(preset.sources), name
+    for name, preset in cfg.PRESETS.items():  # Raw is the untrained base model, never a preset
+        assert "Raw" not in preset.description + preset.source + "".join(preset.sources.values()), name
+
+
+def test_presets_command_prints_each_setting_with_its_source():
+    from click.testing import CliRunner
+
+    from unisd.cli import main
+
+    out = CliRunner().invoke(main, ["presets"]).output
+    assert "ref_model_mixup_alpha 0.01" in out and "--fixed_teacher" in out and "deviation:" in out
 
 
 def test_flags_override_preset_settings(tiny_model, tiny_data, tmp_path):

@@ -2,6 +2,7 @@
 with the same global batch; a killed run resumes exactly."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -58,6 +59,12 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
+def _logged(folder: Path, keys: tuple[str, ...] = ("loss", "distill", "grad_norm")) -> list[dict[str, float]]:
+    """The per-step values that carry the loss scale (clipping and AdamW hide it from the weights)."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: row[k] for k in keys} for row in rows]
+
+
 @pytest.mark.parametrize("plugins", ["mix", "mix,ema,agree"])
 def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tiny_data, tmp_path, plugins):
     extra = ["--plugins", plugins, *GOLD, "--max-steps", "2"]
@@ -74,6 +81,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tiny_dat
         for k in one:
             torch.testing.assert_close(two[k], one[k], rtol=0, atol=TOLERANCE, msg=f"{run}: {k}")
         assert len((tmp_path / run / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone writes
+        # the global-batch loss and the averaged gradient, not only their direction, equal one process's
+        for got, want in zip(_logged(tmp_path / run), _logged(tmp_path / "one"), strict=True):
+            assert got == pytest.approx(want, rel=1e-4), run
 
 
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
@@ -95,3 +105,41 @@ def test_killed_two_process_run_resumes(tiny_model, tiny_data, tmp_path, shardin
     ref, got = _weights(tmp_path / "ref"), _weights(out)
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+HOLDINGS = """
+import json, sys
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from unisd import config as cfg
+from unisd.train import prepare
+
+model, data, out = sys.argv[1:4]
+c = cfg.resolve("", ("ema",), {}, model=model, data=data, out=out, fsdp=True, batch_size=1, max_steps=1)
+run = prepare(c, echo=lambda m: None)
+run.encoder(run.teacher)  # the frozen teacher is sharded when a step first scores with it
+ema = next(p for p in run.plugins if p.name == "ema")
+held = {}
+for name, module in {"student": run.student, "teacher": run.teacher, "ema": ema.model}.items():
+    held[name] = {k: [p.to_local().numel() if isinstance(p, DTensor) else -1, p.shape[0], p.numel()]
+                  for k, p in module.named_parameters()}
+with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
+    json.dump(held, f)
+"""
+
+
+def test_fsdp_holds_half_of_every_model_on_each_of_two_ranks(tiny_model, tiny_data, tmp_path):
+    script = tmp_path / "holdings.py"
+    script.write_text(HOLDINGS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                    str(tiny_model), str(tiny_data), str(tmp_path / "out")], env=env, check=True, timeout=300,
+                   capture_output=True)
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
+    whole = _weights(tiny_model)
+    for name in ("student", "teacher", "ema"):
+        assert sorted(ranks[0][name]) == sorted(whole), name  # every weight of the model, each once
+        for k, (local0, rows, full) in ranks[0][name].items():
+            assert full == whole[k].numel()
+            half = -(-rows // 2)  # dim 0 is split: rank 0 holds ceil(rows / 2) rows, rank 1 the rest
+            assert (local0, ranks[1][name][k][0]) == (half * full // rows, (rows - half) * full // rows), (name, k)

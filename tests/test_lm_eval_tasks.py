@@ -49,7 +49,7 @@ def test_load_every_task_on_fixtures(fixtures_env):
         assert task.doc_to_text(docs[0]) == B.load(bench, B.EVAL_SPLITS[bench])[0].prompt  # one source of truth
     assert tasks["unisd_mbpp"].config.unsafe_code and tasks["unisd_humaneval"].config.unsafe_code
     assert not tasks["unisd_cose"].config.unsafe_code
-    assert tasks["unisd_mbpp"].config.generation_kwargs["max_gen_toks"] == 768
+    assert {n: t.config.generation_kwargs["max_gen_toks"] for n, t in tasks.items()} == dict.fromkeys(ALL, 1024)
 
 
 def test_missing_offline_data_fails_clearly(monkeypatch, tmp_path):

@@ -122,3 +122,50 @@ def test_sequence_weight_does_not_cancel():
     v2 = torch.tensor([[0.0, 4.0], [2.0, 2.0]])
     w_tok[0, 1] = 0.0
     assert losses.weighted_mean(v2, m, w_tok).item() == pytest.approx((0.0 + 2.0 * 2 / 2) / (0.5 + 1.0))
+
+
+def test_any_leading_shape_is_per_position(logits):
+    """[B, T, V] logits give the values of each [V] row: the vocabulary is the last axis, whatever the rank."""
+    s, t = (x.reshape(1, 5, 7) for x in logits)
+    tokens = torch.arange(5).reshape(1, 5)
+    for fn in (losses.forward_kl, losses.reverse_kl, lambda a, b: losses.generalized_jsd(a, b, 0.3)):
+        rows = torch.stack([fn(s[0, i], t[0, i]) for i in range(5)])
+        torch.testing.assert_close(fn(s, t), rows[None])
+    by_row = torch.stack([torch.log_softmax(s[0, i], -1)[i] for i in range(5)])
+    torch.testing.assert_close(losses.sampled_logprobs(s, tokens), by_row[None])
+
+
+def test_bf16_logits_are_scored_in_fp32(logits):
+    s, t = (x.to(torch.bfloat16) for x in logits)
+    got = losses.forward_kl(s, t)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, losses.forward_kl(s.float(), t.float()))
+
+
+def test_jsd_alpha_must_lie_strictly_inside_0_1(logits):
+    s, t = logits
+    for alpha in (0.0, 1.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="0 < alpha < 1"):
+            losses.generalized_jsd(s, t, alpha)
+    torch.testing.assert_close(losses.pick("jsd")(s, t, 1.0), losses.generalized_jsd(s, t, 0.5))  # default 0.5
+
+
+def test_chunked_loss_reaches_the_head_even_from_constant_hidden_states():
+    """The head's gradient flows through every checkpointed chunk, also when the inputs need no gradient."""
+    torch.manual_seed(1)
+    head = torch.nn.Linear(4, 6, bias=False).double()
+    h_s, h_t = torch.randn(7, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    tok = torch.randint(0, 6, (7,))
+    D, _, _ = losses.distill_in_chunks(head, h_s, head, h_t, tok, losses.forward_kl, 1.0, chunk=3)
+    D.sum().backward()
+    chunked = head.weight.grad.clone()
+    head.weight.grad = None
+    losses.forward_kl(head(h_s), head(h_t).detach()).sum().backward()
+    torch.testing.assert_close(chunked, head.weight.grad)
+
+
+def test_no_completion_position_gives_empty_results():
+    head = torch.nn.Linear(4, 6, bias=False)
+    empty = torch.zeros(0, 4)
+    out = losses.distill_in_chunks(head, empty, head, empty, torch.zeros(0, dtype=torch.long), losses.forward_kl, 1.0)
+    assert [tuple(x.shape) for x in out] == [(0,), (0,), (0,)]

@@ -35,7 +35,7 @@ def test_gate_is_discovered_and_trains(gate_installed: None, tiny_model: Path, t
                          out=str(tmp_path / "run"), batch_size=2, max_new_tokens=8, max_steps=2)
     out = train(config, echo=lambda m: None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(0 < r["gate/kept"] <= 1 for r in rows)
+    assert len(rows) == 2 and all(0 < r["gate/kept"] < 1 for r in rows)  # some kept, some gated
 
 
 def test_without_the_distribution_there_is_no_gate() -> None:

@@ -69,11 +69,30 @@ def test_disagreeing_token_gets_less_gradient() -> None:
     # token 1 has disagreeing views; tokens 0 and 2 agree
     logps = {"agree:0": torch.tensor([[-1.0, -1.0, -2.0]]), "agree:1": torch.tensor([[-1.0, -4.0, -2.0]])}
     mask = torch.ones(1, 3)
-    out = _out(mask, logps=logps)
+    agree.contexts = [["context 0", "context 1"]]
+    out = _out(mask, logps=logps, batch=SimpleNamespace(indices=[0]))
     w = agree.weights(out)
     g = _grad_of_D(w, torch.ones(1, 3), mask)[0]
     assert g[1] < g[0] and g[0] == pytest.approx(float(g[2]))
-    assert 0 < out.metrics["agree/weight_mean"] < 1
+    # delta = (0, 4.5, 0); q = 0.95-quantile = 4.05; w_1 = 1 / (1 + 4.5 / 4.05)
+    w1 = 1 / (1 + 4.5 / 4.05)
+    assert out.metrics["agree/weight_mean"] == pytest.approx((2 + w1) / 3)
+    assert out.metrics["agree/removed"] == pytest.approx(1 - (2 + w1) / 3)
+    assert out.metrics["agree/no_context"] == 0.0
+
+
+def test_a_row_without_fitting_context_keeps_weight_one_and_stays_out_of_the_quantile() -> None:
+    agree = Agree(configure(Agree, {"k": "2", "gamma": "1.0"}))
+    agree.name = "agree"
+    agree.contexts = [["context 0", "context 1"], []]     # example 1: no context fitted the prompt limit
+    logps = {"agree:0": torch.tensor([[-1.0, -1.0, -2.0], [0.0, 0.0, 0.0]]),
+             "agree:1": torch.tensor([[-1.0, -4.0, -2.0], [-9.0, -9.0, -9.0]])}
+    out = _out(torch.ones(2, 3), logps=logps, batch=SimpleNamespace(indices=[0, 1]))
+    w = agree.weights(out)
+    assert torch.equal(w[1], torch.ones(3))
+    # row 1's large deltas (40.5) would raise the quantile; it is taken over row 0 only, as above
+    assert float(w[0, 1]) == pytest.approx(1 / (1 + 4.5 / 4.05))
+    assert out.metrics["agree/no_context"] == 0.5
 
 
 def test_disagreeing_sequence_gets_less_gradient() -> None:
@@ -82,7 +101,8 @@ def test_disagreeing_sequence_gets_less_gradient() -> None:
     agreeing, disagreeing = torch.full((1, 2), -1.0), torch.full((1, 2), -1.0)
     logps = {f"agree:{k}": torch.cat([agreeing, disagreeing - k]) for k in range(3)}
     mask = torch.ones(2, 2)
-    w = agree.weights(_out(mask, logps=logps))
+    agree.contexts = [["a", "b", "c"], ["a", "b", "c"]]
+    w = agree.weights(_out(mask, logps=logps, batch=SimpleNamespace(indices=[0, 1])))
     g = _grad_of_D(w, torch.ones(2, 2), mask)
     # sequence 1 as a whole counts less than sequence 0: the weight does not cancel in the reduction
     assert float(g[1].sum()) < float(g[0].sum())
@@ -142,22 +162,65 @@ def test_contrast_masks_rows_without_negative() -> None:
 def test_negatives_are_verified_wrong() -> None:
     from unisd.data import Example
 
-    mc = Example("Q? A. x B. y", "B", "", {"gold": "B", "n_options": 2, "benchmark": "scienceqa"})
-    assert negative_demo(mc, "Because x.", "A") == "Reasoning: Because x.\nAnswer: A"
-    assert negative_demo(mc, "Because y.", "B") is None
+    meta = {"gold": "B", "n_options": 2, "options": ["land", "water"], "benchmark": "scienceqa"}
+    mc = Example("Where do fish live? A. land B. water", "B", "fish breathe with gills", meta)
+    argued = "Fish are often seen near the shore, so the answer is A."
+    assert negative_demo(mc, argued, "A") == f"Reasoning: {argued}\nAnswer: A"
+    assert negative_demo(mc, "They clearly live on land.", "A") == "Reasoning: They clearly live on land.\nAnswer: A"
     plain = Example("What is two plus two?", "4")
-    assert negative_demo(plain, "It is obviously five.\nAnswer: 5", None) is not None
+    assert negative_demo(plain, "It is obviously five.\nAnswer: 5", None) == "5"   # the gold shows no reasoning
     assert negative_demo(plain, "Two and two.\nAnswer: 4.", None) is None
     assert negative_demo(plain, "", None) is None
-    capital = Example("What is the capital of France?", "Paris")
-    assert negative_demo(capital, 'The exact answer: "Paris"', None) is None   # no Answer line: whole text checked
-    assert negative_demo(capital, "It is Lyon, the old capital.\nAnswer: Lyon", None) is not None
+    assert negative_demo(plain, "It is five.", None) is None                      # no Answer line: no answer to check
+    capital = Example("What is the capital of France?", "Paris", "it is the seat of government")
+    assert negative_demo(capital, "It is Lyon, the old capital.\nAnswer: Lyon", None) == \
+        "Reasoning: It is Lyon, the old capital.\nAnswer: Lyon"
+    assert negative_demo(capital, "Surely.\nAnswer: Paris", None) is None
     assert final_answer("x\nAnswer: 7\nmore") == "7"
     tool = Example("call it", "Action: a\nAction Input: {}", "",
                    {"benchmark": "toolalpaca", "gold_calls": [{"Action": "a", "Action_Input": {}}]})
     assert negative_demo(tool, "Action: a\nAction Input: {}", None) is None
     assert negative_demo(tool, "Action: b\nAction Input: {}", None) is not None
+    assert negative_demo(tool, "I would call b.", None) is None                  # not a ReAct call like the gold
 
+
+def test_a_multiple_choice_negative_is_checked_on_its_reasoning() -> None:
+    from unisd.data import Example
+
+    meta = {"gold": "B", "n_options": 3, "options": ["land", "water", "air"], "benchmark": "cos_e"}
+    mc = Example("Where do fish live?", "B", "fish breathe with gills", meta)
+    # the letter we assign is wrong, but the argument supports the gold answer: not a wrong demonstration
+    assert negative_demo(mc, "Fish need water to breathe, so the answer is B.", "A") is None
+    assert negative_demo(mc, "Fish live in water.", "A") is None                  # names the gold option's text
+    assert negative_demo(mc, "The answer is C, they fly.", "A") is None           # argues another letter than ours
+    assert negative_demo(mc, "Hard to say.", "A") is None                         # argues for nothing checkable
+    no_rationale = Example("Where do fish live?", "B", "", meta)
+    assert negative_demo(no_rationale, "The answer is A: fish walk.", "A") == "A"  # same format as the gold "B"
+
+
+def test_a_code_negative_is_bare_code_like_the_positive_and_must_run() -> None:
+    from unisd.data import Example
+
+    meta = {"benchmark": "mbpp", "tests": ["assert add(1, 2) == 3"], "entry_point": "add"}
+    mbpp = Example("Write add(a, b).", "def add(a, b):\n    return a + b", "", meta)
+    buggy = "def add(a, b):\n    return a - b"
+    assert negative_demo(mbpp, f"```python\n{buggy}\n```", None) == buggy        # no fenced block, as the gold
+    assert negative_demo(mbpp, "```python\ndef add(a, b):\n    return a + b\n```", None) is None  # passes: not wrong
+    assert negative_demo(mbpp, "```python\ndef add(a, b):\n    return (a +\n```", None) is None  # not a program
+
+
+def test_replies_cut_off_at_the_length_limit_are_counted_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    import unisd_plugins._contexts as C
+    from unisd.data import Example
+    from unisd_plugins.contrast import build_negatives
+
+    plain = [Example("What is two plus two?", "4"), Example("What is one plus one?", "2")]
+    replies = iter([[("It is five.\nAnswer: 5", True), ("It is three.\nAnswer: ", False)],
+                    [("It is three.\nAnswer: 3", False)]])
+    monkeypatch.setattr(C, "generate", lambda *a, **k: next(replies))
+    found = build_negatives(None, None, plain, seed=0, max_new_tokens=8, tries=2)
+    assert found.demos == ["5", None]        # the unfinished reply is never taken as wrong, on either try
+    assert (found.cut_off, found.not_wrong) == (2, 0)
 
 # ---------------------------------------------------------------- match
 
@@ -174,14 +237,11 @@ def test_feature_mse_by_hand() -> None:
 def test_match_repr_ignores_the_divergence() -> None:
     D = torch.rand(2, 3, requires_grad=True)
     mask = torch.ones(2, 3)
-    for mode, expect_zero in (("repr", True), ("joint", False)):
-        plugin = Match(configure(Match, {"mode": mode}))
-        D.grad = None
-        loss = losses.weighted_mean(plugin.token_loss(D, _out(mask)), mask)
-        if loss.requires_grad:
-            loss.backward()
-        zero = D.grad is None or bool((D.grad == 0).all())
-        assert zero == expect_zero
+    repr_loss = Match(configure(Match, {"mode": "repr"})).token_loss(D, _out(mask))
+    assert torch.equal(repr_loss, torch.zeros(2, 3)) and not repr_loss.requires_grad  # no path back to D
+    plugin = Match(configure(Match, {"mode": "joint"}))
+    losses.weighted_mean(plugin.token_loss(D, _out(mask)), mask).backward()
+    torch.testing.assert_close(D.grad, torch.full((2, 3), 1 / 6))  # joint keeps D: the mean of 6 tokens
     hs = torch.zeros(1, 1, 2, requires_grad=True)
     plugin.aux_losses(_out(torch.ones(1, 1), hidden={"student": hs, "teacher": torch.ones(1, 1, 2)}))["match"].backward()
     assert (hs.grad < 0).all()   # pulled toward the teacher

@@ -56,7 +56,7 @@ def test_any_combination_trains(tiny_model: Path, tiny_data: Path, tmp_path: Pat
     if "contrast" in plugins:
         assert "contrast" in rows[0] and "contrast/no_negative" in rows[0]
     if "agree" in plugins:
-        assert 0 < rows[0]["agree/weight_mean"] <= 1
+        assert 0 < rows[0]["agree/weight_mean"] < 1  # contexts disagree somewhere: weights below 1
     if "clip" in plugins:
         assert "clip/rate" in rows[0]
 
@@ -186,7 +186,7 @@ def test_ema_resume_restores_the_teacher(tiny_model: Path, tiny_data: Path, tmp_
 
     run = prepare(_config(tiny_model, tiny_data, out, ("ema",), options=options, max_steps=2))
     teacher_before = {n: p.clone() for n, p in run.plugins[0].model.named_parameters()}
-    assert checkpoint.restore(run, lambda m: None)
+    assert checkpoint.restore(run, lambda m: None, extend=True)  # the schedule grows from 1 to 2 steps
     assert any(not torch.equal(p, teacher_before[n]) for n, p in run.plugins[0].model.named_parameters())
 
 
@@ -197,11 +197,10 @@ def test_contrast_counts_examples_without_negative(tiny_model: Path, tiny_data: 
     negatives = run.plugins[0].negatives
     assert len(negatives) == len(run.examples)
     missing = sum(n is None for n in negatives)
-    if missing:
-        assert f"{missing} of {len(negatives)} examples have no verified-wrong negative" in capsys.readouterr().err
-    for e, neg in zip(run.examples, negatives):
-        if neg is not None:
-            assert neg.strip().lower() != e.answer.strip().lower()
+    warned = f"{missing} of {len(negatives)} examples have no verified-wrong negative" in capsys.readouterr().err
+    assert warned == (missing > 0)  # a count when some are missing, silence otherwise
+    assert all(neg is None or neg.strip().lower() != e.answer.strip().lower()
+               for e, neg in zip(run.examples, negatives))
 
 
 def test_hook_order_follows_the_command_line(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:

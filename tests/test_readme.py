@@ -56,7 +56,13 @@ UNISD = [args for w in COMMANDS if (args := _unisd_args(w)) is not None]
 def test_the_readme_shows_the_main_commands():
     shown = {args[0] for args in UNISD}
     assert {"train", "eval", "compare", "ablate"} <= shown
-    assert ["tox", "-e", "demo"] in COMMANDS and ["tox", "-e", "tests"] in COMMANDS
+
+
+def test_quickstart_is_the_demo_then_the_tests_and_ci_runs_the_second():
+    quickstart = README.split("## Quickstart", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    assert quickstart.splitlines() == ["python3 dev.py demo", "python3 dev.py tests"]
+    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert ci[-1] == "python3 dev.py tests"
 
 
 @pytest.mark.parametrize("args", UNISD, ids=[" ".join(a)[:60] for a in UNISD])
@@ -71,7 +77,8 @@ def test_unisd_command_parses_with_every_option(args, tmp_path, monkeypatch):
         params = command.make_context(name, rest, parent=ctx).params
     if name == "train":  # the preset, the plugins and every -o option resolve and type-check
         names = tuple(n for n in params["plugins"].split(",") if n)
-        settings = {k: v for k, v in params.items() if k not in ("plugins", "preset", "options", "resume", "overwrite")}
+        run_only = ("plugins", "preset", "options", "resume", "overwrite", "extend", "report_to")
+        settings = {k: v for k, v in params.items() if k not in run_only}
         config = cfg.resolve(params["preset"], names, cfg.parse_overrides(params["options"]), **settings)
         plugin.load(list(config.plugins), config.options)
 
@@ -107,7 +114,7 @@ def test_install_and_tox_lines_point_at_real_things():
                     assert set(extras.group(1).split(",")) <= set(project["optional-dependencies"])
                 elif target.startswith("./"):
                     assert (ROOT / target / "pyproject.toml").is_file()
-        if words[0] == "tox":
+        if words[0] == "tox" or words[:2] == ["python3", "dev.py"]:
             assert f"testenv:{words[2]}" in tox.sections()
 
 

@@ -83,7 +83,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tiny_model, tiny
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated on disk
     (out / "unisd.json").unlink()  # pretend the run died before finishing
     messages: list[str] = []
-    train(_config(tiny_model, tiny_data, out, max_steps=4), resume=True, echo=messages.append)
+    train(_config(tiny_model, tiny_data, out, max_steps=4), resume=True, echo=messages.append, extend=True)
     assert any("skipping checkpoint step-000003" in m and "checksum" in m for m in messages)
     assert "resumed at step 2 of 4" in messages
     assert checkpoint.verify(out / "checkpoints" / "step-000004") == ""
@@ -164,3 +164,133 @@ def test_failing_plugin_is_named_and_the_run_saves(tiny_model, tiny_data, tmp_pa
     with pytest.raises(TrainError, match=r"plugin 'explodes' failed in weights: RuntimeError: boom \(checkpoint step-000000"):
         train(_config(tiny_model, tiny_data, out, plugins=("explodes",)), echo=lambda m: None)
     assert checkpoint.verify(out / "checkpoints" / "step-000000") == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# --resume refuses a different run; writing errors; data encodings; exclusive hooks
+# ------------------------------------------------------------------------------------------------
+
+def _unfinished(tiny_model: Path, tiny_data: Path, out: Path, **kw) -> None:
+    """A run of 2 steps whose final model is gone, as if it had been killed after its last checkpoint."""
+    train(_config(tiny_model, tiny_data, out, max_steps=2, **kw), echo=lambda m: None)
+    (out / "unisd.json").unlink()
+
+
+def test_resume_refuses_changed_settings_with_a_one_line_diff(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    _unfinished(tiny_model, tiny_data, out, plugins=("clip",))
+    changed = cfg.resolve("", ("clip",), {"clip": {"max": "3"}}, model=str(tiny_model), data=str(tiny_data),
+                          out=str(out), max_steps=2, batch_size=2, max_new_tokens=6, lr=2e-3, save_every=1)
+    with pytest.raises(checkpoint.OutputDirError) as refused:
+        train(changed, resume=True, echo=lambda m: None)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "lr: 0.001 -> 0.002" in message
+    assert "plugins.clip.options.max: 10.0 -> 3.0" in message  # the resolved option, not only the flag
+    assert "options.clip.max: (none) -> 3" in message
+    assert "batch_size" not in message and "max_new_tokens" not in message  # unchanged settings are not listed
+    assert not (out / "unisd.json").exists()
+
+
+def test_resume_refuses_other_data_and_plugins(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    _unfinished(tiny_model, tiny_data, out)
+    other = tmp_path / "other.jsonl"
+    other.write_text(tiny_data.read_text().replace("blue", "azure"))
+    with pytest.raises(checkpoint.OutputDirError, match=r"data fingerprint: [0-9a-f]{64} -> [0-9a-f]{64}"):
+        train(_config(tiny_model, other, out, max_steps=2), resume=True, echo=lambda m: None)
+    with pytest.raises(checkpoint.OutputDirError, match=r"plugins\.clip\.options\.max: \(none\) -> 10\.0"):
+        train(_config(tiny_model, tiny_data, out, max_steps=2, plugins=("clip",)), resume=True, echo=lambda m: None)
+
+
+def test_more_steps_need_extend(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    _unfinished(tiny_model, tiny_data, out)
+    with pytest.raises(checkpoint.OutputDirError, match=r"total_steps: 2 -> 3 \(--extend accepts more steps\)"):
+        train(_config(tiny_model, tiny_data, out, max_steps=3), resume=True, echo=lambda m: None)
+    with pytest.raises(checkpoint.OutputDirError, match="total_steps: 2 -> 1"):  # fewer steps: never
+        train(_config(tiny_model, tiny_data, out, max_steps=1), resume=True, echo=lambda m: None, extend=True)
+    messages: list[str] = []
+    # operational settings (how often to save, how many to keep) may change freely
+    train(_config(tiny_model, tiny_data, out, max_steps=3, save_every=2, keep_checkpoints=3), resume=True,
+          echo=messages.append, extend=True)
+    assert "resumed at step 2 of 3" in messages
+    assert json.loads((out / "unisd.json").read_text())["steps"] == 3
+
+
+def test_checkpoint_without_a_selected_plugins_state_is_an_error(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    _unfinished(tiny_model, tiny_data, out, plugins=("clip",))
+    for folder in (out / "checkpoints").glob("step-*"):  # a checkpoint whose plugin state was lost
+        state = torch.load(folder / "state.pt", weights_only=False)
+        del state["plugins"]["clip"]
+        torch.save(state, folder / "state.pt")
+        manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
+        manifest["state.pt"] = checkpoint._sha256(folder / "state.pt")
+        (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.OutputDirError, match="holds no state for plugin clip"):
+        train(_config(tiny_model, tiny_data, out, max_steps=2, plugins=("clip",)), resume=True, echo=lambda m: None)
+
+
+def test_disk_full_while_saving_is_one_line_and_leaves_no_partial_checkpoint(tiny_model, tiny_data, tmp_path,
+                                                                             monkeypatch):
+    import errno
+
+    from click.testing import CliRunner
+
+    from unisd.cli import main
+
+    def full(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--model", str(tiny_model), "--data", str(tiny_data), "--out", str(out),
+                                       "--max-steps", "1", "--batch-size", "2", "--max-new-tokens", "4"])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip() and not ln.startswith(("Loading", "warning:"))]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write "), result.output
+    assert lines[0].endswith("trainable.safetensors: the disk is full; free some space or choose another --out")
+    assert "Traceback" not in result.output
+    assert list((out / "checkpoints").iterdir()) == []  # the temporary folder went with the error
+    assert not (out / "unisd.json").exists()
+
+
+def test_bom_and_crlf_files_read_like_plain_ones(tmp_path, tiny_data):
+    from unisd.data import load_jsonl
+
+    text = tiny_data.read_text()
+    odd = tmp_path / "windows.jsonl"
+    odd.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+    assert load_jsonl(odd) == load_jsonl(tiny_data)
+    assert len(load_jsonl(odd)) == len(text.splitlines())
+
+
+class Teaches(Plugin):
+    def teacher(self, run):
+        return None
+
+
+class TeachesSometimes(Plugin):
+    composes = ("teacher",)
+
+    def teacher(self, run):
+        return None
+
+
+class Samples(Plugin):
+    def completions(self, batch, run):
+        return None
+
+
+def test_two_providers_of_an_exclusive_hook_are_refused_at_load_time():
+    from unisd.plugin import PluginError, load
+
+    found = {n: PluginInfo(n, "tests", "0", cls) for n, cls in
+             [("a", Teaches), ("b", Teaches), ("c", TeachesSometimes), ("s", Samples), ("t", Samples)]}
+    with pytest.raises(PluginError, match="plugins 'a' and 'b' both provide the teacher hook"):
+        load(["a", "b"], {}, found)
+    with pytest.raises(PluginError, match="plugins 's' and 't' both provide the completions hook"):
+        load(["s", "a", "t"], {}, found)
+    assert [p.name for p in load(["a", "c", "s"], {}, found)] == ["a", "c", "s"]  # c declares it composes

@@ -1,7 +1,10 @@
 """The sandbox contains hostile programs, reports them as failures, and the test process carries on."""
 from __future__ import annotations
 
+import ast
+import errno
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -30,10 +33,18 @@ def test_infinite_loop_is_killed_at_the_timeout():
     assert time.monotonic() - start < 6
 
 
-def test_fork_bomb_is_contained_and_cleaned_up():
-    prog = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
-    res = sandbox.run_program(prog, timeout=2)
-    assert not res.passed
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="per-run uid and namespaces only when the evaluator is root")
+
+
+@ROOT_ONLY
+def test_fork_bomb_stops_at_the_process_limit():
+    # The run's uid is its own, so RLIMIT_NPROC admits the program itself and nproc - 1 children.
+    # at most 24 forks, so a missing limit fails by count instead of bombing the machine
+    prog = ("import os, time\nforked = 0\ntry:\n    for _ in range(24):\n        if os.fork() == 0:\n"
+            "            time.sleep(60)\n            os._exit(0)\n        forked += 1\nexcept OSError:\n    pass\n"
+            "assert False, f'forked {forked}'\n")
+    res = sandbox.run_program(prog, timeout=10, nproc=6)
+    assert res.reason == "AssertionError: forked 5"
     assert sandbox.run_program("print('still alive')").passed  # the machine still forks for us
 
 
@@ -54,7 +65,7 @@ def _live_sandbox_processes() -> list[str]:
     return pids
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="uid sweep only when the evaluator runs as root")
+@ROOT_ONLY
 def test_daemonized_child_does_not_outlive_the_run():
     prog = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
     sandbox.run_program(prog, timeout=2)
@@ -65,9 +76,39 @@ def test_daemonized_child_does_not_outlive_the_run():
     assert _live_sandbox_processes() == []
 
 
-def test_memory_bomb_fails_without_hurting_us():
-    res = sandbox.run_program("blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 2**20))", timeout=5, memory_mb=512)
-    assert not res.passed and ("MemoryError" in res.reason or "timeout" in res.reason)
+def test_memory_bomb_raises_memory_error_near_the_limit():
+    # 8 MiB blocks until MemoryError (at most twice the limit, so a missing limit fails fast, not by timeout)
+    prog = ("blocks = []\ntry:\n    for _ in range(64):\n        blocks.append(bytearray(8 << 20))\n"
+            "except MemoryError:\n    got = 8 * len(blocks)\n    del blocks\n    assert False, f'MemoryError after {got} MiB'\n")
+    res = sandbox.run_program(prog, timeout=10, memory_mb=256)
+    assert res.reason.startswith("AssertionError: MemoryError after "), res.reason
+    allocated = int(res.reason.split()[-2])
+    assert 256 - 128 <= allocated < 256  # the interpreter itself takes the rest of the address space
+
+
+def test_file_size_limit_stops_writes_at_fsize():
+    prog = ("written = 0\ntry:\n    with open('big.bin', 'wb', buffering=0) as f:\n        for _ in range(8):\n"
+            "            written += f.write(bytes(1 << 20))\nexcept OSError as e:\n"
+            "    assert False, f'{e.strerror} after {written} bytes'\n")
+    res = sandbox.run_program(prog, fsize_mb=3)
+    assert res.reason == f"AssertionError: File too large after {3 << 20} bytes"
+
+
+def test_work_folder_is_the_cwd_and_is_deleted_afterwards(monkeypatch):
+    made: list[str] = []
+    real_mkdtemp = sandbox.tempfile.mkdtemp
+
+    def recording_mkdtemp(**kwargs):
+        made.append(real_mkdtemp(**kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(sandbox.tempfile, "mkdtemp", recording_mkdtemp)
+    failed = sandbox.run_program("import os\nopen('left.txt', 'w').write('x')\nassert False, os.getcwd()")
+    passed = sandbox.run_program("open('left.txt', 'w').write('x')")
+    timed_out = sandbox.run_program("open('left.txt', 'w').write('x')\nwhile True:\n    pass", timeout=1)
+    assert passed.passed and not timed_out.passed
+    assert len(made) == 3 and failed.reason == f"AssertionError: {made[0]}"
+    assert [Path(folder).exists() for folder in made] == [False, False, False]
 
 
 def test_cannot_delete_or_write_files_outside_its_folder(tmp_path):
@@ -81,28 +122,60 @@ def test_cannot_delete_or_write_files_outside_its_folder(tmp_path):
             f"open('inside.txt', 'w').write('fine')\n")
     sandbox.run_program(prog)
     assert canary.read_text() == "keep me" and not outside.exists()
-    # world-writable /tmp is private to the run where namespaces are available (root here)
+
+
+@ROOT_ONLY
+def test_world_writable_tmp_is_private_to_the_run():
     probe = Path("/tmp") / f"unisd-escape-{os.getpid()}"
-    sandbox.run_program(f"open({str(probe)!r}, 'w').write('x')")
-    if os.geteuid() == 0:
+    try:
+        assert sandbox.run_program(f"open({str(probe)!r}, 'w').write('x')").passed  # it wrote to its own /tmp
         assert not probe.exists()
-    probe.unlink(missing_ok=True)
+    finally:
+        probe.unlink(missing_ok=True)
 
 
-def test_environment_is_scrubbed(monkeypatch):
-    monkeypatch.setenv("UNISD_TEST_SECRET", "hunter2")
-    prog = ("import os\nassert 'UNISD_TEST_SECRET' not in os.environ, 'leak'\n"
-            "try:\n    data = open(f'/proc/{os.getppid()}/environ').read()\nexcept OSError:\n    data = ''\n"
-            "assert 'hunter2' not in data, 'leak via /proc'\n")
-    res = sandbox.run_program(prog)
-    assert res.passed, res.reason
-    leak = sandbox.run_program("import os\nassert 'UNISD_TEST_SECRET' in os.environ")
-    assert not leak.passed
+SCRUBBED_ENV = ["HOME", "LANG", "OMP_NUM_THREADS", "PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONHASHSEED", "TMPDIR"]
+_CHILD_ENV = "import subprocess, sys\nenv = subprocess.run([sys.executable, '-I', '-c', 'import os; print(sorted(os.environ))'],\n" \
+             "                     capture_output=True, text=True).stdout.strip()\n"
 
 
-def test_network_is_blocked():
+def test_environment_is_scrubbed_for_the_program_and_its_children(monkeypatch):
+    monkeypatch.setenv("UNISD_TEST_SECRET", "hunter2")  # set now, long after this process started
+    # the program and a child it starts see exactly the sandbox's own variables (the child adds LC_CTYPE at most)
+    res = sandbox.run_program(f"import os\n{_CHILD_ENV}assert False, (sorted(os.environ), env)")
+    own, child = ast.literal_eval(res.reason.removeprefix("AssertionError: "))
+    assert own == SCRUBBED_ENV
+    assert [k for k in ast.literal_eval(child) if k != "LC_CTYPE"] == SCRUBBED_ENV
+
+
+@ROOT_ONLY
+def test_parent_environment_cannot_be_read_through_proc():
+    prog = "import os\ntry:\n    open(f'/proc/{os.getppid()}/environ').read()\nexcept OSError as e:\n    assert False, type(e).__name__\n"
+    assert sandbox.run_program(prog).reason == "AssertionError: PermissionError"
+
+
+def test_socket_creation_raises_in_the_program():
     res = sandbox.run_program("import socket\nsocket.socket()")
-    assert not res.passed and "network" in res.reason
+    assert not res.passed and res.reason == "OSError: network access is disabled in the unisd sandbox"
+
+
+@ROOT_ONLY
+def test_child_process_cannot_reach_a_host_listener():
+    """A fresh interpreter started by the program has real sockets: only the network namespace stops it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    child = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
+             f"    print('connected')\nexcept OSError as e:\n    print(type(e).__name__, e.errno)\n")
+    prog = (f"import subprocess, sys\nrun = subprocess.run([sys.executable, '-I', '-c', {child!r}], capture_output=True, text=True)\n"
+            f"assert False, (run.stdout + run.stderr).strip()\n")
+    with listener:
+        res = sandbox.run_program(prog)
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    assert res.reason == f"AssertionError: OSError {errno.ENETUNREACH}"  # loopback is down in the namespace
 
 
 def test_pass_at_1_on_gold_and_wrong_solutions(monkeypatch):

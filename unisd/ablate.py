@@ -4,15 +4,15 @@
         --eval-tasks unisd_cose --eval-limit 30 --out ablation/
 
 Every run shares the model, data, seed (so the data order), every trainer flag and the lm-eval settings;
-only plugins and their options differ. Runs are named `sd` (raw self-distillation, no plugin), `ema`,
+only plugins and their options differ. Runs are named `sd` (plain self-distillation, no plugin), `ema`,
 `ema+clip` (plugins in --plugins order), `agree[k=5]` (a --grid value) and `preset:sft` (a baseline).
 DIR/runs/<run>/ holds each trained model and DIR/evals/<run>.json its scores: a finished run (its
 unisd.json exists) is not trained again, an unfinished one is resumed from its newest checkpoint, and a
 done evaluation is not repeated, so rerunning a killed ablation finishes only what is missing.
 
-Cost model (printed before anything starts), in units of one raw-SD optimizer step:
+Cost model (printed before anything starts), in units of one plain-SD optimizer step:
     step cost = 1 + TEACHER_FORWARD * (extra no-grad teacher forwards per micro-batch)
-A raw SD step is ~5 forward-equivalents (rollout ~2, student forward+backward ~2, one teacher forward),
+A plain SD step is ~5 forward-equivalents (rollout ~2, student forward+backward ~2, one teacher forward),
 so one extra teacher forward costs TEACHER_FORWARD = 0.2. agree adds K views, contrast one negative view,
 ema a weight average every `ema.every` steps (~1 forward), match and clip nothing; a plugin this table
 does not know (third party) is assumed to add one view. Seconds per unit come from --sec-per-step or
@@ -32,11 +32,11 @@ from typing import Any, Callable, Mapping
 
 import click
 
-from unisd import config as cfg
+from unisd import config as cfg, tracking
 from unisd.config import ConfigError, TrainConfig
 from unisd.plugin import PluginInfo
 
-RAW = "sd"
+PLAIN_SD = "sd"
 TEACHER_FORWARD = 0.2
 EXTRA_FORWARDS: dict[str, Callable[[Mapping[str, Any]], float]] = {
     "agree": lambda o: float(o["k"]),
@@ -78,7 +78,7 @@ def parse_grid(specs: tuple[str, ...] | list[str]) -> list[tuple[str, str, list[
 
 
 def _combo(names: tuple[str, ...], overrides: Mapping[str, Mapping[str, str]]) -> Planned:
-    return Planned("+".join(names) or RAW, names, {p: dict(overrides[p]) for p in names if p in overrides})
+    return Planned("+".join(names) or PLAIN_SD, names, {p: dict(overrides[p]) for p in names if p in overrides})
 
 
 def _combinations(plugins: tuple[str, ...], keyword: str) -> list[tuple[str, ...]]:
@@ -89,7 +89,7 @@ def _combinations(plugins: tuple[str, ...], keyword: str) -> list[tuple[str, ...
 
 def plan(plugins: tuple[str, ...], combos: str, grid: list[tuple[str, str, list[str]]],
          baselines: tuple[str, ...], overrides: Mapping[str, Mapping[str, str]]) -> list[Planned]:
-    """Raw SD, each plugin alone, the --combos runs, grid runs, baselines; in that order, no repeats.
+    """Plain SD (no plugin), each plugin alone, the --combos runs, grid runs, baselines; in that order, no repeats.
 
     --combos is a comma list of: singles | pairs | all | a preset name | a+b (plugins from --plugins).
     """
@@ -155,7 +155,7 @@ def validate(configs_: Mapping[str, TrainConfig], available: Mapping[str, Plugin
 # ---- cost -------------------------------------------------------------------------------------------
 
 def step_cost(config: TrainConfig, available: Mapping[str, PluginInfo]) -> float:
-    """Relative cost of one optimizer step of this run; raw SD = 1 (see the module docstring)."""
+    """Relative cost of one optimizer step of this run; plain SD = 1 (see the module docstring)."""
     extra = 0.0
     for name in config.plugins:
         info = available[name]
@@ -194,11 +194,11 @@ def describe_plan(runs: list[Planned], configs_: Mapping[str, TrainConfig], avai
         lines.append(f"{len(runs)} runs, one pass over the data each (pass --max-steps for an estimate); "
                      f"{evals} evaluations")
         return "\n".join(lines)
-    lines.append(f"{len(runs)} runs x {steps} steps = {len(runs) * steps} steps, {total:.1f} raw-SD step units; "
+    lines.append(f"{len(runs)} runs x {steps} steps = {len(runs) * steps} steps, {total:.1f} plain-SD step units; "
                  f"{evals} evaluations")
     if sec_per_unit is not None:
         lines.append(f"estimated training time: {total * sec_per_unit / 60:.1f} min "
-                     f"at {sec_per_unit:.2f} s per raw-SD step (evaluation not included)")
+                     f"at {sec_per_unit:.2f} s per plain-SD step (evaluation not included)")
     else:
         lines.append("estimated training time: unknown until a step is measured (pass --sec-per-step)")
     return "\n".join(lines)
@@ -222,7 +222,8 @@ def _check_same_settings(name: str, config: TrainConfig) -> None:
                           f"({', '.join(changed)}); use another --out or delete that run")
 
 
-def train_all(runs: list[Planned], configs_: Mapping[str, TrainConfig], echo: Callable[[str], None]) -> None:
+def train_all(runs: list[Planned], configs_: Mapping[str, TrainConfig], echo: Callable[[str], None],
+              report_to: tuple[str, ...] = ()) -> None:
     """Train every run in order: skip finished ones, resume unfinished ones."""
     from unisd.train import train
 
@@ -234,29 +235,32 @@ def train_all(runs: list[Planned], configs_: Mapping[str, TrainConfig], echo: Ca
             continue
         started = Path(config.out).is_dir()  # a killed run left its folder: continue from its checkpoint
         echo(f"[{i}/{len(runs)}] {r.name}: {'resuming' if started else 'training'}")
-        train(config, resume=started, echo=echo)
+        train(config, resume=started, echo=echo, report_to=report_to)
 
 
 def evaluate_one(name: str, model: str, record: Path, tasks: list[str], limit: int | None,
                  include: list[str], batch_size: int, echo: Callable[[str], None],
-                 max_gen_toks: int | None = None) -> dict[str, float]:
-    """Scores of one model, from record when it holds these settings and is newer than the model."""
-    from unisd.evaluate import run_lm_eval, scores
+                 max_gen_toks: int | None = None) -> dict[str, Any]:
+    """{scores, items (per-item scores), answers (answer spread), gen_toks} of one model, from record when it
+    holds these settings and is newer than the model."""
+    from unisd.evaluate import answer_spread, generation_limits, item_scores, run_lm_eval, scores
 
     settings = {"tasks": tasks, "limit": limit, "max_gen_toks": max_gen_toks}
     marker = Path(model) / "unisd.json"
     if record.is_file():
         saved = json.loads(record.read_text())
         fresh = not marker.is_file() or record.stat().st_mtime >= marker.stat().st_mtime
-        if fresh and saved["settings"] == settings:
+        kept = ("scores", "items", "answers", "gen_toks")  # a record from an older unisd lacks some: redo it
+        if fresh and saved["settings"] == settings and all(k in saved for k in kept):
             echo(f"{name}: evaluated earlier, not repeated")
-            return saved["scores"]
+            return {k: saved[k] for k in kept}
     echo(f"{name}: evaluating on {', '.join(tasks)}")
     result = run_lm_eval(model, tasks, limit, include, batch_size, max_gen_toks)
-    result.pop("samples", None)
-    found = scores(result)
+    samples = result.pop("samples", {})
+    found = {"scores": scores(result), "items": item_scores(samples, result), "answers": answer_spread(samples),
+             "gen_toks": generation_limits(result)}
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"settings": settings, "scores": found, "results": result}, indent=1, default=str))
+    record.write_text(json.dumps({"settings": settings, **found, "results": result}, indent=1, default=str))
     return found
 
 
@@ -269,8 +273,8 @@ def overall_scores(table: Mapping[str, Mapping[str, float]], tasks: list[str]) -
 
 
 def gains(overall: Mapping[str, float]) -> dict[str, float]:
-    """Overall of each run minus raw SD's."""
-    return {name: value - overall[RAW] for name, value in overall.items() if name != RAW}
+    """Overall of each run minus plain SD's."""
+    return {name: value - overall[PLAIN_SD] for name, value in overall.items() if name != PLAIN_SD}
 
 
 def interactions(overall: Mapping[str, float], plugins: tuple[str, ...]) -> dict[tuple[str, str], float]:
@@ -293,20 +297,63 @@ def _fmt(x: float) -> str:
     return "–" if math.isnan(x) else f"{x:+.1f}"
 
 
-def markdown(table: Mapping[str, Mapping[str, float]], overall: Mapping[str, float],
-             pairs: Mapping[tuple[str, str], float], plugins: tuple[str, ...]) -> str:
-    """table.md: scores (paper layout), gains over raw SD, and the interaction matrix."""
-    from unisd.report import score_table
+def effect_intervals(items: Mapping[str, Mapping[str, Mapping[str, float]]],
+                     plugins: tuple[str, ...]) -> dict[str, dict[str, list[float]]]:
+    """95% intervals (points) of every gain and interaction on Overall: one paired bootstrap that draws the
+    same items of each task for every run, so shared item difficulty cancels as it does in the estimates."""
+    import numpy as np
 
-    text = score_table({k: dict(v) for k, v in table.items()})
-    text += f"\nGain over raw SD ({RAW}), Overall, points:\n\n| run | Overall | gain |\n|---|---|---|\n"
-    text += "".join(f"| {n} | {overall[n]:.1f} | {v:+.1f} |\n" for n, v in gains(overall).items())
+    from unisd import stats
+
+    tasks = list(dict.fromkeys(t for per_task in items.values() for t in per_task))
+    docs = {t: [d for d in next(iter(v[t] for v in items.values() if t in v))
+                if all(d in v[t] for v in items.values() if t in v)] for t in tasks}
+    arrays = {(run, t): np.array([per_task[t][d] for d in docs[t]]) for run, per_task in items.items()
+              for t in per_task if docs[t]}
+
+    def effects(idx: Mapping[str, np.ndarray]) -> dict[str, float]:
+        ov = {run: 100.0 * float(np.mean([a[idx[t]].mean() for (r, t), a in arrays.items() if r == run]))
+              for run in items if any(r == run for r, _ in arrays)}
+        return {**{f"gain:{n}": v for n, v in gains(ov).items()},
+                **{f"interaction:{a}+{b}": v for (a, b), v in interactions(ov, plugins).items()}}
+
+    if PLAIN_SD not in items or not arrays:
+        return {"gains": {}, "interactions": {}}
+    found = stats.bootstrap_intervals(effects, {t: len(d) for t, d in docs.items() if d})
+    return {kind: {k.split(":", 1)[1]: list(v) for k, v in found.items() if k.startswith(kind[:-1] + ":")}
+            for kind in ("gains", "interactions")}
+
+
+def _with_ci(x: float, ci: list[float] | None) -> str:
+    """`+1.2 [-3.0, +5.4]`, with ↑ / ↓ when the interval excludes 0."""
+    if ci is None:
+        return _fmt(x)
+    mark = " ↑" if ci[0] > 0 else " ↓" if ci[1] < 0 else ""
+    return f"{_fmt(x)} [{ci[0]:+.1f}, {ci[1]:+.1f}]{mark}"
+
+
+def markdown(table: Mapping[str, Mapping[str, float]], overall: Mapping[str, float],
+             pairs: Mapping[tuple[str, str], float], plugins: tuple[str, ...],
+             uncertainty: Mapping[str, Any] | None = None, gen_toks: Mapping[str, int] | None = None,
+             max_gen_toks: int | None = None) -> str:
+    """table.md: scores ± 95% interval (paper layout), gains over plain SD and the interaction matrix, each
+    with its 95% interval (paired bootstrap over items), and the generation limit."""
+    from unisd.report import generation_note, score_table
+
+    u = uncertainty or {}
+    gain_ci, pair_ci = u.get("gains", {}), u.get("interactions", {})
+    text = score_table({k: dict(v) for k, v in table.items()}, u.get("ci95"), None, u.get("overall_ci95"))
+    text += "\n" + generation_note(dict(gen_toks or {}), max_gen_toks)
+    text += (f"\nGain over plain SD ({PLAIN_SD}), Overall, points [95% interval; ↑ / ↓: excludes 0]:\n\n"
+             "| run | Overall | gain |\n|---|---|---|\n")
+    text += "".join(f"| {n} | {overall[n]:.1f} | {_with_ci(v, gain_ci.get(n))} |\n" for n, v in gains(overall).items())
     if pairs:
         shown = tuple(p for p in plugins if any(p in pair for pair in pairs))
-        matrix = _matrix(pairs, shown, {})
-        text += ("\nInteraction(A, B) = gain(A+B) - gain(A) - gain(B), Overall, points:\n\n"
+        cell = {**{(a, b): _with_ci(v, pair_ci.get(f"{a}+{b}")) for (a, b), v in pairs.items()},
+                **{(b, a): _with_ci(v, pair_ci.get(f"{a}+{b}")) for (a, b), v in pairs.items()}}
+        text += ("\nInteraction(A, B) = gain(A+B) - gain(A) - gain(B), Overall, points [95% interval]:\n\n"
                  f"| | {' | '.join(shown)} |\n|---|" + "---|" * len(shown) + "\n")
-        text += "".join(f"| {a} | " + " | ".join(_fmt(x) for x in row) + " |\n" for a, row in zip(shown, matrix))
+        text += "".join(f"| {a} | " + " | ".join(cell.get((a, b), "–") for b in shown) + " |\n" for a in shown)
     return text
 
 
@@ -327,7 +374,7 @@ def interaction_png(pairs: Mapping[tuple[str, str], float], plugins: tuple[str, 
                     color="white" if abs(x) > 0.6 * bound else "black", fontstyle="italic" if i == j else "normal")
     ax.set_xticks(range(len(shown)), shown)
     ax.set_yticks(range(len(shown)), shown)
-    ax.set_title("interaction on Overall (points)\ndiagonal, italic: gain alone over raw SD", fontsize="small")
+    ax.set_title("interaction on Overall (points)\ndiagonal, italic: gain alone over plain SD", fontsize="small")
     fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -341,9 +388,9 @@ def _as_number(value: str) -> float | None:
         return None
 
 
-def sensitivity_png(points: list[tuple[str, Mapping[str, float], float]], raw: float, label: str,
+def sensitivity_png(points: list[tuple[str, Mapping[str, float], float]], plain: float, label: str,
                     path: Path) -> None:
-    """Score vs option value: Overall (bold) and each task, raw SD dashed. points: (value, row, overall)."""
+    """Score vs option value: Overall (bold) and each task, plain SD dashed. points: (value, row, overall)."""
     from unisd.report import _label, plt
 
     numeric = all(_as_number(v) is not None for v, _, _ in points)
@@ -355,7 +402,7 @@ def sensitivity_png(points: list[tuple[str, Mapping[str, float], float]], raw: f
         for t in tasks:
             ax.plot(xs, [row.get(t, math.nan) for _, row, _ in points], marker=".", alpha=0.6, label=_label(t))
     ax.plot(xs, [o for _, _, o in points], marker="o", linewidth=2, color="black", label="Overall")
-    ax.axhline(raw, linestyle="--", color="grey", label=f"raw SD ({raw:.1f})")
+    ax.axhline(plain, linestyle="--", color="grey", label=f"plain SD ({plain:.1f})")
     ax.set_xticks(xs, [v for v, _, _ in points])
     ax.set_xlabel(label)
     ax.set_ylabel("score (%)")
@@ -368,23 +415,44 @@ def sensitivity_png(points: list[tuple[str, Mapping[str, float], float]], raw: f
 # ---- the whole ablation -----------------------------------------------------------------------------
 
 def write_outputs(out: Path, runs: list[Planned], table: dict[str, dict[str, float]],
-                  plugins: tuple[str, ...], settings: dict[str, Any]) -> dict[str, Any]:
-    """results.json, table.md, interactions.png and sensitivity_<plugin>.<key>.png."""
+                  plugins: tuple[str, ...], settings: dict[str, Any],
+                  items: dict[str, dict[str, dict[str, float]]] | None = None,
+                  answers: dict[str, dict[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """results.json, table.md, interactions.png and sensitivity_<plugin>.<key>.png.
+
+    items (run -> task -> doc_id -> score) give every score, gain and interaction its 95% interval;
+    answers (unisd.evaluate.answer_spread per run) add the constant-answer baseline and collapse flags.
+    """
+    from unisd.evaluate import add_uncertainty
+    from unisd.report import answers_table
+
     tasks = list(dict.fromkeys(t for row in table.values() for t in row))  # leaf tasks, also of a group
     overall = overall_scores(table, tasks)
     pairs = interactions(overall, plugins)
-    (out / "table.md").write_text(markdown(table, overall, pairs, plugins))
+    presets = {"runs": {r.name: {"preset": r.preset} for r in runs}}  # UniSD* is also paired with the best baseline
+    scored = add_uncertainty({"tasks": tasks, "scores": table, "items": items or {}, **presets})
+    effects = effect_intervals(items or {}, plugins)
+    uncertainty = {"ci95": scored["ci95"], "overall_ci95": scored["overall_ci95"], **effects}
+    evaluation = settings.get("eval", {})
+    text = markdown(table, overall, pairs, plugins, uncertainty, evaluation.get("gen_toks"),
+                    evaluation.get("max_gen_toks"))
+    if answers:
+        text += "\nAnswer spread (⚠ collapsed: one answer in ≥ 90% of ≥ 10 items):\n\n" + answers_table(answers)
+    (out / "table.md").write_text(text)
     if pairs:
         interaction_png(pairs, plugins, {p: v for p, v in gains(overall).items() if p in plugins},
                         out / "interactions.png")
     for (plugin, key), members in _grid_groups(runs).items():
         points = [(r.grid[2], table[r.name], overall[r.name]) for r in members if r.grid]
-        sensitivity_png(points, overall[RAW], f"{plugin}.{key}", out / f"sensitivity_{plugin}.{key}.png")
+        sensitivity_png(points, overall[PLAIN_SD], f"{plugin}.{key}", out / f"sensitivity_{plugin}.{key}.png")
     results = {"settings": settings, "tasks": tasks,
                "plan": [{"name": r.name, "folder": f"runs/{r.folder}", "plugins": list(r.plugins),
                          "options": r.options, "preset": r.preset, "grid": r.grid} for r in runs],
-               "scores": table, "overall": overall, "gains": gains(overall),
-               "interactions": {f"{a}+{b}": v for (a, b), v in pairs.items()}}
+               "scores": table, "ci95": scored["ci95"], "overall": overall, "overall_ci95": scored["overall_ci95"],
+               "gains": gains(overall), "gains_ci95": effects["gains"],
+               "interactions": {f"{a}+{b}": v for (a, b), v in pairs.items()},
+               "interactions_ci95": effects["interactions"], "paired": scored["paired"], "answers": answers or {},
+               "items": items or {}}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 
@@ -402,8 +470,9 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
            limit: int | None, include: list[str], eval_batch_size: int = 4, base: bool = True,
            dry_run: bool = False, sec_per_step: float | None = None, echo: Callable[[str], None] = print,
            show: Callable[[str], None] = print, eval_max_gen_toks: int | None = None,
-           **settings: Any) -> dict[str, Any] | None:
+           report_to: tuple[str, ...] = (), **settings: Any) -> dict[str, Any] | None:
     """Plan, validate, print the plan; then train, evaluate and analyse (unless dry_run)."""
+    from unisd.evaluate import order_warning, run_info
     from unisd.plugin import discover
 
     available = discover()
@@ -418,17 +487,22 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
     if dry_run:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    train_all(runs, configs_, echo)
+    train_all(runs, configs_, echo, report_to)
     include = list(include)
     targets = ([("base", model)] if base else []) + [(r.name, configs_[r.name].out) for r in runs]
     folder = {r.name: r.folder for r in runs} | {"base": "base"}
-    table = {name: evaluate_one(name, path, out / "evals" / f"{folder[name]}.json", tasks, limit, include,
+    warning = order_warning({r.name: run_info(configs_[r.name].out) for r in runs})
+    if warning:
+        echo(warning)
+    evals = {name: evaluate_one(name, path, out / "evals" / f"{folder[name]}.json", tasks, limit, include,
                                 eval_batch_size, echo, eval_max_gen_toks) for name, path in targets}
     shared = {k: v for k, v in next(iter(configs_.values())).to_json().items()
               if k not in ("out", "plugins", "options", "preset")}
-    return write_outputs(out, runs, table, plugins,
+    gen_toks = {t: n for e in evals.values() for t, n in e["gen_toks"].items()}
+    return write_outputs(out, runs, {n: e["scores"] for n, e in evals.items()}, plugins,
                          {**shared, "eval": {"tasks": tasks, "limit": limit, "include": include,
-                                             "max_gen_toks": eval_max_gen_toks}})
+                                             "max_gen_toks": eval_max_gen_toks, "gen_toks": gen_toks}},
+                         {n: e["items"] for n, e in evals.items()}, {n: e["answers"] for n, e in evals.items()})
 
 
 # ---- command line -----------------------------------------------------------------------------------
@@ -461,12 +535,13 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--eval-tasks", required=True, help="Comma-separated lm-eval tasks or groups.")
 @click.option("--eval-limit", type=int, default=None, help="Score only the first N documents of each task.")
 @click.option("--eval-batch-size", type=int, default=4, show_default=True)
-@click.option("--eval-max-gen-toks", type=int, default=None,
-              help="Cap every task's generation length (the same for every run) to keep a study cheap.")
+@click.option("--eval-max-gen-toks", type=click.IntRange(min=1), default=None,
+              help="Cap every task's new tokens per answer (the same for every run; the tasks' own limit is "
+                   "1024, as in the paper) to keep a study cheap.")
 @click.option("--include-path", "include", multiple=True, help="Extra lm-eval task folders.")
 @click.option("--no-base", is_flag=True, help="Do not score the untrained --model as a reference row.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the estimated cost; write nothing.")
-@click.option("--sec-per-step", type=float, default=None, help="Seconds per raw-SD step, for the time estimate.")
+@click.option("--sec-per-step", type=float, default=None, help="Seconds per plain-SD step, for the time estimate.")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps per run (default: one pass).")
 @click.option("--batch-size", type=int, default=None, help="Prompts per micro-batch [4].")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step [1].")
@@ -478,19 +553,21 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--seed", type=int, default=None, help="Seed for data order, sampling and plugins [42].")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps, so a killed run resumes [0].")
 @click.option("--lora", is_flag=True, default=None, help="Train LoRA adapters instead of all weights.")
+@click.option("--report-to", default="none", show_default=True, metavar="none|tensorboard|wandb|trackio|mlflow",
+              help="Comma-separated trackers that get every run's metrics and configuration.")
 @_one_line_errors
 def ablate_command(model: str, data: str, out: str, plugins: str, combos: str, grid: tuple[str, ...],
                    baselines: str, options: tuple[str, ...], eval_tasks: str, eval_limit: int | None,
                    eval_batch_size: int, eval_max_gen_toks: int | None, include: tuple[str, ...],
                    no_base: bool, dry_run: bool,
-                   sec_per_step: float | None, **settings: Any) -> None:
-    """Train raw SD, each component, their combinations and option grids alike; score and compare them."""
+                   sec_per_step: float | None, report_to: str, **settings: Any) -> None:
+    """Train plain SD, each component, their combinations and option grids alike; score and compare them."""
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     result = ablate(model, data, Path(out), split(plugins), combos, grid, split(baselines),
                     cfg.parse_overrides(options), list(split(eval_tasks)), eval_limit, list(include),
                     eval_batch_size, not no_base, dry_run, sec_per_step, echo, click.echo,
-                    eval_max_gen_toks=eval_max_gen_toks, **settings)
+                    eval_max_gen_toks=eval_max_gen_toks, report_to=tracking.parse(report_to), **settings)
     if result is not None:
         click.echo((Path(out) / "table.md").read_text())
         click.echo(f"results: {Path(out) / 'results.json'}")

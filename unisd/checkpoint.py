@@ -3,10 +3,12 @@
 A checkpoint is a folder DIR/checkpoints/step-NNNNNN written under a temporary name and renamed into
 place; MANIFEST.json (written last) lists a sha256 per file, so a half-written or corrupted
 checkpoint is detected and skipped on --resume. It holds everything an uninterrupted run would still
-have in memory: trainable weights, optimizer, scheduler, every RNG, data position, plugin states.
+have in memory: trainable weights, optimizer, scheduler, every RNG, data position, plugin states,
+and the run's `identity`, which --resume compares with the run asking to continue it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 import unisd
-from unisd import models
+from unisd import card, models
 
 if TYPE_CHECKING:
     from unisd.train import Run
@@ -42,6 +44,7 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise OutputDirError("--resume and --overwrite contradict each other; pick one")
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"{out} exists and is not a folder; choose another --out")
+    _check_writable(out)
     if not out.is_dir() or not any(out.iterdir()):
         return
     ours = any((out / m).exists() for m in RUN_MARKERS)
@@ -53,6 +56,17 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise OutputDirError(f"{out} holds a finished run; pass --overwrite to replace it")
     if not resume:
         raise OutputDirError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to restart")
+
+
+def _check_writable(out: Path) -> None:
+    """The folder, or its nearest existing parent, must be a folder this process may write into."""
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputDirError(f"cannot create {out}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputDirError(f"cannot write into {existing}: permission denied; choose another --out")
 
 
 def clear(out: Path) -> None:
@@ -102,19 +116,33 @@ def save(run: Run) -> Path:
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{run.step:06d}-"))
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer, tmp / "optimizer.pt")
-    torch.save({"step": run.step, "position": run.position, "bad_steps": run.bad_steps,
-                "scheduler": run.scheduler.state_dict(), "rng": rngs, "plugins": plugins}, tmp / "state.pt")
-    files = sorted(f.name for f in tmp.iterdir())
-    (tmp / MANIFEST).write_text(json.dumps({f: _sha256(tmp / f) for f in files}, indent=1))
+    try:
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer, tmp / "optimizer.pt")
+        torch.save({"step": run.step, "position": run.position, "bad_steps": run.bad_steps,
+                    "scheduler": run.scheduler.state_dict(), "rng": rngs, "plugins": plugins,
+                    "identity": identity(run)}, tmp / "state.pt")
+        files = sorted(f.name for f in tmp.iterdir())
+        (tmp / MANIFEST).write_text(json.dumps({f: _sha256(tmp / f) for f in files}, indent=1))
+    except BaseException:  # e.g. the disk filled up: leave no half-written checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
-        shutil.rmtree(final)
+        _discard(final)
     os.rename(tmp, final)
     for old in sorted(root.glob("step-*"))[:-run.config.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     distributed.barrier(run.world)
     return final
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint by renaming it out of sight first: a crash mid-deletion leaves no half-deleted
+    step-* folder behind, only a .discard-* one that the next --resume removes."""
+    gone = folder.with_name(f".discard-{folder.name}")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.rename(folder, gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def verify(folder: Path) -> str:
@@ -134,19 +162,85 @@ def verify(folder: Path) -> str:
     return ""
 
 
-def restore(run: Run, echo: Callable[[str], None]) -> bool:
-    """Load the newest intact checkpoint into run; False if there is none."""
+# settings that say where and how often a run is written, not what it computes: free to change on resume
+# (the data's path too: its content is compared by fingerprint; max_steps as the schedule's length)
+NOT_IDENTITY = ("out", "data", "save_every", "keep_checkpoints", "max_bad_steps", "max_steps", "rollout_kv_cache_gb")
+
+
+def identity(run: Run) -> dict[str, Any]:
+    """What makes two runs the same run: resolved settings, data, plugins (options, versions), schedule, world."""
+    from unisd.plugin import discover
+
+    found = discover()
+    settings = {k: v for k, v in run.config.to_json().items() if k not in NOT_IDENTITY}
+    plugins = {p.name: {"version": found[p.name].version if p.name in found else "?",
+                        "options": {k: v for k, v in vars(p.config).items()}} for p in run.plugins}
+    return {"settings": settings, "plugins": plugins, "data": data_fingerprint(run),
+            "total_steps": run.total_steps, "world_size": run.world.size}
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every leaf that differs (settings. prefixes dropped: they read as flags)."""
+    old, new = _flat(stored), _flat(current)
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key, "(none)") != new.get(key, "(none)"):
+            shown = "data fingerprint" if key == "data" else key.removeprefix("settings.")
+            out.append(f"{shown}: {old.get(key, '(none)')} -> {new.get(key, '(none)')}")
+    return out
+
+
+def check_same_run(folder: Path, stored: dict[str, Any] | None, current: dict[str, Any], extend: bool) -> None:
+    """Refuse to resume a checkpoint of a different run; --extend accepts a longer schedule, nothing else."""
+    if stored is None:
+        raise OutputDirError(f"{folder} records no run configuration (written by an older unisd); "
+                             "start again with --overwrite")
+    if extend and current["total_steps"] > stored["total_steps"]:
+        current = {**current, "total_steps": stored["total_steps"]}
+    # a setting added to unisd after the checkpoint was written counts as its default
+    stored = {**stored, "settings": {**_defaults(), **stored["settings"]}}
+    diff = changes(stored, current)
+    if diff:
+        hint = " (--extend accepts more steps)" if any(d.startswith("total_steps") for d in diff) else ""
+        raise OutputDirError(f"--resume: this is not the run in {folder.parent.parent}: {'; '.join(diff)}{hint}; "
+                             "resume with the same settings, or start again with --overwrite")
+
+
+def _defaults() -> dict[str, Any]:
+    from unisd.config import TrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)
+            if f.default is not dataclasses.MISSING and f.name not in NOT_IDENTITY}
+
+
+def restore(run: Run, echo: Callable[[str], None], extend: bool = False) -> bool:
+    """Load the newest intact checkpoint into run; False if there is none.
+
+    The checkpoint must be of this very run (see `identity`); `extend` lets the schedule grow.
+    """
     from unisd import distributed
 
     root = run.out / "checkpoints"
     if run.world.main:
-        for leftover in root.glob(".tmp-step-*"):  # a save interrupted by a crash
+        for leftover in [*root.glob(".tmp-step-*"), *root.glob(".discard-*")]:  # a save interrupted by a crash
             shutil.rmtree(leftover, ignore_errors=True)
     for folder in sorted(root.glob("step-*"), reverse=True):
         problem = verify(folder)
         if problem:
             echo(f"warning: skipping checkpoint {folder.name}: {problem}")
             continue
+        state = torch.load(folder / "state.pt", weights_only=False)
+        check_same_run(folder, state.get("identity"), identity(run), extend)
+        missing = [p.name for p in run.plugins if p.name not in state["plugins"]]
+        if missing:
+            raise OutputDirError(f"{folder} holds no state for plugin {', '.join(missing)}; "
+                                 "resume with the plugins it was written with, or --overwrite")
         trainable = load_file(str(folder / "trainable.safetensors"), device=str(run.world.device))
         params = dict(run.student.named_parameters())
         for name, value in trainable.items():
@@ -154,16 +248,11 @@ def restore(run: Run, echo: Callable[[str], None]) -> bool:
         assert run.optimizer is not None
         set_optimizer_state_dict(run.student, run.optimizer, torch.load(folder / "optimizer.pt", weights_only=False),
                                  options=StateDictOptions(full_state_dict=True))
-        state = torch.load(folder / "state.pt", weights_only=False)
         run.scheduler.load_state_dict(state["scheduler"])
         run.step, run.position, run.bad_steps = state["step"], state["position"], state["bad_steps"]
         for p in run.plugins:
-            if p.name in state["plugins"]:
-                p.load_state_dict(state["plugins"][p.name])
-        rngs = state["rng"]
-        if len(rngs) != run.world.size:
-            raise OutputDirError(f"{folder} was written by {len(rngs)} processes; resume with as many")
-        set_rng_state(rngs[run.world.rank])
+            p.load_state_dict(state["plugins"][p.name])
+        set_rng_state(state["rng"][run.world.rank])
         return True
     echo("no intact checkpoint found; starting from the beginning")
     return False
@@ -184,18 +273,6 @@ def data_fingerprint(run: Run) -> str:
     return h.hexdigest()
 
 
-def model_card(run: Run) -> str:
-    c = run.config
-    plugins = ", ".join(c.plugins) or "none (plain self-distillation)"
-    return (f"# {run.out.name}\n\nSelf-distilled with [unisd](https://github.com/unisd/unisd) {unisd.__version__}.\n\n"
-            f"- base model: `{c.model}`\n- data: `{c.data}` ({len(run.kept)} examples)\n- plugins: {plugins}\n"
-            f"- preset: {c.preset or 'none'}\n- steps: {run.step} (batch {c.batch_size} x grad-accum {c.grad_accum})\n"
-            f"- divergence: {c.divergence} at temperature {c.loss_temperature}\n\n"
-            f"The full resolved configuration is in `unisd.json`; per-step metrics in `metrics.jsonl`.\n\n"
-            f"Evaluate with\n\n```\nlm_eval --model hf --model_args pretrained={run.out} "
-            f"--include_path \"$(unisd tasks-path)\" --tasks unisd --apply_chat_template --confirm_run_unsafe_code\n```\n")
-
-
 def save_final(run: Run) -> None:
     """Write the final model into run.out itself; unisd.json goes last and marks the run finished.
 
@@ -203,6 +280,7 @@ def save_final(run: Run) -> None:
     """
     from unisd import distributed
     from unisd.plugin import discover
+    from unisd.train import data_order
 
     sharded = distributed.is_sharded(run.student_hidden)
     weights = distributed.gathered(run.student.named_parameters(), run.world) if sharded else None
@@ -212,12 +290,16 @@ def save_final(run: Run) -> None:
     staging = Path(tempfile.mkdtemp(dir=run.out, prefix=".final-"))
     found = discover()
     record = {"unisd_version": unisd.__version__, "config": run.config.to_json(), "steps": run.step,
-              "examples": len(run.kept), "data_fingerprint": data_fingerprint(run),
+              "examples": len(run.kept), "data_fingerprint": data_fingerprint(run), "data": data_order(run),
               "plugins": {p.name: {"distribution": found[p.name].distribution if p.name in found else "?",
                                    "version": found[p.name].version if p.name in found else "?",
                                    "options": {k: v for k, v in vars(p.config).items()}} for p in run.plugins},
               "torch": torch.__version__}
-    models.save_final(run.student, run.tokenizer, staging, model_card(run), record, weights)
+    try:
+        models.save_final(run.student, run.tokenizer, staging, card.render(record, run.out.name), record, weights)
+    except BaseException:  # nothing half-written in the output folder
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     names = sorted(f.name for f in staging.iterdir())
     for name in [n for n in names if n != "unisd.json"] + ["unisd.json"]:
         os.replace(staging / name, run.out / name)

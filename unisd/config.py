@@ -27,9 +27,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_new_tokens: int = 256
-    max_prompt_tokens: int = 1024      # longer prompts (student or any teacher view) are dropped, never cut
+    max_prompt_tokens: int = 1024      # examples whose student or teacher prompt is longer are dropped, never cut
     temperature: float = 0.7           # rollout sampling temperature
     top_p: float = 1.0
+    top_k: int = 0                     # rollout top-k truncation; 0: none
     loss_temperature: float = 0.7      # both logit sets are divided by it inside the divergence
     divergence: str = "fkl"            # fkl | rkl | jsd
     alpha: float = 0.5                 # jsd mixture weight (Eq. 7)
@@ -44,6 +45,8 @@ class TrainConfig:
     lora_alpha: int = 128
     lora_dropout: float = 0.05
     fsdp: bool = False                 # under torchrun: shard weights, gradients and optimizer state (FSDP2)
+    rollout: str = "hf"                # hf (transformers generate) | vllm (a colocated vLLM engine, unisd.engine)
+    rollout_kv_cache_gb: float = 2.0   # memory the vLLM engine reserves for its KV cache
 
     def __post_init__(self) -> None:
         checks = [
@@ -54,7 +57,8 @@ class TrainConfig:
             (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
             (self.max_prompt_tokens >= 1, "--max-prompt-tokens must be at least 1"),
             (self.temperature > 0, "--temperature must be positive"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
+            (self.top_k >= 0, "--top-k must be 0 (no truncation) or more"),
             (self.loss_temperature > 0, "--loss-temperature must be positive"),
             (self.divergence in DIVERGENCES, f"--divergence must be one of {', '.join(DIVERGENCES)}"),
             (self.divergence != "jsd" or 0 < self.alpha < 1, "--alpha must be in (0, 1) for jsd (fkl and rkl are the endpoints)"),
@@ -65,6 +69,10 @@ class TrainConfig:
             (not (self.fsdp and self.lora), "--fsdp and --lora cannot be combined yet; a LoRA run keeps one "
                                             "frozen copy of the weights, so use data parallelism (no --fsdp)"),
             (not (self.fsdp and self.bf16), "--bf16 samples from a whole bf16 copy of the weights; drop it with --fsdp"),
+            (self.rollout in ROLLOUTS, f"--rollout must be one of {', '.join(ROLLOUTS)}"),
+            (not (self.fsdp and self.rollout == "vllm"), "--rollout vllm holds whole weights in each rank's engine; "
+                                                         "drop it with --fsdp"),
+            (self.rollout_kv_cache_gb > 0, "--rollout-kv-cache-gb must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -75,6 +83,7 @@ class TrainConfig:
 
 
 DIVERGENCES = ("fkl", "rkl", "jsd")
+ROLLOUTS = ("hf", "vllm")
 
 
 class ConfigError(ValueError):
@@ -83,42 +92,103 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    """A named configuration: plugins, their options, and trainer settings. `source` says where it comes from."""
+    """A named configuration: plugins, their options, and trainer settings.
+
+    `source` cites the method; `sources` gives, per defining setting, its value and where it comes from
+    (paper section or reference-code file and flag); `deviations` says what differs here and why.
+    """
 
     description: str
     source: str
     plugins: tuple[str, ...] = ()
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     settings: Mapping[str, Any] = field(default_factory=dict)
+    sources: Mapping[str, str] = field(default_factory=dict)
+    deviations: str = ""
 
+
+SDFT_CODE = "SDFT reference code (github.com/idanshen/Self-Distillation)"
+OPSD_CODE = "OPSD reference code (github.com/siyan-zhao/OPSD, scripts/run_opsd_1b.sh, its reproduced run)"
 
 PRESETS: dict[str, Preset] = {
-    "sd": Preset("plain on-policy self-distillation: student samples, the demonstration-conditioned "
-                 "initial model scores, forward KL (the paper's Raw)", "UniSD paper, Eq. 1 with w = 1"),
-    "sft": Preset("supervised fine-tuning: cross-entropy on the gold demonstration (reasoning + answer); "
-                  "never samples", "UniSD paper's SFT baseline (static imitation)",
-                  ("mix", "nll"), {"mix": {"source": "gold", "prob": 1.0}}),
-    "sdft": Preset("self-distillation fine-tuning: on-policy samples at temperature 1, the demonstration-"
-                   "conditioned frozen initial model as teacher, generalized JSD alpha 0.5 at temperature 1",
-                   "Shenfeld et al. 2026, arXiv 2601.19897 (TRL SDFT defaults: alpha 0.5, base teacher, "
-                   "full-vocabulary here instead of its top-100 support)",
-                   settings={"divergence": "jsd", "alpha": 0.5, "temperature": 1.0, "loss_temperature": 1.0}),
-    "gkd": Preset("generalized knowledge distillation: JSD beta 0.5; each micro-batch is on-policy with "
-                  "probability lambda 0.5, else the dataset completion; sampling temperature 0.9, loss at 1",
-                  "Agarwal et al., ICLR 2024 (TRL GKD defaults); the teacher is the demonstration-conditioned "
-                  "self-teacher, as there is no stronger model here",
-                  ("mix",), {"mix": {"source": "gold", "prob": 0.5}},
-                  {"divergence": "jsd", "alpha": 0.5, "temperature": 0.9, "loss_temperature": 1.0}),
-    "ssd": Preset("simple self-distillation: cross-entropy on the frozen base model's own samples "
-                  "(temperature 1.0; no teacher, no verifier)",
-                  "Zhang et al. 2026, arXiv 2604.01193 (the sampling temperature is mix.temperature)",
-                  ("mix", "nll"), {"mix": {"source": "base", "prob": 1.0, "temperature": 1.0}}),
-    "opsd": Preset("on-policy self-distillation with the current model as its own privileged-context "
-                   "teacher (EMA with beta 0 every step), reverse KL at temperature 1",
-                   "Zhao et al. 2026, arXiv 2601.18734 (same weights teach with the solution in context; "
-                   "per-token reverse KL)",
-                   ("ema",), {"ema": {"beta": 0.0, "every": 1}},
-                   {"divergence": "rkl", "loss_temperature": 1.0}),
+    "sd": Preset(
+        "plain on-policy self-distillation: the student samples, the demonstration-conditioned initial model "
+        "scores, forward KL (UniSD* with every mechanism off; the untrained base model, not this, is the base "
+        "row of every table)", "UniSD paper, Eq. 1 with w = 1",
+        sources={"teacher": "frozen initial model with the gold demonstration in context (UniSD Eq. 1; official "
+                            "code: ref_model = initial weights)",
+                 "divergence": "forward KL at logit temperature 0.7 (official trainer: alpha 0, tau 0.7)",
+                 "sampling": "temperature 0.7, top-p 1, no top-k (official vLLM rollouts: T 0.7)",
+                 "on-policy fraction": "1 (every completion is the student's own sample)"}),
+    "sft": Preset(
+        "supervised fine-tuning: cross-entropy on the gold demonstration (reasoning + answer); never samples",
+        "UniSD paper's SFT baseline (static imitation)", ("mix", "nll"), {"mix": {"source": "gold", "prob": 1.0}},
+        sources={"teacher": "none: the gold demonstration is the target (UniSD paper, SFT baseline)",
+                 "divergence": "token cross-entropy, i.e. forward KL to the one-hot gold token",
+                 "sampling": "none", "on-policy fraction": "0"}),
+    "sdft": Preset(
+        "self-distillation fine-tuning: on-policy samples at temperature 1; the teacher is an EMA of the student "
+        "(rate 0.01 each step) shown the demonstration; reverse KL at temperature 1",
+        "Shenfeld et al. 2026, 'Self-Distillation Enables Continual Learning', arXiv 2601.19897, Algorithm 1",
+        ("ema",), {"ema": {"beta": 0.99, "every": 1}},
+        {"divergence": "rkl", "temperature": 1.0, "top_p": 1.0, "top_k": 0, "loss_temperature": 1.0},
+        sources={"teacher": f"EMA of the student, phi <- 0.01*theta + 0.99*phi after every step (paper Algorithm 1; "
+                            f"{SDFT_CODE}, main.py: sync_ref_model, ref_model_sync_steps 1, "
+                            "ref_model_mixup_alpha 0.01)",
+                 "divergence": f"reverse KL KL(student || teacher) ({SDFT_CODE}, distil_config.py: alpha 1.0 = reverse "
+                               "KL, not overridden in main.py)",
+                 "sampling": f"temperature 1.0, top-p 1.0, no top-k ({SDFT_CODE}, distil_config.py defaults)",
+                 "on-policy fraction": "1 (the student generates every completion)"},
+        deviations="the reference code also leaves the first 3 completion tokens out of the loss "
+                   "(num_loss_tokens_to_skip 3, a chat-template artefact of its Qwen3 runs); unisd scores every "
+                   "token. TRL's experimental SDFT trainer defaults (frozen teacher, JSD) are not the authors' "
+                   "settings and are not used."),
+    "gkd": Preset(
+        "generalized knowledge distillation: generalized JSD beta 0.5; each micro-batch is on-policy with "
+        "probability lambda 0.5, else the dataset completion; sampling temperature 0.9, loss at temperature 1",
+        "Agarwal et al., 'On-Policy Distillation of Language Models', ICLR 2024, Algorithm 1",
+        ("mix",), {"mix": {"source": "gold", "prob": 0.5}},
+        {"divergence": "jsd", "alpha": 0.5, "temperature": 0.9, "top_p": 1.0, "top_k": 0, "loss_temperature": 1.0},
+        sources={"teacher": "frozen (GKD paper: a fixed teacher); here the demonstration-conditioned initial model",
+                 "divergence": "generalized JSD with beta 0.5, M = beta*p_T + (1-beta)*p_S (paper Eq. for JSD(beta); "
+                               "TRL GKDConfig beta 0.5)",
+                 "sampling": "temperature 0.9, top-p 1, no top-k (TRL GKDConfig temperature 0.9; GKDTrainer "
+                             "samples with top_k 0)",
+                 "loss temperature": "1 (TRL GKDTrainer.compute_loss calls generalized_jsd_loss with its default "
+                                     "temperature 1)",
+                 "on-policy fraction": "lambda 0.5 per batch, else the dataset output (paper Algorithm 1; TRL "
+                                       "GKDConfig lmbda 0.5)"},
+        deviations="the paper distils a larger teacher; with no stronger model here the teacher is the "
+                   "demonstration-conditioned self-teacher, as in the UniSD paper's GKD row."),
+    "ssd": Preset(
+        "simple self-distillation: cross-entropy on the frozen base model's own samples drawn at temperature "
+        "0.6 with top-k 20 and top-p 0.95 (no teacher, no verifier)",
+        "Zhang et al. 2026, 'Embarrassingly Simple Self-Distillation Improves Code Generation', arXiv 2604.01193",
+        ("mix", "nll"), {"mix": {"source": "base", "prob": 1.0}},
+        {"temperature": 0.6, "top_k": 20, "top_p": 0.95},
+        sources={"teacher": "none: samples of the frozen initial model are the targets (paper section 2)",
+                 "divergence": "token cross-entropy on the samples (paper: standard SFT loss)",
+                 "sampling": "T_train 0.6, top-k 20, top-p 0.95 (TRL experimental SSDConfig example, which "
+                             "quotes the paper's T_train with truncation; apple/ml-ssd ships evaluation only)",
+                 "on-policy fraction": "0 (the base model samples, one completion per prompt)"},
+        deviations="samples are drawn on the fly from the frozen base model rather than once before training: "
+                   "the same distribution, one sample per visit."),
+    "opsd": Preset(
+        "on-policy self-distillation: the frozen initial model shown the solution teaches; generalized JSD "
+        "beta 0.5 at temperature 1.1; samples at temperature 1.1, top-p 0.95, top-k 20",
+        "Zhao et al. 2026, 'Self-Distilled Reasoner: On-Policy Self-Distillation', arXiv 2601.18734",
+        settings={"divergence": "jsd", "alpha": 0.5, "temperature": 1.1, "top_p": 0.95, "top_k": 20,
+                  "loss_temperature": 1.1},
+        sources={"teacher": f"fixed initial policy shown the solution ({OPSD_CODE}: --fixed_teacher, 'Recommended' "
+                            "in its README)",
+                 "divergence": f"full-vocabulary generalized JSD, beta 0.5 ({OPSD_CODE}: --beta 0.5; "
+                               "opsd_trainer.generalized_jsd_loss)",
+                 "sampling": f"temperature 1.1, top-p 0.95, top-k 20 ({OPSD_CODE})",
+                 "loss temperature": "1.1: opsd_trainer divides both logit sets by the sampling temperature",
+                 "per-token clipping": "none (the reference code has no clipping)",
+                 "on-policy fraction": f"1 ({OPSD_CODE}: --lmbda 1)"},
+        deviations="the reference fixes the teacher by switching LoRA off; unisd's frozen initial model is the "
+                   "same weights, with or without --lora."),
     "unisd-star": Preset(
         "UniSD*: EMA teacher + token-level retrieval agreement + contrastive hinge + joint feature matching "
         "+ divergence clipping at 10",

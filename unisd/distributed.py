@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -116,13 +119,46 @@ def accumulating(module: torch.nn.Module, skip_sync: bool) -> contextlib.Abstrac
 
 
 def mean(values: dict[str, float], world: World) -> dict[str, float]:
-    """The mean of each value over ranks (keys must be the same on every rank)."""
+    """The mean of each value over the ranks that report it: keys are the union over ranks (a plugin
+    may log a metric only on some ranks or steps, and every rank must join the same all-reduce)."""
     if world.size == 1:
         return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=world.device)
-    dist.all_reduce(t)
-    return {k: float(v) / world.size for k, v in zip(keys, t.tolist())}
+    keys = sorted(set().union(*gather(sorted(values), world)))
+    sums = torch.tensor([[values.get(k, 0.0), float(k in values)] for k in keys], dtype=torch.float64,
+                        device=world.device)
+    dist.all_reduce(sums)
+    return {k: float(v) / n for k, (v, n) in zip(keys, sums.tolist())}
+
+
+def once(build: Callable[[], T]) -> T:
+    """`build()` run by rank 0 alone and its (picklable) result handed to every rank.
+
+    For setup work that would come out the same on every rank (generated negatives, contexts,
+    induced instructions): N processes need not all compute it, nor all write the same cache file.
+    Uses the process group directly, so plugins call it without a World; one process just builds.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return build()
+    box: list[Any] = [None]
+    error: Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, build())
+        except Exception as e:  # the other ranks must not wait forever for a result that never comes
+            error, box[0] = e, (False, f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if error is not None:
+        raise error
+    if not ok:
+        raise RuntimeError(f"rank 0 failed to build it: {value}")
+    return value
+
+
+def say(message: str) -> None:
+    """Print a message to stderr from rank 0 only (plugins' warnings; one voice under torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(message, file=sys.stderr)
 
 
 def total(t: torch.Tensor, world: World) -> torch.Tensor:

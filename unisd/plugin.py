@@ -12,9 +12,9 @@ import importlib.metadata
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-import torch
+if TYPE_CHECKING:  # torch only for annotations: the CLI refuses bad flags before importing it
+    import torch
 
-if TYPE_CHECKING:
     from unisd.rollout import Rollout
     from unisd.train import Batch, Outputs, Run
 
@@ -22,6 +22,7 @@ API_VERSION = 1
 GROUP = "unisd.plugins"
 HOOKS = ("setup", "completions", "views", "teacher", "token_loss", "weights", "aux_losses", "after_step",
          "state_dict", "load_state_dict")
+EXCLUSIVE = ("teacher", "completions")  # hooks whose answer replaces, not chains: one provider per run
 
 
 class PluginError(ValueError):
@@ -45,6 +46,9 @@ class Plugin:
 
     name: ClassVar[str] = ""
     api_version: ClassVar[int] = API_VERSION
+    # exclusive hooks (teacher, completions) this plugin answers only sometimes and lets others answer
+    # otherwise; without it, selecting two providers of the same exclusive hook is an error
+    composes: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True)
     class Config:
@@ -210,4 +214,13 @@ def load(names: list[str], options: Mapping[str, Mapping[str, str]],
         plugins.append(plugin)
     if len(set(names)) != len(names):
         raise PluginError(f"a plugin is selected twice: {','.join(names)}")
+    for hook in EXCLUSIVE:
+        providers = [p.name for p in plugins if _overrides(p, hook) and hook not in p.composes]
+        if len(providers) > 1:
+            raise PluginError(f"plugins {' and '.join(repr(n) for n in providers)} both provide the {hook} hook, "
+                              "and only one can answer it; select one of them")
     return plugins
+
+
+def _overrides(plugin: Plugin, hook: str) -> bool:
+    return getattr(type(plugin), hook) is not getattr(Plugin, hook)

@@ -37,15 +37,84 @@ def _columns(table: dict[str, dict[str, float]]) -> list[str]:
     return list(seen)
 
 
-def score_table(table: dict[str, dict[str, float]]) -> str:
-    """Markdown: rows = runs, columns = tasks + Overall, scores in percent with one decimal."""
+def _half_width(ci: list[float] | tuple[float, float] | None) -> str:
+    return f" ± {(ci[1] - ci[0]) / 2:.1f}" if ci else ""
+
+
+def score_table(table: dict[str, dict[str, float]], ci95: dict[str, dict[str, list[float]]] | None = None,
+                marks: dict[str, dict[str, str]] | None = None,
+                overall_ci95: dict[str, list[float]] | None = None) -> str:
+    """Markdown: rows = runs, columns = tasks + Overall, scores in percent with one decimal.
+
+    With ci95 (and overall_ci95) a cell reads `score ± half-width` of its 95% interval; marks[run][task]
+    is appended to it.
+    """
     cols = _columns(table)
     lines = ["| run | " + " | ".join(_label(c) for c in cols) + " | Overall |",
              "|---|" + "---|" * (len(cols) + 1)]
     for name, row in table.items():
-        cells = [f"{row[c]:.1f}" if c in row else "–" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {overall(row, cols):.1f} |")
+        ci, mark = (ci95 or {}).get(name, {}), (marks or {}).get(name, {})
+        cells = [f"{row[c]:.1f}{_half_width(ci.get(c))}{mark.get(c, '')}" if c in row else "–" for c in cols]
+        whole = f"{overall(row, cols):.1f}{_half_width((overall_ci95 or {}).get(name))}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {whole} |")
     return "\n".join(lines) + "\n"
+
+
+def significance_marks(paired: dict[str, dict[str, dict[str, Any]]], reference: str) -> dict[str, dict[str, str]]:
+    """run -> task -> ↑ / ↓ where the paired difference to `reference` has an interval excluding 0."""
+    marks: dict[str, dict[str, str]] = {}
+    for run, against in paired.items():
+        for task, test in against.get(reference, {}).items():
+            low, high = test["ci95"]
+            if low > 0 or high < 0:
+                marks.setdefault(run, {})[task] = " ↑" if low > 0 else " ↓"
+    return marks
+
+
+def paired_table(paired: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Markdown: one row per (run, reference, task): difference in points, its 95% interval, p-value."""
+    lines = ["| run | vs | task | difference | 95% CI | p | test | n |", "|---|---|---|---|---|---|---|---|"]
+    for run, against in paired.items():
+        for reference, per_task in against.items():
+            for task, t in per_task.items():
+                low, high = t["ci95"]
+                flag = " ↑" if low > 0 else " ↓" if high < 0 else ""
+                lines.append(f"| {run} | {reference} | {_label(task)} | {t['difference']:+.1f}{flag} | "
+                             f"[{low:+.1f}, {high:+.1f}] | {t['p_value']:.3g} | {t['test']} | {t['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def answers_table(answers: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Markdown: per task the share of each run's most frequent answer (⚠ collapsed), and for multiple
+    choice the constant-answer baseline (the score of always giving the best single option)."""
+    tasks = list(dict.fromkeys(t for per_task in answers.values() for t in per_task))
+    lines = ["| run | " + " | ".join(_label(t) for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    constant = {t: e for per_task in answers.values() for t, e in per_task.items() if "constant_baseline" in e}
+    if constant:
+        lines.append("| constant answer | " + " | ".join(
+            f"{constant[t]['constant_baseline']:.1f} (always {constant[t]['constant_answer']})" if t in constant
+            else "–" for t in tasks) + " |")
+    for run, per_task in answers.items():
+        cells = []
+        for t in tasks:
+            e = per_task.get(t)
+            if e is None:
+                cells.append("–")
+                continue
+            if "constant_baseline" in e:  # multiple choice: name the option (none when no answer parsed)
+                top = f"{e['top_answer']} " if e["top_answer"] is not None else ""
+            else:
+                top = "identical "
+            cells.append(f"{top}{e['top_share']:.0f}%" + (" ⚠ collapsed" if e["collapsed"] else ""))
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def generation_note(gen_toks: dict[str, int], cap: int | None) -> str:
+    """The line printed under every table: how many new tokens each task could generate."""
+    limits = ", ".join(f"{_label(t)} {n}" for t, n in gen_toks.items()) or "each task's own limit"
+    capped = f", capped with --max-gen-toks {cap}" if cap else ""
+    return f"New tokens per answer at most: {limits}{capped} (the paper: 1024).\n"
 
 
 def retention_table(retention: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -59,17 +128,23 @@ def retention_table(retention: dict[str, dict[str, dict[str, float]]]) -> str:
         cells = []
         for t in tasks:
             r = per_task.get(t, {})
-            cells += [_num(r.get("ppl_ret")), _num(r.get("ppl_fit"))]
+            cells += [_num(r.get("ppl_ret"), r.get("ppl_ret_ci95")), _num(r.get("ppl_fit"), r.get("ppl_fit_ci95"))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _num(x: float | None) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+def _num(x: float | None, ci: list[float] | None = None) -> str:
+    """A perplexity with its 95% interval in brackets when one is known."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    known = ci and not any(math.isnan(v) for v in ci)
+    return f"{x:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if known else f"{x:.2f}"
 
 
-def bar_chart(table: dict[str, dict[str, float]], path: Path, title: str = "score (%)") -> None:
-    """Grouped bars: one group per task plus Overall, one bar per run."""
+def bar_chart(table: dict[str, dict[str, float]], path: Path, title: str = "score (%)",
+              ci95: dict[str, dict[str, list[float]]] | None = None,
+              overall_ci95: dict[str, list[float]] | None = None) -> None:
+    """Grouped bars: one group per task plus Overall, one bar per run; error bars span each 95% interval."""
     cols = _columns(table)
     groups = cols + ["Overall"]
     runs = list(table)
@@ -77,7 +152,11 @@ def bar_chart(table: dict[str, dict[str, float]], path: Path, title: str = "scor
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups) + 1), 4))
     for i, run in enumerate(runs):
         values = [table[run].get(c, 0.0) for c in cols] + [overall(table[run], cols)]
-        ax.bar([g + i * width for g in range(len(groups))], values, width, label=run)
+        ci = {**(ci95 or {}).get(run, {}), **({"Overall": overall_ci95[run]} if run in (overall_ci95 or {}) else {})}
+        errors = [[max(v - ci[g][0], 0.0) if g in ci else 0.0 for v, g in zip(values, groups)],
+                  [max(ci[g][1] - v, 0.0) if g in ci else 0.0 for v, g in zip(values, groups)]]
+        ax.bar([g + i * width for g in range(len(groups))], values, width, label=run,
+               yerr=errors if ci else None, capsize=3)
     ax.set_xticks([g + width * (len(runs) - 1) / 2 for g in range(len(groups))])
     ax.set_xticklabels([_label(g) for g in groups])
     ax.set_ylabel(title)
@@ -87,24 +166,54 @@ def bar_chart(table: dict[str, dict[str, float]], path: Path, title: str = "scor
     plt.close(fig)
 
 
+def reference_of(combined: dict[str, Any]) -> str | None:
+    """The row every other is tested against: the run named `base`, else the first run."""
+    names = list(combined.get("scores", {}))
+    return "base" if "base" in names else (names[0] if names else None)
+
+
 def write_comparison(combined: dict[str, Any], out: Path) -> None:
-    """table.md (+ retention) and scores.png from a combined results dict."""
-    text = score_table(combined["scores"])
+    """table.md (scores ± interval, paired tests, answer spread, retention) and scores.png."""
+    reference = reference_of(combined)
+    marks = significance_marks(combined.get("paired", {}), reference) if reference else {}
+    text = score_table(combined["scores"], combined.get("ci95"), marks, combined.get("overall_ci95"))
+    if combined.get("ci95"):
+        text += (f"\n± half the 95% interval (exact Clopper-Pearson for 0/1 scores, bootstrap over items "
+                 f"otherwise); ↑ / ↓: the paired difference to {reference} excludes 0.\n")
+    text += "\n" + generation_note(combined.get("gen_toks", {}), combined.get("max_gen_toks"))
+    if combined.get("paired"):
+        text += "\nPaired differences over the same items (points):\n\n" + paired_table(combined["paired"])
+    if combined.get("answers"):
+        text += ("\nAnswer spread: share of the most frequent option (identical output for free text); "
+                 "⚠ collapsed: one answer in ≥ 90% of ≥ 10 items:\n\n" + answers_table(combined["answers"]))
     if combined.get("retention"):
-        text += "\nRetention (lower is better):\n\n" + retention_table(combined["retention"])
+        text += "\nRetention (lower is better; [95% interval, bootstrap over documents]):\n\n"
+        text += retention_table(combined["retention"])
     (out / "table.md").write_text(text)
-    bar_chart(combined["scores"], out / "scores.png")
+    bar_chart(combined["scores"], out / "scores.png", ci95=combined.get("ci95"),
+              overall_ci95=combined.get("overall_ci95"))
+
+
+PER_RUN = ("scores", "retention", "answers", "items", "runs")
 
 
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Combine several results.json dicts, run by run and task by task (a later file wins a clash)."""
-    merged: dict[str, Any] = {"tasks": [], "scores": {}, "retention": {}}
+    """Combine several results.json dicts, run by run and task by task (a later file wins a clash).
+
+    Intervals and paired tests are recomputed from the merged items (unisd.evaluate.add_uncertainty).
+    """
+    merged: dict[str, Any] = {"tasks": [], "gen_toks": {}, **{key: {} for key in PER_RUN}}
+    caps = {r.get("max_gen_toks") for r in results}
+    merged["max_gen_toks"] = caps.pop() if len(caps) == 1 else None
     for r in results:
         merged["tasks"] += [t for t in r.get("tasks", []) if t not in merged["tasks"]]
-        for key in ("scores", "retention"):
+        merged["gen_toks"].update(r.get("gen_toks", {}))
+        for key in PER_RUN:
             for run, per_task in r.get(key, {}).items():
                 merged[key].setdefault(run, {}).update(per_task)
-    return merged
+    from unisd.evaluate import add_uncertainty
+
+    return add_uncertainty(merged)
 
 
 def training_curves(metrics: Path, path: Path) -> list[str]:

@@ -4,17 +4,23 @@ Sampling is memory-bandwidth bound on CPU (every new token reads all weights), s
 a lower precision (`dtype=torch.bfloat16`, `unisd train --bf16`): a shadow copy of the student
 in that dtype is refreshed from the student's *current* weights (LoRA merged) at every call, so the
 sample stays on-policy up to bf16 rounding of the weights; the default (fp32) samples the student itself.
+With an `engine` (`--rollout vllm`, see unisd.engine) the same call samples with vLLM instead, after
+copying the model's current effective weights into it, and returns the same `Rollout`.
 """
 from __future__ import annotations
 
 import copy
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from unisd.sequences import completion_mask, left_pad
+
+if TYPE_CHECKING:
+    from unisd.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -58,9 +64,10 @@ def shadow(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 @torch.no_grad()
 def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
            max_new_tokens: int, temperature: float, top_p: float, min_new_tokens: int = 0,
-           dtype: torch.dtype | None = None) -> Rollout:
+           dtype: torch.dtype | None = None, engine: Engine | None = None, top_k: int = 0) -> Rollout:
     """Sample from the model as it is now; dropout is off while sampling and restored afterwards.
 
+    `top_k` keeps only the k most likely tokens at each step (0: no top-k truncation);
     `min_new_tokens` suppresses EOS before that many tokens (benchmarks use it to fix the length);
     `dtype` samples with a shadow copy in that precision, see the module doc. A model sharded with
     FSDP gathers each layer's weights at every decoding step, so every rank keeps decoding until all
@@ -68,6 +75,9 @@ def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
     """
     from unisd import distributed
 
+    if engine is not None:
+        return _sample_with(engine, model, tokenizer, prompts, max_new_tokens, temperature, top_p, min_new_tokens,
+                            top_k)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -81,7 +91,7 @@ def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
     try:
         with torch.no_grad() if sharded else torch.inference_mode():
             out = sampler.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                                   temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                                    eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **extra)
     finally:
         model.train(was_training)
@@ -93,15 +103,35 @@ def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
     return Rollout(tokens.masked_fill(mask == 0, tokenizer.pad_token_id), mask, truncated)
 
 
+def _sample_with(engine: Engine, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                 min_new_tokens: int, top_k: int = 0) -> Rollout:
+    """`sample` through the vLLM engine: load the model's weights (LoRA merged), then one seeded request per prompt.
+
+    The seeds are drawn from torch's global generator, so a seeded or resumed run samples the same completions.
+    """
+    from unisd import models
+
+    stops = eos_ids(model, tokenizer)
+    engine.load(models.effective_weights(model))
+    seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+    rows = engine.generate(prompts, max_new_tokens, temperature, top_p, stops, seeds, min_new_tokens, top_k)
+    return _padded(rows, torch.tensor([not r or r[-1] not in stops for r in rows]), tokenizer.pad_token_id)
+
+
+def _padded(rows: list[list[int]], truncated: torch.Tensor, pad_id: int) -> Rollout:
+    """Completion rows (each through its EOS, if any) as a right-padded Rollout."""
+    width = max(max(len(r) for r in rows), 1)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1.0
+    return Rollout(tokens, mask, truncated)
+
+
 def from_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_new_tokens: int) -> Rollout:
     """Completions given as text (e.g. gold demonstrations), ended by EOS; longer ones are cut and marked truncated."""
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     truncated = torch.tensor([len(r) > max_new_tokens for r in rows])
-    rows = [r[:max_new_tokens] for r in rows]
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width))
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1.0
-    return Rollout(tokens, mask, truncated)
+    return _padded([r[:max_new_tokens] for r in rows], truncated, tokenizer.pad_token_id)

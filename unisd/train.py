@@ -6,6 +6,7 @@ a mechanism. `train(config)` runs a whole job; `prepare(config)` builds the `Run
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from unisd import checkpoint, distributed, losses, models, report
+from unisd import checkpoint, distributed, losses, models, report, tracking
 from unisd.config import ConfigError, TrainConfig
 from unisd.data import DataError, Example, load_data
 from unisd.data.prompts import teacher_prompt
@@ -77,6 +78,7 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     bad_steps: int = 0
+    engine: Any = None                 # the colocated vLLM engine under --rollout vllm (unisd.engine)
 
     @property
     def teacher(self) -> Any:
@@ -201,6 +203,14 @@ def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
                    {"student": student_h, "teacher": view_h["teacher"]})
 
 
+def _zero_through_student(run: Run, out: Outputs) -> torch.Tensor:
+    """A zero that depends on every student weight the loss uses (decoder and head): its backward gives
+    zero gradients, so DDP's all-reduce and FSDP's reduce-scatter happen on this rank as on the others."""
+    head = _inner(run.student).get_output_embeddings()
+    with _autocast(run):
+        return 0.0 * head(out.hidden["student"][:, :1]).float().sum()
+
+
 def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     full = values.new_zeros(where.shape)
     return full.masked_scatter(where, values)
@@ -251,7 +261,7 @@ def step(run: Run) -> dict[str, float]:
         if rollout is None:  # on-policy: the student samples
             prompt_ids = [render(run.tokenizer, p) for p in batch.prompts["student"]]
             rollout = sample(run.sampler(run.student), run.tokenizer, prompt_ids, c.max_new_tokens, c.temperature, c.top_p,
-                             dtype=torch.bfloat16 if c.bf16 else None)
+                             dtype=torch.bfloat16 if c.bf16 else None, engine=run.engine, top_k=c.top_k)
         device = run.world.device
         batch.tokens, batch.truncated = rollout.tokens.to(device), rollout.truncated
         batch.mask = rollout.mask.to(device)
@@ -278,11 +288,14 @@ def step(run: Run) -> dict[str, float]:
         for p in plugins:
             aux.update(_guard(p, "aux_losses", out))
         loss = distill + sum(aux.values())
+        for name, term in aux.items():  # how much each auxiliary term acts: its share of the loss
+            out.metrics[f"{name}/share"] = float(term.detach() / loss.detach()) if float(loss.detach()) else 0.0
         t2 = time.perf_counter()
         last = micro == c.grad_accum - 1
         with distributed.accumulating(run.student_hidden, skip_sync=not last):
-            if loss.requires_grad:  # False only when no token counts (e.g. every completion truncated and masked)
-                (loss / c.grad_accum).backward()
+            if not loss.requires_grad:  # no token counts here (e.g. every completion masked): still join
+                loss = loss + _zero_through_student(run, out)  # the other ranks' gradient reduction
+            (loss / c.grad_accum).backward()
         t3 = time.perf_counter()
         timing["rollout_s"] += t1 - t0
         timing["forward_s"] += t2 - t1
@@ -317,22 +330,32 @@ def step(run: Run) -> dict[str, float]:
 
 def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     """Validate everything and load models, data and plugins; writes nothing."""
+    if config.rollout == "vllm":
+        from unisd import engine
+
+        engine.require()  # before anything loads: a missing engine is the first thing to say
     plugins = load_plugins(list(config.plugins), config.options)
     examples = load_data(config.data, "train")
     tokenizer = models.load_tokenizer(config.model)
     world = distributed.init()
+    echo = echo if world.main else (lambda m: None)  # one voice under torchrun
     if config.fsdp and world.size == 1:
         raise ConfigError("--fsdp shards over several processes: launch with torchrun --nproc_per_node N")
     torch.manual_seed(config.seed + world.rank)  # ranks sample different completions
     student = models.load_model(config.model).to(world.device)
     # recompute each layer's activations in backward: a step's memory then barely grows with length
     # (measured on CPU: -0.5 GB peak, +8% step time at batch 4 x 192 tokens); on CUDA activations dominate
-    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(student, "activation_checkpointing_enable"):  # the name since transformers 5.x deprecated the old one
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
         student = models.add_lora(student, config.lora_r, config.lora_alpha, config.lora_dropout)
     student.train()
     run = Run(config, student, tokenizer, examples, plugins, world, Path(config.out),
               initial=AdapterOff(student) if config.lora else None)
+    if config.rollout == "vllm":
+        run.engine = engine.start(config, world)
     for p in plugins:  # before sharding: setup may copy the student or sample from it
         _guard(p, "setup", run)
     run.student_hidden = distributed.wrap(run.encoder(student), world)
@@ -348,15 +371,14 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
 
 
 def _fitting(run: Run, echo: Callable[[str], None]) -> list[int]:
-    """Indices of examples whose every prompt (student, teacher, plugin views) fits max_prompt_tokens."""
+    """Indices of examples whose student and teacher prompts fit max_prompt_tokens.
+
+    Only these two prompts decide, so every run on the same data, seed and limit trains on the same
+    examples in the same order whatever its plugins; a plugin's own views must fit by construction.
+    """
     limit = run.config.max_prompt_tokens
-    kept = []
-    for i, e in enumerate(run.examples):
-        batch = Batch([i], [e], {"student": [e.prompt], "teacher": [teacher_prompt(e)]})
-        for p in run.plugins:
-            batch.prompts.update(_guard(p, "views", batch))
-        if all(len(render(run.tokenizer, ps[0])) <= limit for ps in batch.prompts.values()):
-            kept.append(i)
+    fits = lambda prompt: len(render(run.tokenizer, prompt)) <= limit  # noqa: E731
+    kept = [i for i, e in enumerate(run.examples) if fits(e.prompt) and fits(teacher_prompt(e))]
     dropped = len(run.examples) - len(kept)
     if not kept:
         raise DataError(f"every prompt is longer than --max-prompt-tokens {limit}; raise it")
@@ -365,9 +387,27 @@ def _fitting(run: Run, echo: Callable[[str], None]) -> list[int]:
     return kept
 
 
+def data_order(run: Run) -> dict[str, Any]:
+    """The ids of every example the whole schedule consumes, in order, as a sha256 and a count.
+
+    Equal for runs with the same data, seed, prompt limit and schedule, whatever their plugins, so a
+    comparison can check that its runs saw the same data.
+    """
+    c = run.config
+    positions = run.total_steps * c.batch_size * c.grad_accum * run.world.size
+    ids = [str(run.examples[run.kept[i]].meta.get("task_id", run.kept[i]))
+           for i in order_slice(len(run.kept), c.seed, 0, positions)]
+    digest = hashlib.sha256(json.dumps(ids, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return {"order_sha256": digest, "order_count": len(ids), "examples": len(run.kept)}
+
+
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
-          echo: Callable[[str], None] = print) -> Path:
-    """Run a whole job: validate, train with checkpoints, write the final model into config.out."""
+          echo: Callable[[str], None] = print, extend: bool = False, report_to: tuple[str, ...] = ()) -> Path:
+    """Run a whole job: validate, train with checkpoints, write the final model into config.out.
+
+    A resumed run must be the checkpointed one (checkpoint.identity); `extend` lets its schedule grow.
+    `report_to` names trackers (unisd.tracking) that get each metrics row and the configuration.
+    """
     out = Path(config.out)
     checkpoint.check_out_dir(out, resume=resume, overwrite=overwrite)
     run = prepare(config, echo)
@@ -377,19 +417,21 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
         checkpoint.clear(out)
     distributed.barrier(run.world)
     out.mkdir(parents=True, exist_ok=True)
-    if resume and checkpoint.restore(run, echo):
+    if resume and checkpoint.restore(run, echo, extend):
         echo(f"resumed at step {run.step} of {run.total_steps}")
     stop = _StopOnSignal()
     metrics_path = out / "metrics.jsonl"
     if main:
         checkpoint.truncate_metrics(metrics_path, run.step)
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None if main else True)
-    with stop, (metrics_path.open("a") if main else contextlib.nullcontext()) as log:
+    with stop, (metrics_path.open("a") if main else contextlib.nullcontext()) as log, \
+            tracking.Trackers(report_to if main else (), config.to_json(), out) as trackers:
         while run.step < run.total_steps:
             metrics = _step_or_save(run)
             if log is not None:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+            trackers.log(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if metrics["skipped"]:

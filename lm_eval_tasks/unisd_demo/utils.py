@@ -1,4 +1,4 @@
-"""Data for the unisd_demo lm-eval task: the project's own generated comparison questions."""
+"""Data for the unisd_demo lm-eval task: the project's own generated two-digit additions (test split)."""
 from unisd.data.benchmarks import hf_dataset
 
 

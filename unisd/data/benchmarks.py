@@ -31,6 +31,11 @@ _SOURCES: dict[str, tuple[str, Callable[[str], str | None], dict[str, str]]] = {
 }
 
 
+def hub_dataset(name: str) -> str | None:
+    """The Hub dataset a benchmark name loads (None for anything else, e.g. a JSONL file)."""
+    return _SOURCES[name][0] if name in _SOURCES else None
+
+
 def rows(name: str, split: str) -> list[dict[str, Any]]:
     """Raw rows of a benchmark split, from `UNISD_DATA_DIR` when set, else from the Hub."""
     hub_id, config_of, aliases = _SOURCES[name]
@@ -76,7 +81,8 @@ def _mc(name: str, question: str, correct: str, others: Sequence[str], rationale
         context: str = "", **meta: Any) -> Example:
     options, gold = shuffled_options(question, correct, others)
     return Example(S.mc_prompt(question, options, context), gold, (rationale or "").strip(),
-                   {"benchmark": name, "gold": gold, "n_options": len(options), "options": options, **meta})
+                   {"benchmark": name, "gold": gold, "n_options": len(options), "options": options,
+                    "question": question.strip(), **meta})
 
 
 def _scienceqa(row: Row, i: int) -> Example | None:
@@ -103,7 +109,8 @@ def _gpqa(row: Row, i: int) -> Example:
 
 
 def _demo(row: Row, i: int) -> Example:
-    return _mc("demo", row["question"], row["correct"], row["others"], row["rationale"], task_id=row["id"])
+    return Example(row["question"], row["answer"], row["rationale"],
+                   {"benchmark": "demo", "task_id": row["id"], "number": row["answer"]})
 
 
 def _mbpp(row: Row, i: int) -> Example:

@@ -354,11 +354,21 @@ def score_tools(generation: str, meta: Mapping[str, Any]) -> dict[str, float]:
     return score_tool_calls(parse_tool_calls(generation), meta["gold_calls"])
 
 
+def extract_number(text: str) -> str | None:
+    """The integer a free-form reply gives: the last one on its last 'Answer:' line, else the last one in it."""
+    lines = re.findall(r"(?im)^\s*(?:final\s+)?answer\s*:(.*)$", text or "")
+    for scope in ([lines[-1]] if lines else []) + [text or ""]:
+        found = re.findall(r"-?\d+", scope.replace(",", ""))
+        if found:
+            return str(int(found[-1]))
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Dispatch (trainer and lm-eval)
 # --------------------------------------------------------------------------------------------------
 
-MC_BENCHMARKS = ("scienceqa", "cos_e", "gpqa", "demo")
+MC_BENCHMARKS = ("scienceqa", "cos_e", "gpqa")
 CODE_BENCHMARKS = ("mbpp", "humaneval")
 
 
@@ -376,6 +386,8 @@ def score(generation: str, meta: Mapping[str, Any]) -> dict[str, float]:
         return {"pass@1": float(sandbox.passes(generation, meta))}
     if bench == "toolalpaca":
         return score_tools(generation, meta)
+    if bench == "demo":
+        return {"acc": float(extract_number(generation) == meta["number"])}
     raise ValueError(f"no scorer for benchmark {bench!r}")
 
 

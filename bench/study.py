@@ -1,0 +1,188 @@
+"""The small-scale study of issue 14: base -> sft, sd, gkd, sdft, unisd-star on the same data and order,
+scored in domain and out of domain with 95% intervals, paired tests and retention.
+
+Also measures, per training task, whether the demonstration-conditioned teacher prefers the gold
+demonstration over the student's own (wrong) greedy reply, and how much each UniSD* mechanism acted
+(from the runs' metrics.jsonl). Everything lands in --out: per task a table.md / results.json /
+scores.png from `unisd.evaluate`, and study.md with the command that produced it.
+
+    UNISD_DATA_DIR=../shared/data python bench/study.py --tasks demo,cos_e,mbpp --eval-limit 200
+    python bench/study.py --tasks demo --methods sft,sd,unisd-star --steps 24 --eval-limit 200   # what fits a CPU
+
+Runs already finished in --out/runs are reused, so a study can be grown one task or method at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unisd import config as cfg
+from unisd import evaluate, models, stats
+from unisd.data import Example, load_data
+from unisd.data import scoring as S
+from unisd.data.prompts import demonstration, teacher_prompt
+from unisd.rollout import eos_ids
+from unisd.sequences import left_pad, render
+from unisd.train import train
+
+IN_DOMAIN = {"demo": "unisd_demo", "cos_e": "unisd_cose", "mbpp": "unisd_mbpp"}
+OUT_OF_DOMAIN = ("unisd_humaneval", "unisd_toolalpaca")
+ACTIVITY = ("agree/removed", "clip/rate", "contrast/active", "contrast/no_negative", "contrast/share",
+            "match/share", "ema/distance")
+
+
+def arguments() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", default="demo", help="training tasks, comma-separated: demo, cos_e, mbpp")
+    p.add_argument("--methods", default="sft,sd,gkd,sdft,unisd-star", help="presets to train from the base")
+    p.add_argument("--ood", default=",".join(OUT_OF_DOMAIN), help="out-of-domain lm-eval tasks ('' for none)")
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max-new-tokens", type=int, default=96, help="rollout length of the trained runs")
+    p.add_argument("--eval-limit", type=int, default=200, help="items per in-domain task (200: about ±7 points)")
+    p.add_argument("--ood-limit", type=int, default=100, help="items per out-of-domain task")
+    p.add_argument("--max-gen-toks", type=int, default=None, help="cap on evaluation tokens (default: each task's)")
+    p.add_argument("--probe-items", type=int, default=40, help="training items in the teacher-preference probe")
+    p.add_argument("--probe-only", action="store_true", help="only the teacher-preference probe: no training")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", type=Path, default=Path("bench/results/study"))
+    return p.parse_args()
+
+
+def mean_logprob(model: torch.nn.Module, tokenizer: Any, prompt: str, completion: str) -> float:
+    """Mean per-token log-probability of `completion` (then end of turn) after the chat-rendered `prompt`."""
+    context = render(tokenizer, prompt)
+    target = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor([context + target])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(context) - 1:-1].float().log_softmax(-1)
+    return float(logits.gather(-1, torch.tensor(target)[:, None]).mean())
+
+
+def greedy(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, chunk: int = 20) -> list[str]:
+    """Greedy replies, as the evaluation decodes them."""
+    texts: list[str] = []
+    for i in range(0, len(prompts), chunk):
+        ids, attn = left_pad([render(tokenizer, p) for p in prompts[i:i + chunk]], tokenizer.pad_token_id)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=sorted(eos_ids(model, tokenizer)), pad_token_id=tokenizer.pad_token_id)
+        texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return texts
+
+
+def teacher_preference(model_name: str, examples: list[Example], max_new_tokens: int) -> dict[str, Any]:
+    """On items the student gets wrong (greedy): how often the teacher prompt, and the student prompt, give
+    the gold demonstration a higher mean token log-probability than the student's own reply."""
+    tokenizer, model = models.load_tokenizer(model_name), models.load_model(model_name).eval()
+    texts = greedy(model, tokenizer, [e.prompt for e in examples], max_new_tokens)
+    right = [next(iter(S.score(t, e.meta).values())) == 1.0 for e, t in zip(examples, texts)]
+    wrong = [(e, t) for (e, t), ok in zip(zip(examples, texts), right) if not ok]
+    teacher = [mean_logprob(model, tokenizer, teacher_prompt(e), demonstration(e))
+               > mean_logprob(model, tokenizer, teacher_prompt(e), t) for e, t in wrong]
+    student = [mean_logprob(model, tokenizer, e.prompt, demonstration(e))
+               > mean_logprob(model, tokenizer, e.prompt, t) for e, t in wrong]
+    n = len(wrong)
+    share = {name: {"share": 100.0 * sum(v) / n if n else float("nan"),
+                    "ci95": [100.0 * x for x in stats.proportion_ci(sum(v), n)] if n else [float("nan")] * 2}
+             for name, v in (("teacher", teacher), ("student", student))}
+    base = {"share": 100.0 * sum(right) / len(right), "ci95": [100.0 * x for x in stats.proportion_ci(sum(right), len(right))]}
+    return {"items": len(examples), "student_wrong": n, "base_greedy": base, **share}
+
+
+def activity(metrics: Path) -> dict[str, float]:
+    """Mean over steps of each mechanism's 'how much did it act' metric that the run logged."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in ACTIVITY if any(k in r for r in rows)}
+
+
+def trained(folder: Path) -> bool:
+    return (folder / "unisd.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def study_task(a: argparse.Namespace, task: str, methods: list[str], ood: list[str]) -> dict[str, Any]:
+    probe = teacher_preference(a.model, load_data(task)[:a.probe_items], a.max_new_tokens)
+    if a.probe_only:
+        return {"teacher": probe}
+    runs = a.out / "runs" / task
+    checkpoints = {"base": a.model}
+    timings: dict[str, float] = {}
+    for method in methods:
+        folder = runs / method
+        if not trained(folder):
+            overrides = {"contrast": {"max_new_tokens": str(a.max_new_tokens)}} if method == "unisd-star" else {}
+            config = cfg.resolve(method, (), overrides, model=a.model, data=task, out=str(folder), max_steps=a.steps,
+                                 batch_size=a.batch_size, lr=a.lr, max_new_tokens=a.max_new_tokens, bf16=True,
+                                 seed=a.seed)
+            started = time.time()
+            train(config, overwrite=True, echo=lambda m: print(m, file=sys.stderr))
+            timings[method] = time.time() - started
+        checkpoints[method] = str(folder)
+    found = evaluate.evaluate(checkpoints, [IN_DOMAIN[task]], a.out / task / "in-domain", a.eval_limit, base=a.model,
+                              batch_size=16, max_gen_toks=a.max_gen_toks)
+    if ood:
+        evaluate.evaluate(checkpoints, ood, a.out / task / "out-of-domain", a.ood_limit, base=a.model,
+                          batch_size=16, max_gen_toks=a.max_gen_toks)
+    orders = {m: json.loads((runs / m / "unisd.json").read_text()).get("data", {}).get("order_sha256") for m in methods}
+    return {"train_s": timings, "orders": orders, "in_domain": found,
+            "activity": {m: activity(runs / m / "metrics.jsonl") for m in methods},
+            "teacher": probe}
+
+
+def summary(a: argparse.Namespace, tasks: dict[str, dict[str, Any]]) -> str:
+    title = "teacher-preference probe only (no training)" if a.probe_only else "base -> " + a.methods
+    lines = [f"# Study: {title}", "",
+             "Command: `" + " ".join(shlex.quote(x) for x in ["python", *sys.argv]) + "`", ""]
+    for task, found in tasks.items():
+        t = found["teacher"]
+        lines += [f"## {task}", "", f"Base model, greedy, on the first {t['items']} training items: "
+                  f"{t['base_greedy']['share']:.1f}% [{t['base_greedy']['ci95'][0]:.1f}, {t['base_greedy']['ci95'][1]:.1f}].",
+                  "", f"Teacher preference ({t['student_wrong']} of {t['items']} training items the base answers wrong, "
+                  "greedy): gold demonstration scored above the student's own reply (mean token log-prob) by the "
+                  f"teacher prompt on {t['teacher']['share']:.1f}% [{t['teacher']['ci95'][0]:.1f}, "
+                  f"{t['teacher']['ci95'][1]:.1f}], by the student prompt on {t['student']['share']:.1f}% "
+                  f"[{t['student']['ci95'][0]:.1f}, {t['student']['ci95'][1]:.1f}].", ""]
+        if a.probe_only:
+            continue
+        lines += [f"In domain ({IN_DOMAIN[task]}), from `{task}/in-domain/table.md`:", "",
+                  (a.out / task / "in-domain" / "table.md").read_text(), ""]
+        if (a.out / task / "out-of-domain" / "table.md").is_file():
+            lines += ["Out of domain:", "", (a.out / task / "out-of-domain" / "table.md").read_text(), ""]
+        distinct = set(found["orders"].values())
+        lines += [f"Data order: {'one order for every run' if len(distinct) == 1 else 'DIFFERENT orders'} "
+                  f"({', '.join(sorted(str(d)[:12] for d in distinct))}).", ""]
+        lines += ["Mechanism activity (mean over steps):", "", "| run | " + " | ".join(ACTIVITY) + " |",
+                  "|---|" + "---:|" * len(ACTIVITY)]
+        for method, acts in found["activity"].items():
+            lines.append(f"| {method} | " + " | ".join(f"{acts[k]:.4g}" if k in acts else "–" for k in ACTIVITY) + " |")
+        if found["train_s"]:
+            lines += ["", "Training wall time (s, this shared 2-core machine): "
+                      + ", ".join(f"{m} {s:.0f}" for m, s in found["train_s"].items())]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    a = arguments()
+    a.out.mkdir(parents=True, exist_ok=True)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    ood = [t.strip() for t in a.ood.split(",") if t.strip()]
+    tasks = {task: study_task(a, task, methods, ood) for task in a.tasks.split(",") if task.strip()}
+    (a.out / "study.json").write_text(json.dumps({t: {k: v for k, v in f.items() if k != "in_domain"}
+                                                  for t, f in tasks.items()}, indent=2))
+    (a.out / "study.md").write_text(summary(a, tasks))
+    print((a.out / "study.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
