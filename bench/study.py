@@ -7,7 +7,7 @@ demonstration over the student's own (wrong) greedy reply, and how much each Uni
 scores.png from `unisd.evaluate`, and study.md with the command that produced it.
 
     UNISD_DATA_DIR=../shared/data python bench/study.py --tasks demo,cos_e,mbpp --eval-limit 200
-    python bench/study.py --tasks demo --methods sft,sd,unisd-star --steps 24 --eval-limit 200   # what fits a CPU
+    python bench/study.py --tasks demo --methods sft,sd,unisd-star --eval-limit 200   # what fits a CPU
 
 Runs already finished in --out/runs are reused, so a study can be grown one task or method at a time.
 """
@@ -45,9 +45,9 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--tasks", default="demo", help="training tasks, comma-separated: demo, cos_e, mbpp")
     p.add_argument("--methods", default="sft,sd,gkd,sdft,unisd-star", help="presets to train from the base")
     p.add_argument("--ood", default=",".join(OUT_OF_DOMAIN), help="out-of-domain lm-eval tasks ('' for none)")
-    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-new-tokens", type=int, default=96, help="rollout length of the trained runs")
     p.add_argument("--eval-limit", type=int, default=200, help="items per in-domain task (200: about ±7 points)")
     p.add_argument("--ood-limit", type=int, default=100, help="items per out-of-domain task")
