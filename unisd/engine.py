@@ -8,6 +8,7 @@ provide the same `vllm` module.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -87,6 +88,9 @@ class Engine:
                             kv_cache_memory_bytes=int(kv_cache_gb * 2**30), max_model_len=max_model_len,
                             enforce_eager=eager, enable_prefix_caching=True, **launcher)
         self.SamplingParams = vllm.SamplingParams
+        # every reload names the layers that own no checkpoint weight (the tied head, rotary caches) as "failed";
+        # both are put back as they were and the head is re-tied in `load`, so the line is noise for us
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
     @torch.no_grad()
     def load(self, weights: Mapping[str, torch.Tensor]) -> None:
