@@ -121,7 +121,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(inputs, tmp_path, args,
     args = [a.format(**values) for a in args]
     root = inputs["root"]
     before = _snapshot(root)
+    # no bytecode cache: importing the test's own plugin module from `site` would write one there, which is
+    # Python's doing, not the CLI's (the first case that discovers plugins would see it appear)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "UNISD_CACHE": str(tmp_path / "cache"),
+           "PYTHONDONTWRITEBYTECODE": "1",
            "PYTHONPATH": os.pathsep.join([str(inputs["site"]), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "unisd", *args], env=env, capture_output=True, text=True,
                           timeout=300)
