@@ -204,19 +204,23 @@ class Contrast(Plugin):
 
     def setup(self, run: Run) -> None:
         c, seed = self.config, run.config.seed
-        key = {"kind": "negatives-v3", "data": C.data_digest(run.examples), "model": run.config.model,
+        drawn = run.scheduled()  # only the examples this run's schedule reaches need a negative
+        examples = [run.examples[i] for i in drawn]
+        key = {"kind": "negatives-v4", "data": C.data_digest(examples), "model": run.config.model,
                "weights": C.model_digest(run.student), "seed": seed, "tokens": c.max_new_tokens, "tries": c.tries}
         found = Negatives(**C.cached("contrast", key, lambda: dataclasses.asdict(build_negatives(
-            run.student, run.tokenizer, run.examples, seed, c.max_new_tokens, c.tries, engine=run.engine))))
+            run.student, run.tokenizer, examples, seed, c.max_new_tokens, c.tries, engine=run.engine))))
         # the negative view must fit like every other prompt; one that does not is unused, not the example
         limit = run.config.max_prompt_tokens
         fits = [neg is not None and len(render(run.tokenizer, teacher_prompt(e, demo=neg))) <= limit
-                for e, neg in zip(run.examples, found.demos)]
-        self.negatives = [neg if ok else None for neg, ok in zip(found.demos, fits)]
+                for e, neg in zip(examples, found.demos)]
+        self.negatives = [None] * len(run.examples)
+        for i, neg, ok in zip(drawn, found.demos, fits):
+            self.negatives[i] = neg if ok else None
         too_long = sum(neg is not None for neg in found.demos) - sum(fits)
-        missing = sum(neg is None for neg in self.negatives)
+        missing = len(drawn) - sum(fits)
         if missing:
-            distributed.say(f"warning: {self.name}: {missing} of {len(self.negatives)} examples have no verified-wrong "
+            distributed.say(f"warning: {self.name}: {missing} of {len(drawn)} examples have no verified-wrong "
                             f"negative ({found.cut_off} replies cut off at {c.max_new_tokens} tokens, {found.not_wrong} "
                             f"not confirmed wrong, {too_long} too long for --max-prompt-tokens {limit}); they get no "
                             f"contrastive term (metric {self.name}/no_negative)")
