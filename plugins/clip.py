@@ -12,14 +12,10 @@ exclusive); with both set to none the plugin changes nothing (the unclipped obje
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from unisd.plugin import Plugin
-
-if TYPE_CHECKING:
-    from unisd.train import Outputs
+from unisd.api import Outputs, Plugin
 
 
 def clip(D: torch.Tensor, mask: torch.Tensor, max: float | None = 10.0,
@@ -39,6 +35,7 @@ def clip(D: torch.Tensor, mask: torch.Tensor, max: float | None = 10.0,
 
 class Clip(Plugin):
     __doc__ = __doc__
+    forwards = 0.0  # no view of its own
 
     @dataclass(frozen=True)
     class Config:

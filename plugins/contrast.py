@@ -10,7 +10,7 @@
 over the sequences that have a negative. Negatives are generated once at setup by the model itself
 (batched, seeded, with up to `max_new_tokens` = 1024 tokens as in the official job): a wrong option with
 an argument for it (multiple choice), code with a planted bug (MBPP/HumanEval), a corrupted tool call
-(ToolAlpaca), or a confident wrong answer (plain JSONL).
+(ToolAlpaca), or the model's own attempt at the question (plain JSONL).
 
 Differences from the official code, which uses its negatives unchecked:
 - each negative is **verified wrong** with the benchmark's checker: multiple choice on its reasoning
@@ -34,20 +34,17 @@ import dataclasses
 import random
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any
 
 import torch
 
-from unisd import distributed, losses
+from unisd import distributed, generation, losses
 from unisd.data import Example
 from unisd.data import scoring as S
+from unisd.data import verify
 from unisd.data.prompts import demonstration, teacher_prompt
-from unisd.plugin import Plugin
+from unisd.api import Batch, Outputs, Plugin, RunView
 from unisd.sequences import render
-from unisd_plugins import _contexts as C
-
-if TYPE_CHECKING:
-    from unisd.train import Batch, Outputs, Run
 
 BUGS = ("off-by-one error", "wrong operator", "missing edge case", "wrong return value")
 TOOL_CORRUPTIONS = ("wrong action", "wrong arguments", "extra tool call")
@@ -56,16 +53,6 @@ TOOL_CORRUPTIONS = ("wrong action", "wrong arguments", "extra tool call")
 def hinge(student: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float) -> torch.Tensor:
     """Per-token hinge [B, T]: max(0, margin + |ℓθ − ℓ⁺| − |ℓθ − ℓ⁻|); only ℓθ carries gradient."""
     return torch.relu(margin + (student - positive.detach()).abs() - (student - negative.detach()).abs())
-
-
-def _norm(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().strip(".").lower())
-
-
-def final_answer(text: str) -> str:
-    """The content of the last 'Answer:' line, else the whole text."""
-    hits = re.findall(r"(?im)^\s*(?:final\s+)?answer\s*:\s*(.+?)\s*$", text)
-    return hits[-1] if hits else text
 
 
 def negative_request(example: Example, rng: random.Random) -> tuple[str, Any]:
@@ -85,58 +72,30 @@ def negative_request(example: Example, rng: random.Random) -> tuple[str, Any]:
     if bench == "toolalpaca":
         return (f"{example.prompt}\n\nA correct response is:\n{example.answer}\n\nWrite a plausible but WRONG "
                 f"response in the same format, with a {rng.choice(TOOL_CORRUPTIONS)}."), None
-    return (f"{example.prompt}\n\nWrite a plausible-looking but WRONG answer to this task: one or two confident "
-            "sentences of reasoning, then a final line 'Answer: <a wrong answer>'."), None
-
-
-def argued_option(reasoning: str, meta: Mapping[str, Any]) -> str | None:
-    """The option a piece of reasoning itself argues for: its extracted letter, else the one option it names."""
-    n = int(meta["n_options"])
-    letter = S.extract_letter(reasoning, n)
-    if letter is not None:
-        return letter
-    options = meta.get("options") or []
-    named = [S.LETTERS[i] for i, text in enumerate(options[:n])
-             if re.search(rf"(?<!\w){re.escape(_norm(str(text)))}(?!\w)", _norm(reasoning))]
-    return named[0] if len(named) == 1 else None
+    # plain data: the model's own attempt, kept only when its answer is wrong: a mistake it really makes
+    # (asked to invent a wrong answer to a demo sum, SmolLM2-135M produced a usable one for 6 of 96)
+    return f"{example.prompt}\n\nEnd with a final line 'Answer: <your answer>'.", None
 
 
 def negative_demo(example: Example, reply: str, extra: Any) -> str | None:
     """The negative demonstration built from a reply, in exactly the positive demonstration's format, or
-    None unless the benchmark's checker says it is wrong."""
+    None unless the benchmark's checker says it is wrong (`unisd.data.verify`)."""
     meta, bench = example.meta, example.meta.get("benchmark")
     reply = reply.strip()
     if "gold" in meta and "n_options" in meta:
         # the reasoning must itself argue for the wrong letter we assigned, not merely end with it
-        if not reply or extra == meta["gold"] or argued_option(reply, meta) != extra:
+        if not reply or extra == meta["gold"] or verify.argued_option(reply, meta) != extra:
             return None
         return _like_positive(example, extra, reply)
     if bench in S.CODE_BENCHMARKS:
-        code = S.extract_code(reply).strip()  # the positive is bare code: no fenced block
-        try:
-            compile(code, "<negative>", "exec")  # a program with a bug, not prose or a syntax error
-        except (SyntaxError, ValueError):
-            return None
-        if not code:
-            return None
-        try:
-            from unisd import sandbox
-
-            return None if sandbox.passes(code, meta) else code
-        except Exception:  # the sandbox cannot run here: unverifiable, so unusable
-            return None
+        return verify.failing_code(reply, meta)  # the positive is bare code: no fenced block
     if bench == "toolalpaca":
-        parsed = bool(S.parse_react(reply))  # a ReAct response like the positive, not free text
-        return reply if parsed and S.score_tools(reply, meta)["full_acc"] < 1.0 else None
-    lines = re.findall(r"(?im)^\s*(?:final\s+)?answer\s*:\s*(.+?)\s*$", reply)
-    if not lines:
-        return None  # without an Answer line the wrong answer cannot be told apart from its reasoning
-    answer, gold = _norm(lines[-1]), _norm(example.answer)
-    mentions_gold = bool(gold) and re.search(rf"(?<!\w){re.escape(gold)}(?!\w)", answer) is not None
-    if not answer or mentions_gold:
+        return reply if verify.wrong_tool_call(reply, meta) else None
+    answer = verify.wrong_final_answer(reply, example.answer)
+    if answer is None:
         return None
     reasoning = re.split(r"(?im)^\s*(?:final\s+)?answer\s*:", reply)[0].strip()
-    return _like_positive(example, lines[-1].strip(), reasoning)
+    return _like_positive(example, answer, reasoning)
 
 
 def _like_positive(example: Example, answer: str, reasoning: str) -> str:
@@ -165,8 +124,8 @@ def build_negatives(model: torch.nn.Module, tokenizer: Any, examples: list[Examp
         if not todo:
             break
         requests = [negative_request(examples[i], random.Random(f"{seed}:{attempt}:{i}")) for i in todo]
-        replies = C.generate(model, tokenizer, [r[0] for r in requests], max_new_tokens, seed + attempt,
-                             engine=engine)
+        replies = generation.generate(model, tokenizer, [r[0] for r in requests], max_new_tokens, seed + attempt,
+                                      engine=engine, desc=f"negatives (try {attempt + 1} of {tries})")
         for i, (_, extra), (reply, finished) in zip(todo, requests, replies):
             if not finished:
                 cut_off += 1
@@ -178,6 +137,7 @@ def build_negatives(model: torch.nn.Module, tokenizer: Any, examples: list[Examp
 
 class Contrast(Plugin):
     __doc__ = __doc__
+    forwards = 1.0  # the negative view
 
     @dataclass(frozen=True)
     class Config:
@@ -202,13 +162,13 @@ class Contrast(Plugin):
     def view(self) -> str:
         return f"{self.name or 'contrast'}:negative"
 
-    def setup(self, run: Run) -> None:
+    def setup(self, run: RunView) -> None:
         c, seed = self.config, run.config.seed
         drawn = run.scheduled()  # only the examples this run's schedule reaches need a negative
         examples = [run.examples[i] for i in drawn]
-        key = {"kind": "negatives-v4", "data": C.data_digest(examples), "model": run.config.model,
-               "weights": C.model_digest(run.student), "seed": seed, "tokens": c.max_new_tokens, "tries": c.tries}
-        found = Negatives(**C.cached("contrast", key, lambda: dataclasses.asdict(build_negatives(
+        key = {"kind": "negatives-v4", "data": generation.data_digest(examples), "model": run.config.model,
+               "weights": generation.model_digest(run.student), "seed": seed, "tokens": c.max_new_tokens, "tries": c.tries}
+        found = Negatives(**generation.cached("contrast", key, lambda: dataclasses.asdict(build_negatives(
             run.student, run.tokenizer, examples, seed, c.max_new_tokens, c.tries, engine=run.engine))))
         # the negative view must fit like every other prompt; one that does not is unused, not the example
         limit = run.config.max_prompt_tokens

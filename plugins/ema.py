@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from unisd import distributed, models
-from unisd.plugin import Plugin
-
-if TYPE_CHECKING:
-    from unisd.train import Outputs, Run
+from unisd.api import Outputs, Plugin, RunView
 
 
 class EMA(Plugin):
@@ -49,15 +46,19 @@ class EMA(Plugin):
 
     config: Config
 
+    @classmethod
+    def extra_forwards(cls, options: dict[str, Any]) -> float:
+        return 1.0 / float(options["every"])  # a weight average costs about one forward
+
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config)
         self.model: torch.nn.Module | None = None
-        self.encoder: torch.nn.Module | None = None  # the model's encoder in the run (sharded under --fsdp)
+        self.encoder: Any = None  # the model's encoder in the run (sharded under --fsdp)
         self.scorer: torch.nn.Module | None = None   # what scores: the average, or its bf16 copy (--bf16)
         self.updates = 0
         self.distance = 0.0   # relative teacher-student distance before the latest update
 
-    def setup(self, run: Run) -> None:
+    def setup(self, run: RunView) -> None:
         student = run.student
         # a plain model holding the student's effective weights (LoRA merged into a copy)
         plain = copy.deepcopy(student).merge_and_unload() if models.is_peft(student) else copy.deepcopy(student)
@@ -92,10 +93,10 @@ class EMA(Plugin):
             for name, p in self.scorer.named_parameters():
                 p.copy_(master[name])
 
-    def teacher(self, run: Run) -> torch.nn.Module | None:
+    def teacher(self, run: RunView) -> torch.nn.Module | None:
         return self.scorer
 
-    def after_step(self, run: Run) -> None:
+    def after_step(self, run: RunView) -> None:
         if run.step % self.config.every == 0:
             self.distance = self.relative_distance(run.student)
             self.update(run.student)

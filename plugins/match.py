@@ -12,15 +12,12 @@ Same as the official code otherwise (MSE averaged over the hidden dimension, las
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
 from unisd import losses
-from unisd.plugin import Plugin
-
-if TYPE_CHECKING:
-    from unisd.train import Outputs
+from unisd.api import Outputs, Plugin
 
 
 def feature_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
@@ -30,6 +27,7 @@ def feature_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> t
 
 class Match(Plugin):
     __doc__ = __doc__
+    forwards = 0.0  # no view of its own
 
     @dataclass(frozen=True)
     class Config:

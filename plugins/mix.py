@@ -16,12 +16,14 @@ import torch
 
 from unisd import models
 from unisd.data.prompts import demonstration
-from unisd.plugin import Plugin
+from unisd.api import Batch, Plugin, RunView
 from unisd.rollout import Rollout, from_texts, sample
 from unisd.sequences import render
 
 
 class Mix(Plugin):
+    forwards = 0.0  # no view of its own
+
     @dataclass(frozen=True)
     class Config:
         source: str = "gold"       # gold | base
@@ -33,11 +35,13 @@ class Mix(Plugin):
             if not 0.0 <= self.prob <= 1.0:
                 raise ValueError(f"mix.prob must be in [0, 1], got {self.prob}")
 
-    def setup(self, run: Any) -> None:
+    config: Config
+
+    def setup(self, run: RunView) -> None:
         self.generator = torch.Generator().manual_seed(run.config.seed + 7)
         self.used = 0
 
-    def completions(self, batch: Any, run: Any) -> Rollout | None:
+    def completions(self, batch: Batch, run: RunView) -> Rollout | None:
         if torch.rand((), generator=self.generator).item() >= self.config.prob:
             return None
         self.used += 1

@@ -176,3 +176,10 @@ def tiny_task_writer() -> Any:
 def tiny_model_builder() -> Any:
     """`build_tiny_model`, for modules that need the tiny tokenizer with other model sizes."""
     return build_tiny_model
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs a model is an integration test (`tox -e integration`); one with no marker is a unit test."""
+    for item in items:
+        if {"tiny_model", "other_tiny_model"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

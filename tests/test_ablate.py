@@ -11,7 +11,8 @@ from click.testing import CliRunner
 import unisd.evaluate
 import unisd.plugin
 import unisd.train
-from unisd import ablate, stats
+from unisd import ablation_plan, ablation_report, stats
+from unisd import config as cfg
 from unisd.cli import main
 
 ANIMALS = [("barks", "dog"), ("says moo", "cow"), ("lives in water", "fish"), ("flies", "bird")]
@@ -189,16 +190,16 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_model):
 
 def test_cost_model():
     available = unisd.plugin.discover()
-    cost = lambda plugins, options=None: ablate.step_cost(  # noqa: E731
-        ablate.cfg.resolve("", plugins, options or {}, model="m", data="d", out="o"), available)
+    cost = lambda plugins, options=None: ablation_plan.step_cost(  # noqa: E731
+        cfg.resolve("", plugins, options or {}, model="m", data="d", out="o"), available)
     assert cost(()) == 1.0 and cost(("clip", "match")) == 1.0
-    assert cost(("agree",), {"agree": {"k": "5"}}) == pytest.approx(1 + 5 * ablate.TEACHER_FORWARD)
-    assert cost(("agree", "contrast"), {"agree": {"k": "3"}}) == pytest.approx(1 + 4 * ablate.TEACHER_FORWARD)
+    assert cost(("agree",), {"agree": {"k": "5"}}) == pytest.approx(1 + 5 * ablation_plan.TEACHER_FORWARD)
+    assert cost(("agree", "contrast"), {"agree": {"k": "3"}}) == pytest.approx(1 + 4 * ablation_plan.TEACHER_FORWARD)
 
 
 def test_interactions_by_hand():
     overall = {"sd": 50.0, "a": 53.0, "b": 51.0, "c": 49.0, "a+b": 52.0, "a+c": 56.0}
-    got = ablate.interactions(overall, ("a", "b", "c"))
+    got = ablation_report.interactions(overall, ("a", "b", "c"))
     assert got == {("a", "b"): pytest.approx(-2.0), ("a", "c"): pytest.approx(4.0)}  # b+c was not run
 
 
@@ -229,4 +230,4 @@ def test_third_party_plugin_by_name(tmp_path, tiny_model, plugin_dist):
                                        "--max-steps", "2"])
     assert result.exit_code == 0, result.output
     assert "clip+halve" in result.output and "halve[factor=0.9]" in result.output
-    assert f"{1 + ablate.TEACHER_FORWARD:.2f}" in result.output  # an unknown plugin counts as one extra view
+    assert f"{1 + ablation_plan.TEACHER_FORWARD:.2f}" in result.output  # an unknown plugin counts as one extra view

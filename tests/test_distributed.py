@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 # runs train on the gold demonstrations (`mix`, prob 1): identical tokens, the divergence to the
 # demonstration-conditioned teacher as the loss, and everything else (sharding, DDP averaging,
 # EMA, checkpoints) exactly as in a sampled run.
+pytestmark = pytest.mark.torchrun
 GOLD = ["-o", "mix.source=gold", "-o", "mix.prob=1.0"]
 TOLERANCE = 1e-5  # float summation order differs between one all-reduce and one batched forward
 

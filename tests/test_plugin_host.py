@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from unisd import plugin
-from unisd.config import parse_overrides
+from unisd.plugin import parse_overrides
 from unisd.plugin import Plugin, PluginError
 
 GOOD = '''

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from unisd import losses
+from unisd.data.verify import final_answer
 from unisd.plugin import PluginError, configure
 from unisd_plugins.agree import Agree, sequence_weights, token_weights
 from unisd_plugins.clip import Clip, clip
-from unisd_plugins.contrast import final_answer, hinge, negative_demo
+from unisd_plugins.contrast import hinge, negative_demo
 from unisd_plugins.match import Match, feature_mse
 
 
@@ -210,7 +211,7 @@ def test_a_code_negative_is_bare_code_like_the_positive_and_must_run() -> None:
 
 
 def test_replies_cut_off_at_the_length_limit_are_counted_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    import unisd_plugins._contexts as C
+    import unisd.generation as C
     from unisd.data import Example
     from unisd_plugins.contrast import build_negatives
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.torchrun
+
 # Runs inside each torchrun worker: test plugins are registered by replacing discovery, then a real run.
 WORKER = '''
 import json, sys

@@ -79,7 +79,7 @@ def test_unisd_command_parses_with_every_option(args, tmp_path, monkeypatch):
         names = tuple(n for n in params["plugins"].split(",") if n)
         run_only = ("plugins", "preset", "options", "resume", "overwrite", "extend", "report_to")
         settings = {k: v for k, v in params.items() if k not in run_only}
-        config = cfg.resolve(params["preset"], names, cfg.parse_overrides(params["options"]), **settings)
+        config = cfg.resolve(params["preset"], names, plugin.parse_overrides(params["options"]), **settings)
         plugin.load(list(config.plugins), config.options)
 
 

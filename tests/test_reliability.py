@@ -285,12 +285,13 @@ class Samples(Plugin):
 
 
 def test_two_providers_of_an_exclusive_hook_are_refused_at_load_time():
+    from unisd.hooks import Hooks
     from unisd.plugin import PluginError, load
 
     found = {n: PluginInfo(n, "tests", "0", cls) for n, cls in
              [("a", Teaches), ("b", Teaches), ("c", TeachesSometimes), ("s", Samples), ("t", Samples)]}
     with pytest.raises(PluginError, match="plugins 'a' and 'b' both provide the teacher hook"):
-        load(["a", "b"], {}, found)
+        Hooks(load(["a", "b"], {}, found))
     with pytest.raises(PluginError, match="plugins 's' and 't' both provide the completions hook"):
-        load(["s", "a", "t"], {}, found)
-    assert [p.name for p in load(["a", "c", "s"], {}, found)] == ["a", "c", "s"]  # c declares it composes
+        Hooks(load(["s", "a", "t"], {}, found))
+    assert [p.name for p in Hooks(load(["a", "c", "s"], {}, found)).plugins] == ["a", "c", "s"]  # c composes

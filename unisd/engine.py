@@ -126,14 +126,15 @@ def start(config: Any, world: Any) -> Engine:
     """
     from transformers import AutoConfig
 
-    from unisd import checkpoint, models
+    from unisd import models
+    from unisd.rng import rng_state, set_rng_state
 
     folder = models.resolve(config.model)
     limit = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", None)
     length = 2 * config.max_prompt_tokens + config.max_new_tokens
     dtype = torch.bfloat16 if config.bf16 or world.device.type == "cuda" else torch.float32
-    rng = checkpoint.rng_state()  # vLLM seeds the global generators at start; the run's own draws stay as they were
+    rng = rng_state()  # vLLM seeds the global generators at start; the run's own draws stay as they were
     engine = Engine(folder, dtype, config.rollout_kv_cache_gb, min(length, limit or length), config.seed + world.rank,
                     external=world.size > 1)
-    checkpoint.set_rng_state(rng)
+    set_rng_state(rng)
     return engine

@@ -248,7 +248,7 @@ def order_warning(runs: dict[str, dict[str, Any]]) -> str | None:
             "their differences mix method and data")
 
 
-def _aligned(items: dict[str, dict[str, float]], other: dict[str, float]) -> tuple[list[float], list[float]]:
+def _aligned(items: dict[str, float], other: dict[str, float]) -> tuple[list[float], list[float]]:
     shared = [d for d in items if d in other]
     return [items[d] for d in shared], [other[d] for d in shared]
 
@@ -316,6 +316,26 @@ def add_uncertainty(combined: dict[str, Any]) -> dict[str, Any]:
                 paired.setdefault(run, {}).setdefault(reference, {})[task] = test
     combined["paired"] = paired
     return combined
+
+
+PER_RUN = ("scores", "retention", "answers", "items", "runs")
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine several results.json dicts, run by run and task by task (a later file wins a clash).
+
+    Intervals and paired tests are recomputed from the merged items (add_uncertainty).
+    """
+    merged: dict[str, Any] = {"tasks": [], "gen_toks": {}, **{key: {} for key in PER_RUN}}
+    caps = {r.get("max_gen_toks") for r in results}
+    merged["max_gen_toks"] = caps.pop() if len(caps) == 1 else None
+    for r in results:
+        merged["tasks"] += [t for t in r.get("tasks", []) if t not in merged["tasks"]]
+        merged["gen_toks"].update(r.get("gen_toks", {}))
+        for key in PER_RUN:
+            for run, per_task in r.get(key, {}).items():
+                merged[key].setdefault(run, {}).update(per_task)
+    return add_uncertainty(merged)
 
 
 def evaluate(checkpoints: dict[str, str], tasks: list[str], out: Path, limit: int | None = None,

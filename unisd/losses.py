@@ -57,6 +57,16 @@ def pick(name: str, alpha: float = 0.5) -> Divergence:
     return {"fkl": forward_kl, "rkl": reverse_kl}[name]
 
 
+def objective(name: str, divergence: torch.Tensor, student_logps: torch.Tensor) -> torch.Tensor:
+    """The per-token term the loss reduces, as --divergence names it: the divergence itself (fkl, rkl, jsd),
+    the student's cross-entropy on the completion tokens (ce), or nothing (none: auxiliary terms alone)."""
+    if name == "ce":
+        return -student_logps
+    if name == "none":
+        return torch.zeros_like(divergence)
+    return divergence
+
+
 def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) at temperature 1 for each position: [..., V], [...] -> [...]."""
     return _log_probs(logits, 1.0).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

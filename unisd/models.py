@@ -122,9 +122,9 @@ def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def base_model(model: torch.nn.Module) -> PreTrainedModel:
+def base_model(model: Any) -> PreTrainedModel:
     """The transformers model under an optional peft wrapper (adapter layers stay injected)."""
-    return model.get_base_model() if is_peft(model) else model  # type: ignore[return-value]
+    return model.get_base_model() if is_peft(model) else model
 
 
 def canonical_name(name: str) -> str:
@@ -150,7 +150,7 @@ def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
-def save_final(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path, card: str,
+def save_final(model: Any, tokenizer: PreTrainedTokenizerBase, out: Path, card: str,
                record: dict[str, Any], weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write a plain transformers model (LoRA merged) that `lm_eval --model hf` loads from `out` itself.
 

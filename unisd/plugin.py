@@ -1,91 +1,24 @@
-"""The plugin protocol and its host: how a mechanism plugs into the training step.
+"""Plugin discovery and configuration: from entry-point names and `-o` strings to plugin objects.
 
 A plugin is a class registered under the entry-point group `unisd.plugins`; the entry-point name is
-the name users type (`--plugins ema,agree,clip`). Every hook defaults to doing nothing, and each is
-called at exactly one visible line of `unisd.train.step`. Built-in mechanisms are registered through
-the same entry points a third party uses.
+the name users type (`--plugins ema,agree,clip`). Built-in mechanisms are registered through the same
+entry points a third party uses. The contract itself (`Plugin`, its hooks) is `unisd.api`; it is
+importable from here too, as the README shows.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
-if TYPE_CHECKING:  # torch only for annotations: the CLI refuses bad flags before importing it
-    import torch
+from unisd.api import API_VERSION, HOOKS, Plugin, PluginError, overrides
+from unisd.config import ConfigError, TrainConfig
 
-    from unisd.rollout import Rollout
-    from unisd.train import Batch, Outputs, Run
+__all__ = ["GROUP", "Plugin", "PluginError", "PluginInfo", "configure", "discover", "load", "parse_overrides", "parse_value",
+           "settle_objective"]
 
-API_VERSION = 1
 GROUP = "unisd.plugins"
-HOOKS = ("setup", "completions", "views", "teacher", "token_loss", "weights", "aux_losses", "after_step",
-         "state_dict", "load_state_dict")
-EXCLUSIVE = ("teacher", "completions")  # hooks whose answer replaces, not chains: one provider per run
-
-
-class PluginError(ValueError):
-    """A plugin cannot be selected or configured; the message says which and why."""
-
-
-class Plugin:
-    """Base class: override any hook. `Config` holds the plugin's options and their defaults.
-
-    Hooks, in the order the step calls them:
-      setup(run)               once, after model and data are loaded
-      completions(batch, run)  -> Rollout or None: completions to train on instead of a student sample
-      views(batch)             -> {view name: [prompt per example]}: extra no-grad teacher views
-      teacher(run)             -> module or None: replaces the primary teacher model
-      token_loss(D, out)       -> D': transforms the per-token divergence [B, T] (chained in CLI order)
-      weights(out)             -> w: reliability weights broadcastable to [B, T] (multiplied together)
-      aux_losses(out)          -> {name: scalar}: weighted auxiliary terms, added and logged by name
-      after_step(run)          after each optimizer step
-      state_dict() / load_state_dict(state)   checkpoint and exact resume
-    """
-
-    name: ClassVar[str] = ""
-    api_version: ClassVar[int] = API_VERSION
-    # exclusive hooks (teacher, completions) this plugin answers only sometimes and lets others answer
-    # otherwise; without it, selecting two providers of the same exclusive hook is an error
-    composes: ClassVar[tuple[str, ...]] = ()
-
-    @dataclass(frozen=True)
-    class Config:
-        pass
-
-    def __init__(self, config: Any = None) -> None:
-        self.config = config if config is not None else self.Config()
-
-    def setup(self, run: Run) -> None:
-        pass
-
-    def completions(self, batch: Batch, run: Run) -> Rollout | None:
-        return None
-
-    def views(self, batch: Batch) -> dict[str, list[str]]:
-        return {}
-
-    def teacher(self, run: Run) -> torch.nn.Module | None:
-        return None
-
-    def token_loss(self, D: torch.Tensor, out: Outputs) -> torch.Tensor:
-        return D
-
-    def weights(self, out: Outputs) -> torch.Tensor | None:
-        return None
-
-    def aux_losses(self, out: Outputs) -> dict[str, torch.Tensor]:
-        return {}
-
-    def after_step(self, run: Run) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -102,7 +35,7 @@ class PluginInfo:
     def hooks(self) -> list[str]:
         if self.cls is None:
             return []
-        return [h for h in HOOKS if getattr(self.cls, h) is not getattr(Plugin, h)]
+        return [h for h in HOOKS if overrides(self.cls, h)]
 
     @property
     def options(self) -> dict[str, Any]:
@@ -177,6 +110,18 @@ def parse_value(raw: str, default: Any, where: str, optional: bool = False) -> A
         raise PluginError(f"{where}={raw!r}: expected {expected}{' or none' if optional else ''}") from None
 
 
+def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, dict[str, str]]:
+    """`["agree.k=3", "ema.beta=0.9"]` -> {"agree": {"k": "3"}, "ema": {"beta": "0.9"}}."""
+    parsed: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        plugin, dot, option = key.partition(".")
+        if not sep or not dot or not plugin or not option:
+            raise PluginError(f"-o {item!r}: expected plugin.option=value, e.g. -o agree.k=5")
+        parsed.setdefault(plugin.strip(), {})[option.strip()] = value.strip()
+    return parsed
+
+
 def configure(cls: type[Plugin], options: Mapping[str, Any], name: str = "") -> Any:
     """Build `cls.Config` from string overrides, checking each name and type against the defaults."""
     name = name or cls.name
@@ -201,7 +146,8 @@ def load(names: list[str], options: Mapping[str, Mapping[str, str]],
     available = discover() if available is None else available
     for owner in options:
         if owner not in names:
-            raise PluginError(f"options given for '{owner}', which is not among the selected plugins ({', '.join(names) or 'none'})")
+            raise PluginError(f"options given for '{owner}', which is not among the selected plugins "
+                              f"({', '.join(names) or 'none'})")
     plugins: list[Plugin] = []
     for name in names:
         info = available.get(name)
@@ -214,13 +160,24 @@ def load(names: list[str], options: Mapping[str, Mapping[str, str]],
         plugins.append(plugin)
     if len(set(names)) != len(names):
         raise PluginError(f"a plugin is selected twice: {','.join(names)}")
-    for hook in EXCLUSIVE:
-        providers = [p.name for p in plugins if _overrides(p, hook) and hook not in p.composes]
-        if len(providers) > 1:
-            raise PluginError(f"plugins {' and '.join(repr(n) for n in providers)} both provide the {hook} hook, "
-                              "and only one can answer it; select one of them")
     return plugins
 
 
-def _overrides(plugin: Plugin, hook: str) -> bool:
-    return getattr(type(plugin), hook) is not getattr(Plugin, hook)
+def settle_objective(config: TrainConfig, plugins: Sequence[Plugin], given: bool = False) -> TrainConfig:
+    """The config with the per-token objective its plugins stand for (`Plugin.objective`, e.g. nll: ce).
+
+    A declaration replaces only the default objective: a --divergence that was `given` (on the command
+    line or by the preset) and differs is an error, and so is any value other than the default.
+    """
+    declared = {p.name: p.objective for p in plugins if p.objective}
+    if len(set(declared.values())) > 1:
+        found = ", ".join(f"{n} ({o})" for n, o in declared.items())
+        raise ConfigError(f"plugins set different per-token objectives: {found}; select one of them")
+    if not declared or config.divergence in declared.values():
+        return config
+    name, objective = next(iter(declared.items()))
+    default = TrainConfig.__dataclass_fields__["divergence"].default
+    if given or config.divergence != default:
+        raise ConfigError(f"--divergence {config.divergence} conflicts with plugin '{name}', which trains on "
+                          f"--divergence {objective}; drop one of them")
+    return dataclasses.replace(config, divergence=objective)

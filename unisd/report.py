@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -117,7 +117,7 @@ def generation_note(gen_toks: dict[str, int], cap: int | None) -> str:
     return f"New tokens per answer at most: {limits}{capped} (the paper: 1024).\n"
 
 
-def retention_table(retention: dict[str, dict[str, dict[str, float]]]) -> str:
+def retention_table(retention: dict[str, dict[str, dict[str, Any]]]) -> str:
     """Markdown: PPL_ret and PPL_fit per run and task (lower is better for both)."""
     tasks: dict[str, None] = {}
     for per_task in retention.values():
@@ -137,8 +137,9 @@ def _num(x: float | None, ci: list[float] | None = None) -> str:
     """A perplexity with its 95% interval in brackets when one is known."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
-    known = ci and not any(math.isnan(v) for v in ci)
-    return f"{x:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if known else f"{x:.2f}"
+    if not ci or any(math.isnan(v) for v in ci):
+        return f"{x:.2f}"
+    return f"{x:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def bar_chart(table: dict[str, dict[str, float]], path: Path, title: str = "score (%)",
@@ -152,7 +153,7 @@ def bar_chart(table: dict[str, dict[str, float]], path: Path, title: str = "scor
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups) + 1), 4))
     for i, run in enumerate(runs):
         values = [table[run].get(c, 0.0) for c in cols] + [overall(table[run], cols)]
-        ci = {**(ci95 or {}).get(run, {}), **({"Overall": overall_ci95[run]} if run in (overall_ci95 or {}) else {})}
+        ci = {**(ci95 or {}).get(run, {}), **({"Overall": overall_ci95[run]} if overall_ci95 and run in overall_ci95 else {})}
         errors = [[max(v - ci[g][0], 0.0) if g in ci else 0.0 for v, g in zip(values, groups)],
                   [max(ci[g][1] - v, 0.0) if g in ci else 0.0 for v, g in zip(values, groups)]]
         ax.bar([g + i * width for g in range(len(groups))], values, width, label=run,
@@ -194,28 +195,6 @@ def write_comparison(combined: dict[str, Any], out: Path) -> None:
               overall_ci95=combined.get("overall_ci95"))
 
 
-PER_RUN = ("scores", "retention", "answers", "items", "runs")
-
-
-def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Combine several results.json dicts, run by run and task by task (a later file wins a clash).
-
-    Intervals and paired tests are recomputed from the merged items (unisd.evaluate.add_uncertainty).
-    """
-    merged: dict[str, Any] = {"tasks": [], "gen_toks": {}, **{key: {} for key in PER_RUN}}
-    caps = {r.get("max_gen_toks") for r in results}
-    merged["max_gen_toks"] = caps.pop() if len(caps) == 1 else None
-    for r in results:
-        merged["tasks"] += [t for t in r.get("tasks", []) if t not in merged["tasks"]]
-        merged["gen_toks"].update(r.get("gen_toks", {}))
-        for key in PER_RUN:
-            for run, per_task in r.get(key, {}).items():
-                merged[key].setdefault(run, {}).update(per_task)
-    from unisd.evaluate import add_uncertainty
-
-    return add_uncertainty(merged)
-
-
 def training_curves(metrics: Path, path: Path) -> list[str]:
     """PNG of loss, each named loss term and every plugin metric per step; returns the plotted keys."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -239,3 +218,66 @@ def training_curves(metrics: Path, path: Path) -> list[str]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return keys
+
+
+def signed(x: float) -> str:
+    """A signed number of points, one decimal; a dash for a missing value."""
+    return "–" if math.isnan(x) else f"{x:+.1f}"
+
+
+def _matrix(pairs: Mapping[tuple[str, str], float], plugins: tuple[str, ...],
+            diagonal: Mapping[str, float]) -> list[list[float]]:
+    value = {**{(a, b): v for (a, b), v in pairs.items()}, **{(b, a): v for (a, b), v in pairs.items()}}
+    return [[diagonal.get(a, math.nan) if a == b else value.get((a, b), math.nan) for b in plugins] for a in plugins]
+
+
+def interaction_png(pairs: Mapping[tuple[str, str], float], plugins: tuple[str, ...],
+                    single_gains: Mapping[str, float], path: Path) -> None:
+    """Heatmap: off-diagonal cells the pairwise interaction, the diagonal each component's own gain."""
+    shown = tuple(p for p in plugins if any(p in pair for pair in pairs))
+    matrix = _matrix(pairs, shown, single_gains)
+    finite = [abs(x) for row in matrix for x in row if not math.isnan(x)]
+    bound = max(finite + [1e-6])
+    fig, ax = plt.subplots(figsize=(1.2 * len(shown) + 2.5, 1.0 * len(shown) + 1.8))
+    image = ax.imshow(matrix, cmap="RdBu", vmin=-bound, vmax=bound)
+    for i, row in enumerate(matrix):
+        for j, x in enumerate(row):
+            ax.text(j, i, signed(x), ha="center", va="center", fontsize="small",
+                    color="white" if abs(x) > 0.6 * bound else "black", fontstyle="italic" if i == j else "normal")
+    ax.set_xticks(range(len(shown)), shown)
+    ax.set_yticks(range(len(shown)), shown)
+    ax.set_title("interaction on Overall (points)\ndiagonal, italic: gain alone over plain SD", fontsize="small")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _as_number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def sensitivity_png(points: Sequence[tuple[str, Mapping[str, float], float]], plain: float, label: str,
+                    path: Path) -> None:
+    """Score vs option value: Overall (bold) and each task, plain SD dashed. points: (value, row, overall)."""
+    numbers = {v: _as_number(v) for v, _, _ in points}
+    numeric = all(n is not None for n in numbers.values())
+    points = sorted(points, key=lambda p: numbers[p[0]] or 0.0) if numeric else list(points)
+    xs = [(numbers[v] or 0.0) if numeric else float(i) for i, (v, _, _) in enumerate(points)]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    tasks = list(dict.fromkeys(t for _, row, _ in points for t in row))
+    if len(tasks) > 1:
+        for t in tasks:
+            ax.plot(xs, [row.get(t, math.nan) for _, row, _ in points], marker=".", alpha=0.6, label=_label(t))
+    ax.plot(xs, [o for _, _, o in points], marker="o", linewidth=2, color="black", label="Overall")
+    ax.axhline(plain, linestyle="--", color="grey", label=f"plain SD ({plain:.1f})")
+    ax.set_xticks(xs, [v for v, _, _ in points])
+    ax.set_xlabel(label)
+    ax.set_ylabel("score (%)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

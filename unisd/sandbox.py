@@ -29,9 +29,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
-from unisd.data.scoring import code_test_program, extract_code
 
 #: uids/gids programs run as when the evaluator is root: a fresh id per run (no real account, no other
 #: run shares it), so RLIMIT_NPROC (counted per uid) is the run's own and leftovers can be swept by uid.
@@ -202,25 +199,6 @@ def _last_line(log: Path) -> str:
         return ""
     lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
     return lines[-1][:300] if lines else ""
-
-
-def check(generation: str, meta: Mapping[str, Any], timeout: float = 10.0) -> SandboxResult:
-    """Extract the code from a model reply and run it against the benchmark tests described by `meta`."""
-    return run_program(code_test_program(extract_code(generation), meta), timeout=timeout)
-
-
-def passes(generation: str, meta: Mapping[str, Any], timeout: float = 10.0) -> bool:
-    """True iff the reply's code passes all tests (MBPP asserts or HumanEval `check`)."""
-    return check(generation, meta, timeout).passed
-
-
-def pass_at_1(generations: Sequence[str], metas: Sequence[Mapping[str, Any]], timeout: float = 10.0) -> float:
-    """Mean pass rate of one greedy generation per problem (pass@1 for MBPP and HumanEval)."""
-    if len(generations) != len(metas):
-        raise ValueError(f"{len(generations)} generations for {len(metas)} problems")
-    if not metas:
-        return 0.0
-    return sum(passes(g, m, timeout) for g, m in zip(generations, metas)) / len(metas)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Hashable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as sps
@@ -49,7 +49,7 @@ def proportion_ci(successes: int, n: int) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
-def mean_ci(values: Sequence[float], seed: int = SEED) -> tuple[float, float]:
+def mean_ci(values: Sequence[float] | np.ndarray, seed: int = SEED) -> tuple[float, float]:
     """Interval of the mean of per-item scores: exact for 0/1 scores, bootstrap otherwise."""
     x = np.asarray(values, dtype=float)
     if _binary(x):
@@ -106,8 +106,8 @@ def paired(run: Sequence[float], reference: Sequence[float], seed: int = SEED) -
     return Paired(float(d.mean()), ci, float(result.pvalue), len(d), "sign-flip permutation")
 
 
-def bootstrap_intervals(statistic: Callable[[Mapping[Hashable, np.ndarray]], Mapping[str, float]],
-                        sizes: Mapping[Hashable, int], seed: int = SEED) -> dict[str, tuple[float, float]]:
+def bootstrap_intervals(statistic: Callable[[Any], Mapping[str, float]],
+                        sizes: Mapping[Any, int], seed: int = SEED) -> dict[str, tuple[float, float]]:
     """Percentile intervals of several statistics of item groups, resampled jointly.
 
     sizes: number of items per group (a task); each replicate draws every group's items with

@@ -31,31 +31,31 @@ class _TensorBoard:
         self.writer.close()
 
 
-class _Wandb:
+class _RunLike:
+    """A tracker whose `init` returns a run object with `log(values, step=)` and `finish()` (wandb, trackio)."""
+
+    run: Any
+
+    def log(self, values: Mapping[str, float], step: int) -> None:
+        self.run.log(dict(values), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _Wandb(_RunLike):
     def __init__(self, name: str, config: Mapping[str, Any], out: Path) -> None:
         import wandb
 
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "unisd"), name=name, config=dict(config),
                               dir=str(out))
 
-    def log(self, values: Mapping[str, float], step: int) -> None:
-        self.run.log(dict(values), step=step)
 
-    def close(self) -> None:
-        self.run.finish()
-
-
-class _Trackio:
+class _Trackio(_RunLike):
     def __init__(self, name: str, config: Mapping[str, Any], out: Path) -> None:
         import trackio
 
         self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "unisd"), name=name, config=dict(config))
-
-    def log(self, values: Mapping[str, float], step: int) -> None:
-        self.run.log(dict(values), step=step)
-
-    def close(self) -> None:
-        self.run.finish()
 
 
 class _MLflow:

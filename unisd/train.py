@@ -6,166 +6,30 @@ a mechanism. `train(config)` runs a whole job; `prepare(config)` builds the `Run
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import os
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
 from unisd import checkpoint, distributed, losses, models, report, tracking
+from unisd.api import Batch, Outputs, TrainError
 from unisd.config import ConfigError, TrainConfig
-from unisd.data import DataError, Example, load_data
+from unisd.data import DataError, load_data
 from unisd.data.prompts import teacher_prompt
-from unisd.plugin import Plugin, load as load_plugins
+from unisd.hooks import Hooks
+from unisd.plugin import load as load_plugins, settle_objective
+from unisd.rng import rng_state, set_rng_state
 from unisd.rollout import sample
+from unisd.run import AdapterOff, Run, data_order, decoder_owner, order_slice
 from unisd.sequences import pack, render
 
-
-class TrainError(RuntimeError):
-    """The run cannot go on (plugin failure, too many non-finite steps); a checkpoint was kept."""
-
-
-@dataclass
-class Batch:
-    """One micro-batch: examples, the prompt of every view, and the student's sampled completions."""
-
-    indices: list[int]                 # positions in run.examples
-    examples: list[Example]
-    prompts: dict[str, list[str]]      # view -> prompt per example ("student", "teacher", plugin views)
-    tokens: torch.Tensor | None = None     # [B, T] sampled completion ids
-    mask: torch.Tensor | None = None       # [B, T] 1.0 on tokens that count
-    truncated: torch.Tensor | None = None  # [B]
-
-
-@dataclass
-class Outputs:
-    """What the forwards produced; the argument of token_loss, weights and aux_losses."""
-
-    batch: Batch
-    mask: torch.Tensor                 # [B, T]
-    divergence: torch.Tensor           # [B, T] raw per-token divergence, before any plugin
-    logps: dict[str, torch.Tensor]     # view -> [B, T] log-prob of the sampled token at temperature 1
-    hidden: dict[str, torch.Tensor]    # "student" (with grad), "teacher": final hidden states [B, T, H]
-    metrics: dict[str, float] = field(default_factory=dict)  # plugins may add scalars to log
-
-
-@dataclass
-class Run:
-    """Everything a step and the plugins work on."""
-
-    config: TrainConfig
-    student: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    examples: list[Example]
-    plugins: list[Plugin]
-    world: distributed.World
-    out: Path
-    initial: Any = None                # the frozen initial model, built on first use (see `teacher`)
-    student_hidden: Any = None         # the student's encoder, DDP-wrapped under torchrun without --fsdp
-    encoders: dict[int, "HiddenStates"] = field(default_factory=dict)  # id(model) -> its encoder
-    kept: list[int] = field(default_factory=list)   # indices of examples whose prompts fit
-    total_steps: int = 0
-    step: int = 0                      # optimizer steps done
-    position: int = 0                  # examples consumed
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: Any = None
-    bad_steps: int = 0
-    engine: Any = None                 # the colocated vLLM engine under --rollout vllm (unisd.engine)
-
-    @property
-    def teacher(self) -> Any:
-        """The frozen initial model: the LoRA student with its adapter off, or a fresh load from disk.
-
-        Loaded lazily (never copied from the student, which may already have trained or been restored),
-        so a run whose teacher comes from a plugin, such as ema, keeps no unused third copy.
-        """
-        if self.initial is None:  # frozen, so --bf16 may hold it in bf16: its forwards compute in bf16 anyway
-            dtype = torch.bfloat16 if self.config.bf16 else torch.float32
-            model = models.load_model(self.config.model, dtype).to(self.world.device)
-            self.initial = model.requires_grad_(False).eval()
-        return self.initial
-
-    def encoder(self, model: Any) -> "HiddenStates":
-        """The module a model's hidden states come from: built once per model, sharded under --fsdp."""
-        found = self.encoders.get(id(model))  # the encoder holds the model, so the id stays its own
-        if found is None:
-            found = HiddenStates(model)
-            if self.config.fsdp:
-                distributed.shard(found, model)
-            self.encoders[id(model)] = found
-        return found
-
-    def order(self) -> list[int]:
-        """Indices into `examples` of every example the whole schedule consumes, in order."""
-        c = self.config
-        positions = self.total_steps * c.batch_size * c.grad_accum * self.world.size
-        return [self.kept[i] for i in order_slice(len(self.kept), c.seed, 0, positions)]
-
-    def scheduled(self) -> list[int]:
-        """The examples the schedule draws, ascending: setup work (negatives, contexts) is needed for
-        these only, so a short run on a large data set does not prepare what it never sees."""
-        return sorted(set(self.order()))
-
-    def sampler(self, model: Any) -> Any:
-        """What samples from a model: the model itself, or its sharded encoder (ranks then decode in step)."""
-        return self.encoder(model) if self.config.fsdp else model
-
-
-class AdapterOff:
-    """The LoRA student with its adapter switched off: the initial model, without a second copy."""
-
-    def __init__(self, peft_model: torch.nn.Module) -> None:
-        self.peft_model = peft_model
-
-    def get_decoder(self) -> Callable[..., Any]:
-        decoder = self.peft_model.get_base_model().get_decoder()
-
-        def run(**kwargs: Any) -> Any:
-            with self.peft_model.disable_adapter():
-                return decoder(**kwargs)
-
-        return run
-
-    def get_output_embeddings(self) -> torch.nn.Module:
-        return self.peft_model.get_base_model().get_output_embeddings()
-
-
-def _inner(model: Any) -> Any:
-    """The object with get_decoder / get_output_embeddings: a model, a peft model's base, or AdapterOff."""
-    return model.get_base_model() if models.is_peft(model) else model
-
-
-class HiddenStates(torch.nn.Module):
-    """A model's final (normed) hidden states, without logits: the loss computes those in chunks.
-
-    The student's forward goes through this module so that DDP sees a forward call it can wrap, and
-    under FSDP it is the root that holds the weights outside the decoder layers (embeddings, norm, head).
-    """
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-        self.train(getattr(model, "training", False))
-
-    @property
-    def generation_config(self) -> Any:
-        return self.model.generation_config
-
-    def generate(self, **kwargs: Any) -> torch.Tensor:
-        return self.model.generate(**kwargs)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        decoder = _inner(self.model).get_decoder()
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).last_hidden_state  # one pass over whole sequences: no KV cache to build
+__all__ = ["TrainError", "data_order", "forward", "make_batch", "prepare", "step", "train"]
 
 
 def _hidden(encode: Callable[..., torch.Tensor], prompts: list[list[int]], batch: Batch, pad_id: int) -> torch.Tensor:
@@ -195,29 +59,31 @@ def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
     with _autocast(run):
         student_h = _hidden(run.student_hidden, tok("student"), batch, pad)
     with torch.no_grad(), _autocast(run):
-        view_h = _hidden(run.encoder(teacher), sum((tok(v) for v in no_grad_views), []), batch, pad)
+        stacked = _hidden(run.encoder(teacher), sum((tok(v) for v in no_grad_views), []), batch, pad)
     B = batch.tokens.shape[0]
-    view_h = {v: view_h[i * B:(i + 1) * B] for i, v in enumerate(no_grad_views)}
+    view_h = {v: stacked[i * B:(i + 1) * B] for i, v in enumerate(no_grad_views)}
 
     where = batch.mask.bool()
     tokens = batch.tokens[where]
-    student_head = _inner(run.student).get_output_embeddings()
-    teacher_head = _inner(teacher).get_output_embeddings()
+    student_head = decoder_owner(run.student).get_output_embeddings()
+    teacher_head = decoder_owner(teacher).get_output_embeddings()
     c = run.config
-    divergence = losses.pick(c.divergence, c.alpha)
+    # ce and none need no divergence; the chunked pass still gives the log-probs (forward KL, then unused)
+    divergence = losses.pick(c.divergence if c.divergence in ("fkl", "rkl", "jsd") else "fkl", c.alpha)
     D, lp_student, lp_teacher = losses.distill_in_chunks(
         student_head, student_h[where], teacher_head, view_h["teacher"][where], tokens, divergence, c.loss_temperature)
     logps = {"student": lp_student, "teacher": lp_teacher}
     for v in no_grad_views[1:]:
         logps[v] = losses.logprobs_in_chunks(teacher_head, view_h[v][where], tokens)
-    return Outputs(batch, batch.mask, _scatter(D, where), {v: _scatter(x, where) for v, x in logps.items()},
-                   {"student": student_h, "teacher": view_h["teacher"]})
+    per_view = {v: _scatter(x, where) for v, x in logps.items()}
+    return Outputs(batch, batch.mask, losses.objective(c.divergence, _scatter(D, where), per_view["student"]),
+                   per_view, {"student": student_h, "teacher": view_h["teacher"]})
 
 
 def _zero_through_student(run: Run, out: Outputs) -> torch.Tensor:
     """A zero that depends on every student weight the loss uses (decoder and head): its backward gives
     zero gradients, so DDP's all-reduce and FSDP's reduce-scatter happen on this rank as on the others."""
-    head = _inner(run.student).get_output_embeddings()
+    head = decoder_owner(run.student).get_output_embeddings()
     with _autocast(run):
         return 0.0 * head(out.hidden["student"][:, :1]).float().sum()
 
@@ -225,14 +91,6 @@ def _zero_through_student(run: Run, out: Outputs) -> torch.Tensor:
 def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     full = values.new_zeros(where.shape)
     return full.masked_scatter(where, values)
-
-
-def _guard(plugin: Plugin, hook: str, *args: Any) -> Any:
-    """Call a hook; a failure names the plugin and the hook."""
-    try:
-        return getattr(plugin, hook)(*args)
-    except Exception as e:
-        raise TrainError(f"plugin '{plugin.name}' failed in {hook}: {type(e).__name__}: {e}") from e
 
 
 def make_batch(run: Run) -> Batch:
@@ -246,19 +104,9 @@ def make_batch(run: Run) -> Batch:
                                      "teacher": [teacher_prompt(e) for e in examples]})
 
 
-def order_slice(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Positions [start, start+count) of an endless sequence of seeded permutations of range(n)."""
-    out: list[int] = []
-    while len(out) < count:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        out.extend(perm[offset: offset + count - len(out)])
-    return out
-
-
 def step(run: Run) -> dict[str, float]:
     """One optimizer step over grad_accum micro-batches; returns the metrics to log."""
-    c, plugins = run.config, run.plugins
+    c, hooks = run.config, run.hooks
     assert run.optimizer is not None
     started = time.perf_counter()
     totals: dict[str, float] = {}
@@ -266,9 +114,7 @@ def step(run: Run) -> dict[str, float]:
     for micro in range(c.grad_accum):
         batch = make_batch(run)
         t0 = time.perf_counter()
-        rollout = None
-        for p in plugins:
-            rollout = rollout or _guard(p, "completions", batch, run)
+        rollout = hooks.completions(batch, run)
         if rollout is None:  # on-policy: the student samples
             prompt_ids = [render(run.tokenizer, p) for p in batch.prompts["student"]]
             rollout = sample(run.sampler(run.student), run.tokenizer, prompt_ids, c.max_new_tokens, c.temperature, c.top_p,
@@ -279,25 +125,14 @@ def step(run: Run) -> dict[str, float]:
         if c.mask_truncated:
             batch.mask = batch.mask * (~rollout.truncated).to(device, batch.mask.dtype)[:, None]
         t1 = time.perf_counter()
-        for p in plugins:
-            batch.prompts.update(_guard(p, "views", batch))
-        teacher = None
-        for p in plugins:
-            teacher = _guard(p, "teacher", run) or teacher
-        out = forward(run, batch, teacher or run.teacher)
-        D = out.divergence
-        for p in plugins:
-            D = _guard(p, "token_loss", D, out)
-        w = None
-        for p in plugins:
-            pw = _guard(p, "weights", out)
-            w = pw if w is None else (w if pw is None else w * pw)
+        batch.prompts.update(hooks.views(batch))
+        out = forward(run, batch, hooks.teacher(run) or run.teacher)
+        D = hooks.token_loss(out.divergence, out)
+        w = hooks.weights(out)
         numerator, denominator = losses.weighted_sums(D, out.mask, w)
         # the denominator of the whole global batch: DDP's average over ranks then equals one process
         distill = numerator * run.world.size / distributed.total(denominator, run.world).clamp_min(1e-12)
-        aux: dict[str, torch.Tensor] = {}
-        for p in plugins:
-            aux.update(_guard(p, "aux_losses", out))
+        aux = hooks.aux_losses(out)
         loss = distill + sum(aux.values())
         for name, term in aux.items():  # how much each auxiliary term acts: its share of the loss
             out.metrics[f"{name}/share"] = float(term.detach() / loss.detach()) if float(loss.detach()) else 0.0
@@ -332,8 +167,7 @@ def step(run: Run) -> dict[str, float]:
     timing["optimizer_s"] = time.perf_counter() - t4
     t5 = time.perf_counter()
     if finite:
-        for p in plugins:
-            _guard(p, "after_step", run)
+        hooks.after_step(run)
     timing["after_step_s"] = time.perf_counter() - t5
     return {"step": run.step, **totals, "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0],
             "skipped": not finite, **timing, "step_time_s": time.perf_counter() - started}
@@ -345,7 +179,8 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
         from unisd import engine
 
         engine.require()  # before anything loads: a missing engine is the first thing to say
-    plugins = load_plugins(list(config.plugins), config.options)
+    hooks = Hooks(load_plugins(list(config.plugins), config.options))  # conflicts refused before any load
+    config = settle_objective(config, hooks.plugins)
     examples = load_data(config.data, "train")
     tokenizer = models.load_tokenizer(config.model)
     world = distributed.init()
@@ -363,15 +198,14 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     if config.lora:
         student = models.add_lora(student, config.lora_r, config.lora_alpha, config.lora_dropout)
     student.train()
-    run = Run(config, student, tokenizer, examples, plugins, world, Path(config.out),
+    run = Run(config, student, tokenizer, examples, hooks, world, Path(config.out),
               initial=AdapterOff(student) if config.lora else None)
     run.kept = _fitting(run, echo)
     per_step = config.batch_size * config.grad_accum * world.size
     run.total_steps = config.max_steps or math.ceil(len(run.kept) / per_step)
     if config.rollout == "vllm":
         run.engine = engine.start(config, world)
-    for p in plugins:  # before sharding: setup may copy the student or sample from it
-        _guard(p, "setup", run)
+    hooks.setup(run)  # before sharding: setup may copy the student or sample from it
     run.student_hidden = distributed.wrap(run.encoder(student), world)
     params = [p for p in student.parameters() if p.requires_grad]
     # fused: one kernel over all tensors, no foreach temporaries (6x faster on CPU for 135M weights)
@@ -398,17 +232,6 @@ def _fitting(run: Run, echo: Callable[[str], None]) -> list[int]:
     return kept
 
 
-def data_order(run: Run) -> dict[str, Any]:
-    """The ids of every example the whole schedule consumes, in order, as a sha256 and a count.
-
-    Equal for runs with the same data, seed, prompt limit and schedule, whatever their plugins, so a
-    comparison can check that its runs saw the same data.
-    """
-    ids = [str(run.examples[i].meta.get("task_id", i)) for i in run.order()]
-    digest = hashlib.sha256(json.dumps(ids, ensure_ascii=False).encode("utf-8")).hexdigest()
-    return {"order_sha256": digest, "order_count": len(ids), "examples": len(run.kept)}
-
-
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
           echo: Callable[[str], None] = print, extend: bool = False, report_to: tuple[str, ...] = ()) -> Path:
     """Run a whole job: validate, train with checkpoints, write the final model into config.out.
@@ -433,7 +256,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
         checkpoint.truncate_metrics(metrics_path, run.step)
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None if main else True)
     with stop, (metrics_path.open("a") if main else contextlib.nullcontext()) as log, \
-            tracking.Trackers(report_to if main else (), config.to_json(), out) as trackers:
+            tracking.Trackers(report_to if main else (), run.config.to_json(), out) as trackers:
         while run.step < run.total_steps:
             metrics = _step_or_save(run)
             if log is not None:
@@ -464,13 +287,13 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
 
 def _step_or_save(run: Run) -> dict[str, float]:
     """A step; if a plugin fails inside it, rewind to the step's start, checkpoint, and stop."""
-    position, rng, done = run.position, checkpoint.rng_state(), run.step
+    position, rng, done = run.position, rng_state(), run.step
     try:
         return step(run)
     except TrainError as e:
         if run.step == done:  # failed before the update: the step never happened
             run.position = position
-            checkpoint.set_rng_state(rng)
+            set_rng_state(rng)
             assert run.optimizer is not None
             run.optimizer.zero_grad(set_to_none=True)
         saved = checkpoint.save(run)

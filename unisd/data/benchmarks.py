@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from unisd.data import DataError, Example
+from unisd.data.examples import DataError, Example
 from unisd.data import scoring as S
 
 Row = Mapping[str, Any]

@@ -5,7 +5,7 @@ Benchmark adapters shape `Example.answer` / `Example.rationale`; the wording liv
 """
 from __future__ import annotations
 
-from unisd.data import Example
+from unisd.data.examples import Example
 
 SOLVE_YOUR_WAY = "Study the reference response above, then answer the task again in your own words and your own way."
 

@@ -3,13 +3,15 @@
 The prompt a model sees at evaluation is exactly `Example.prompt` built here during training, and the
 lm-eval tasks (`lm_eval_tasks/*/utils.py`) call the same scorers the trainer may call. Everything in
 this module is a pure function of strings and plain dicts, so it can be tested without a model.
-Code execution lives in `unisd.sandbox`; `score` dispatches to it lazily for code benchmarks.
+Code execution lives in `unisd.sandbox`; `check_code` runs a reply's code and its tests there.
 """
 from __future__ import annotations
 
 import json
 import re
 from typing import Any, Mapping, Sequence
+
+from unisd import sandbox
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -364,6 +366,25 @@ def extract_number(text: str) -> str | None:
     return None
 
 
+def check_code(generation: str, meta: Mapping[str, Any], timeout: float = 10.0) -> sandbox.SandboxResult:
+    """Extract the code from a model reply and run it against the benchmark tests described by `meta`."""
+    return sandbox.run_program(code_test_program(extract_code(generation), meta), timeout=timeout)
+
+
+def code_passes(generation: str, meta: Mapping[str, Any], timeout: float = 10.0) -> bool:
+    """True iff the reply's code passes all tests (MBPP asserts or HumanEval `check`)."""
+    return check_code(generation, meta, timeout).passed
+
+
+def pass_at_1(generations: Sequence[str], metas: Sequence[Mapping[str, Any]], timeout: float = 10.0) -> float:
+    """Mean pass rate of one greedy generation per problem (pass@1 for MBPP and HumanEval)."""
+    if len(generations) != len(metas):
+        raise ValueError(f"{len(generations)} generations for {len(metas)} problems")
+    if not metas:
+        return 0.0
+    return sum(code_passes(g, m, timeout) for g, m in zip(generations, metas)) / len(metas)
+
+
 # --------------------------------------------------------------------------------------------------
 # Dispatch (trainer and lm-eval)
 # --------------------------------------------------------------------------------------------------
@@ -381,9 +402,7 @@ def score(generation: str, meta: Mapping[str, Any]) -> dict[str, float]:
     if bench in MC_BENCHMARKS:
         return score_mc(generation, meta)
     if bench in CODE_BENCHMARKS:
-        from unisd import sandbox
-
-        return {"pass@1": float(sandbox.passes(generation, meta))}
+        return {"pass@1": float(code_passes(generation, meta))}
     if bench == "toolalpaca":
         return score_tools(generation, meta)
     if bench == "demo":
