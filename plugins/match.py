@@ -5,8 +5,8 @@
 L_feat = weight · mean_b [ Σ_t m_t (1/H)‖h^S_t − sg(h^T_t)‖² / Σ_t m_t ], on the final (post-norm)
 hidden states at the completion positions: student under the student prompt, primary teacher under
 the gold-demonstration prompt (detached). `mode=joint` adds it to the distillation loss; `mode=repr`
-trains on it alone: `token_loss` returns zeros, so the divergence gets no gradient (the official
-repr mode also drops the contrastive term; here other plugins' auxiliary terms still count).
+trains on it alone: it declares the objective `--divergence none`, so the divergence gets no gradient
+(the official repr mode also drops the contrastive term; here other plugins' auxiliary terms still count).
 Same as the official code otherwise (MSE averaged over the hidden dimension, last layer only).
 """
 from __future__ import annotations
@@ -42,8 +42,10 @@ class Match(Plugin):
 
     config: Config
 
-    def token_loss(self, D: torch.Tensor, out: Outputs) -> torch.Tensor:
-        return torch.zeros_like(D) if self.config.mode == "repr" else D
+    @property
+    def objective(self) -> str | None:  # type: ignore[override]
+        """repr trains on L_feat alone: it stands for --divergence none (joint keeps the user's objective)."""
+        return "none" if self.config.mode == "repr" else None
 
     def aux_losses(self, out: Outputs) -> dict[str, torch.Tensor]:
         mse = feature_mse(out.hidden["student"], out.hidden["teacher"])

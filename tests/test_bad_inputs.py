@@ -63,28 +63,34 @@ def train(model: str = "{model}", data: str = "{good}", out: str = "{out}", *ext
     return ["train", "--model", model, "--data", data, "--out", out, "--max-steps", "1", *extra]
 
 
+FLAG_CASES = """
+batch-size-0 | --batch-size 0 | '--batch-size': 0 is not in the range x>=1
+batch-size-word | --batch-size four | 'four' is not a valid integer
+grad-accum-0 | --grad-accum 0 | '--grad-accum': 0 is not in the range
+max-steps-negative | --max-steps -1 | '--max-steps': -1 is not in the range x>=0
+lr-zero | --lr 0 | '--lr': 0.0 is not in the range x>0
+lr-negative | --lr -1e-5 | '--lr'
+lr-nan | --lr nan | nan is not a finite number
+lr-inf | --lr inf | inf is not a finite number
+lr-comma | --lr 1e-5, | '1e-5,' is not a valid number
+alpha-above-1 | --divergence jsd --alpha 1.5 | '--alpha': 1.5 is not in the range 0<x<1
+alpha-0 | --alpha 0 | '--alpha': 0.0 is not in the range 0<x<1
+loss-temperature-0 | --loss-temperature 0 | '--loss-temperature'
+max-new-tokens-0 | --max-new-tokens 0 | '--max-new-tokens': 0 is not in the range
+max-prompt-tokens-0 | --max-prompt-tokens 0 | '--max-prompt-tokens'
+seed-negative | --seed -3 | '--seed': -3 is not in the range x>=0
+save-every-negative | --save-every -1 | '--save-every'
+max-bad-steps-0 | --max-bad-steps 0 | '--max-bad-steps'
+divergence-typo | --divergence kl | 'kl' is not one of
+unknown-flag | --max-step 3 | No such option '--max-step'
+"""  # case | flags after `train --model --data --out --max-steps 1` | fragment of the error
+
+
 # (case id, arguments with {placeholders}, a fragment the one error line must contain)
 TABLE = [
     # click's types: refused before torch is imported
-    ("batch-size-0", train("{model}", "{good}", "{out}", "--batch-size", "0"), "'--batch-size': 0 is not in the range x>=1"),
-    ("batch-size-word", train("{model}", "{good}", "{out}", "--batch-size", "four"), "'four' is not a valid integer"),
-    ("grad-accum-0", train("{model}", "{good}", "{out}", "--grad-accum", "0"), "'--grad-accum': 0 is not in the range"),
-    ("max-steps-negative", train("{model}", "{good}", "{out}", "--max-steps", "-1"), "'--max-steps': -1 is not in the range x>=0"),
-    ("lr-zero", train("{model}", "{good}", "{out}", "--lr", "0"), "'--lr': 0.0 is not in the range x>0"),
-    ("lr-negative", train("{model}", "{good}", "{out}", "--lr", "-1e-5"), "'--lr'"),
-    ("lr-nan", train("{model}", "{good}", "{out}", "--lr", "nan"), "nan is not a finite number"),
-    ("lr-inf", train("{model}", "{good}", "{out}", "--lr", "inf"), "inf is not a finite number"),
-    ("lr-comma", train("{model}", "{good}", "{out}", "--lr", "1e-5,"), "'1e-5,' is not a valid number"),
-    ("alpha-above-1", train("{model}", "{good}", "{out}", "--divergence", "jsd", "--alpha", "1.5"), "'--alpha': 1.5 is not in the range 0<x<1"),
-    ("alpha-0", train("{model}", "{good}", "{out}", "--alpha", "0"), "'--alpha': 0.0 is not in the range 0<x<1"),
-    ("loss-temperature-0", train("{model}", "{good}", "{out}", "--loss-temperature", "0"), "'--loss-temperature'"),
-    ("max-new-tokens-0", train("{model}", "{good}", "{out}", "--max-new-tokens", "0"), "'--max-new-tokens': 0 is not in the range"),
-    ("max-prompt-tokens-0", train("{model}", "{good}", "{out}", "--max-prompt-tokens", "0"), "'--max-prompt-tokens'"),
-    ("seed-negative", train("{model}", "{good}", "{out}", "--seed", "-3"), "'--seed': -3 is not in the range x>=0"),
-    ("save-every-negative", train("{model}", "{good}", "{out}", "--save-every", "-1"), "'--save-every'"),
-    ("max-bad-steps-0", train("{model}", "{good}", "{out}", "--max-bad-steps", "0"), "'--max-bad-steps'"),
-    ("divergence-typo", train("{model}", "{good}", "{out}", "--divergence", "kl"), "'kl' is not one of"),
-    ("unknown-flag", train("{model}", "{good}", "{out}", "--max-step", "3"), "No such option '--max-step'"),
+    *[(case, train("{model}", "{good}", "{out}", *flags.split()), fragment)
+      for case, flags, fragment in (row.split(" | ") for row in FLAG_CASES.strip().splitlines())],
     ("missing-out", ["train", "--model", "{model}", "--data", "{good}"], "Missing option '--out'"),
     ("unknown-command", ["trian", "--model", "{model}"], "No such command 'trian'"),
     ("eval-limit-0", ["eval", "--model", "a={model}", "--limit", "0", "--out", "{out}"], "'--limit': 0 is not in the range"),

@@ -238,9 +238,12 @@ def test_feature_mse_by_hand() -> None:
 def test_match_repr_ignores_the_divergence() -> None:
     D = torch.rand(2, 3, requires_grad=True)
     mask = torch.ones(2, 3)
-    repr_loss = Match(configure(Match, {"mode": "repr"})).token_loss(D, _out(mask))
+    repr_plugin = Match(configure(Match, {"mode": "repr"}))
+    assert repr_plugin.objective == "none"  # declared, so the trainer's one objective switch decides
+    repr_loss = losses.objective(repr_plugin.objective, D, torch.zeros(2, 3))
     assert torch.equal(repr_loss, torch.zeros(2, 3)) and not repr_loss.requires_grad  # no path back to D
     plugin = Match(configure(Match, {"mode": "joint"}))
+    assert plugin.objective is None
     losses.weighted_mean(plugin.token_loss(D, _out(mask)), mask).backward()
     torch.testing.assert_close(D.grad, torch.full((2, 3), 1 / 6))  # joint keeps D: the mean of 6 tokens
     hs = torch.zeros(1, 1, 2, requires_grad=True)

@@ -204,12 +204,19 @@ def test_contrast_counts_examples_without_negative(tiny_model: Path, tiny_data: 
                for e, neg in zip(run.examples, negatives))
 
 
-def test_hook_order_follows_the_command_line(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
-    # match(repr) zeroes D; clip after it sees only zeros (rate 0). In the other order clip sees real D.
-    def clip_rate(plugins: tuple[str, ...]) -> float:
+def test_match_repr_sets_the_objective_to_none_whatever_the_order(tiny_model: Path, tiny_data: Path,
+                                                                    tmp_path: Path) -> None:
+    # repr is a declared objective (--divergence none), not a token_loss that zeroes D behind clip's back:
+    # clip sees the same all-zero objective in either order, and the loss is the feature term alone
+    def run_of(plugins: tuple[str, ...]) -> tuple[str, dict[str, float]]:
         run = prepare(_config(tiny_model, tiny_data, tmp_path / "-".join(plugins), plugins,
                               options={"match": {"mode": "repr"}, "clip": {"quantile": "0.5"}}))
-        return step(run)["clip/rate"]
+        return run.config.divergence, step(run)
 
-    assert clip_rate(("match", "clip")) == 0.0
-    assert clip_rate(("clip", "match")) > 0.0
+    for plugins in (("match", "clip"), ("clip", "match")):
+        divergence, metrics = run_of(plugins)
+        assert divergence == "none"
+        assert metrics["clip/rate"] == 0.0 and metrics["distill"] == 0.0
+        assert metrics["loss"] == pytest.approx(metrics["match"]) and metrics["match"] > 0.0
+
+

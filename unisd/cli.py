@@ -151,7 +151,7 @@ def eval_cmd(model_specs: tuple[str, ...], tasks: str, limit: int | None, out: s
 @click.option("--out", default="runs/demo", show_default=True, help="Folder for the models, metrics, tables and charts.")
 @click.option("--steps", type=AT_LEAST_1, default=12, show_default=True,
               help="Optimizer steps of each trained run (SFT, UniSD*).")
-@click.option("--batch-size", type=AT_LEAST_1, default=8, show_default=True, help="Prompts per step.")
+@click.option("--batch-size", type=AT_LEAST_1, default=4, show_default=True, help="Prompts per step.")
 @click.option("--lr", type=POSITIVE, default=2e-4, show_default=True, help="Peak learning rate of both runs.")
 @click.option("--eval-limit", type=AT_LEAST_1, default=200, show_default=True,
               help="Held-out additions scored per model (200 give a 95% interval of about ±7 points).")

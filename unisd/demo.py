@@ -46,7 +46,7 @@ def verdict(combined: dict[str, Any], task: str = TASK) -> str:
             f"(on {n} held-out items of this task only; it says nothing about other tasks or larger models).")
 
 
-def run(out: Path, steps: int = 12, eval_limit: int = 200, batch_size: int = 8, lr: float = 2e-4,
+def run(out: Path, steps: int = 12, eval_limit: int = 200, batch_size: int = 4, lr: float = 2e-4,
         overwrite: bool = False, echo: Callable[[str], None] = print, model: str = MODEL) -> dict[str, Path]:
     """Train SFT and UniSD*, score base / SFT / UniSD*, and return the paths of everything written."""
     started = time.time()

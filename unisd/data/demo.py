@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-SIZES = {"train": 192, "test": 200}  # the demo draws 12 steps of 8 from train; the study may take more
+SIZES = {"train": 192, "test": 200}  # the demo draws 12 steps of 4 from train; the study may take more
 SEED = 16
 OPERANDS = range(10, 90)  # a + b < 180: tens-digit sums stay within what the columns below describe
 
