@@ -62,7 +62,7 @@ def test_quickstart_is_the_demo_then_the_tests_and_ci_runs_the_second():
     quickstart = README.split("## Quickstart", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     assert quickstart.splitlines() == ["python3 dev.py demo", "python3 dev.py tests"]
     ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith("#")]
-    assert ci[-1] == "python3 dev.py tests"
+    assert "python3 dev.py tests" in ci  # the README's test command, whatever else CI runs around it
 
 
 @pytest.mark.parametrize("args", UNISD, ids=[" ".join(a)[:60] for a in UNISD])
