@@ -70,7 +70,10 @@ class RunView(Protocol):
     student: Any                       # a transformers model, or its peft wrapper under --lora
     world: World
     step: int
-    engine: Any
+
+    @property
+    def engine(self) -> Any:
+        """The vLLM engine under --rollout vllm (started on first use), else None."""
 
     @property
     def teacher(self) -> Any:

@@ -59,8 +59,7 @@ def run(out: Path, steps: int = 12, eval_limit: int = 200, batch_size: int = 4, 
         # negatives are short worked sums: 96 new tokens let them finish, so each is checked, not cut off
         config = cfg.resolve(preset, (), {"contrast": {"max_new_tokens": "96"}} if preset == "unisd-star" else {},
                              model=model, data="demo", out=str(folder), max_steps=steps, batch_size=batch_size,
-                             max_new_tokens=96, lr=lr, bf16=True, save_every=0,
-                             rollout="hf" if preset == "sft" else engine)  # SFT never samples: no engine to start
+                             max_new_tokens=96, lr=lr, bf16=True, rollout=engine, save_every=0)
         train(config, overwrite=overwrite, echo=echo)
         checkpoints[preset] = str(folder)
     echo(f"[3/3] scoring base, SFT and UniSD* on {eval_limit} held-out additions, with retention")

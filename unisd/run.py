@@ -43,12 +43,24 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     bad_steps: int = 0
-    engine: Any = None                 # the colocated vLLM engine under --rollout vllm (unisd.engine)
+    started_engine: Any = None         # the vLLM engine once `engine` has started it
 
     @property
     def plugins(self) -> list[Plugin]:
         """The selected plugins, in command-line order."""
         return self.hooks.plugins
+
+    @property
+    def engine(self) -> Any:
+        """The colocated vLLM engine under --rollout vllm (unisd.engine), else None; started on first use,
+        so a run that never samples (SFT: gold completions, cached setup work) never pays its start."""
+        if self.config.rollout != "vllm":
+            return None
+        if self.started_engine is None:
+            from unisd import engine
+
+            self.started_engine = engine.start(self.config, self.world)
+        return self.started_engine
 
     @property
     def teacher(self) -> Any:

@@ -203,8 +203,8 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     run.kept = _fitting(run, echo)
     per_step = config.batch_size * config.grad_accum * world.size
     run.total_steps = config.max_steps or math.ceil(len(run.kept) / per_step)
-    if config.rollout == "vllm":
-        run.engine = engine.start(config, world)
+    if world.size > 1:  # every rank joins the engines' start together, not only a rank that samples first
+        run.engine  # noqa: B018
     hooks.setup(run)  # before sharding: setup may copy the student or sample from it
     run.student_hidden = distributed.wrap(run.encoder(student), world)
     params = [p for p in student.parameters() if p.requires_grad]
