@@ -55,6 +55,8 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--probe-items", type=int, default=40, help="training items in the teacher-preference probe")
     p.add_argument("--probe-only", action="store_true", help="only the teacher-preference probe: no training")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                   help="sampling engine of the rollouts and the evaluations (vllm: uncompiled, as the demo)")
     p.add_argument("--out", type=Path, default=Path("bench/results/study"))
     return p.parse_args()
 
@@ -96,8 +98,11 @@ def teacher_preference(model_name: str, examples: list[Example], max_new_tokens:
     share = {name: {"share": 100.0 * sum(v) / n if n else float("nan"),
                     "ci95": [100.0 * x for x in stats.proportion_ci(sum(v), n)] if n else [float("nan")] * 2}
              for name, v in (("teacher", teacher), ("student", student))}
-    base = {"share": 100.0 * sum(right) / len(right), "ci95": [100.0 * x for x in stats.proportion_ci(sum(right), len(right))]}
-    return {"items": len(examples), "student_wrong": n, "base_greedy": base, **share}
+    taught = greedy(model, tokenizer, [teacher_prompt(e) for e in examples], max_new_tokens)
+    solved = [next(iter(S.score(t, e.meta).values())) == 1.0 for e, t in zip(examples, taught)]
+    base, teacher = ({"share": 100.0 * sum(v) / len(v), "ci95": [100.0 * x for x in stats.proportion_ci(sum(v), len(v))]}
+                     for v in (right, solved))
+    return {"items": len(examples), "student_wrong": n, "base_greedy": base, "teacher_greedy": teacher, **share}
 
 
 def activity(metrics: Path) -> dict[str, float]:
@@ -123,16 +128,16 @@ def study_task(a: argparse.Namespace, task: str, methods: list[str], ood: list[s
             overrides = {"contrast": {"max_new_tokens": str(a.max_new_tokens)}} if method == "unisd-star" else {}
             config = cfg.resolve(method, (), overrides, model=a.model, data=task, out=str(folder), max_steps=a.steps,
                                  batch_size=a.batch_size, lr=a.lr, max_new_tokens=a.max_new_tokens, bf16=True,
-                                 seed=a.seed)
+                                 seed=a.seed, rollout=a.backend, rollout_eager=True)
             started = time.time()
             train(config, overwrite=True, echo=lambda m: print(m, file=sys.stderr))
             timings[method] = time.time() - started
         checkpoints[method] = str(folder)
     found = evaluate.evaluate(checkpoints, [IN_DOMAIN[task]], a.out / task / "in-domain", a.eval_limit, base=a.model,
-                              batch_size=16, max_gen_toks=a.max_gen_toks)
+                              batch_size=16, max_gen_toks=a.max_gen_toks, backend=a.backend)
     if ood:
         evaluate.evaluate(checkpoints, ood, a.out / task / "out-of-domain", a.ood_limit, base=a.model,
-                          batch_size=16, max_gen_toks=a.max_gen_toks)
+                          batch_size=16, max_gen_toks=a.max_gen_toks, backend=a.backend)
     orders = {m: json.loads((runs / m / "unisd.json").read_text()).get("data", {}).get("order_sha256") for m in methods}
     return {"train_s": timings, "orders": orders, "in_domain": found,
             "activity": {m: activity(runs / m / "metrics.jsonl") for m in methods},
@@ -146,7 +151,10 @@ def summary(a: argparse.Namespace, tasks: dict[str, dict[str, Any]]) -> str:
     for task, found in tasks.items():
         t = found["teacher"]
         lines += [f"## {task}", "", f"Base model, greedy, on the first {t['items']} training items: "
-                  f"{t['base_greedy']['share']:.1f}% [{t['base_greedy']['ci95'][0]:.1f}, {t['base_greedy']['ci95'][1]:.1f}].",
+                  f"{t['base_greedy']['share']:.1f}% [{t['base_greedy']['ci95'][0]:.1f}, {t['base_greedy']['ci95'][1]:.1f}]; "
+                  f"the same model given the teacher prompt (gold demonstration), greedy: "
+                  f"{t['teacher_greedy']['share']:.1f}% [{t['teacher_greedy']['ci95'][0]:.1f}, "
+                  f"{t['teacher_greedy']['ci95'][1]:.1f}].",
                   "", f"Teacher preference ({t['student_wrong']} of {t['items']} training items the base answers wrong, "
                   "greedy): gold demonstration scored above the student's own reply (mean token log-prob) by the "
                   f"teacher prompt on {t['teacher']['share']:.1f}% [{t['teacher']['ci95'][0]:.1f}, "

@@ -74,6 +74,8 @@ def test_demo_trains_both_runs_and_writes_intervals_retention_and_charts(tiny_mo
     results = json.loads(paths["results"].read_text())
     assert set(results["paired"]) == {"sft", "unisd-star"} and "sft" in results["paired"]["unisd-star"]
     assert set(results["retention"]) == {"base", "sft", "unisd-star"}
+    assert results["retention_documents"] == demo.RETENTION
+    assert f"bootstrap over the first {demo.RETENTION} documents of each task" in table
     for png in (paths["chart"], paths["curves"]):
         assert matplotlib.image.imread(png).ndim == 3
     assert messages[-len(paths) - 2] == demo.verdict(results)

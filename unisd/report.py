@@ -188,7 +188,9 @@ def write_comparison(combined: dict[str, Any], out: Path) -> None:
         text += ("\nAnswer spread: share of the most frequent option (identical output for free text); "
                  "⚠ collapsed: one answer in ≥ 90% of ≥ 10 items:\n\n" + answers_table(combined["answers"]))
     if combined.get("retention"):
-        text += "\nRetention (lower is better; [95% interval, bootstrap over documents]):\n\n"
+        documents = combined.get("retention_documents")
+        over = f"the first {documents} documents of each task" if documents else "documents"
+        text += f"\nRetention (lower is better; [95% interval, bootstrap over {over}]):\n\n"
         text += retention_table(combined["retention"])
     (out / "table.md").write_text(text)
     bar_chart(combined["scores"], out / "scores.png", ci95=combined.get("ci95"),

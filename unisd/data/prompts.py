@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from unisd.data.examples import Example
 
-SOLVE_YOUR_WAY = "Study the reference response above, then answer the task again in your own words and your own way."
+# The paper's instruction (§2.1), with the problem placed below it as its wording says, so that the teacher's
+# context ends, like the student's, with the question itself. Order and wording matter at small scale: on 40
+# demo items SmolLM2-135M's teacher, greedy, solved 90% in this order, 77.5% with the demonstration and then
+# the instruction last, 37.5% with the official string verbatim, 17.5% with "answer the task again in your own
+# words"; with the instruction last, the teacher also wanted to stop early less often than the student
+# (P(end of turn) where the student's samples end: 0.47 vs 0.72), which taught the student never to stop.
+SOLVE_YOUR_WAY = "Study the reference solution, then solve the problem with your own approach."
 
 
 def demonstration(example: Example) -> str:
@@ -18,10 +24,6 @@ def demonstration(example: Example) -> str:
 
 
 def teacher_prompt(example: Example, demo: str | None = None) -> str:
-    """Student prompt + a demonstration (the gold one by default) + the instruction to solve it anew."""
+    """The instruction, a demonstration (the gold one by default), then the student prompt unchanged."""
     demo = demonstration(example) if demo is None else demo
-    return (
-        f"{example.prompt}\n\n"
-        f"Here is a reference response to this task:\n{demo}\n\n"
-        f"{SOLVE_YOUR_WAY}"
-    )
+    return f"{SOLVE_YOUR_WAY}\n\nReference solution:\n{demo}\n\nProblem: {example.prompt}"
