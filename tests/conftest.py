@@ -33,7 +33,7 @@ CORPUS = [
     "Name a colour of the sky. Answer: blue. Reasoning: the sky scatters blue light.",
     "Which animal barks? A. cat B. dog C. cow. Answer: B",
     "def add(a, b):\n    return a + b\nassert add(1, 2) == 3",
-    "Study the reference solution, then solve the problem with your own approach. Reference solution: Problem:",
+    "Here is a reference response to this task. Study it, then answer in your own words.",
     "Question: where do fish live? Answer: in water. Explanation: fish breathe through gills.",
 ] * 4
 
