@@ -20,7 +20,10 @@ from safetensors.torch import load_file
 # EMA, checkpoints) exactly as in a sampled run.
 pytestmark = pytest.mark.torchrun
 GOLD = ["-o", "mix.source=gold", "-o", "mix.prob=1.0"]
-TOLERANCE = 1e-5  # float summation order differs between one all-reduce and one batched forward
+# float summation order differs between one all-reduce and one batched forward, and Adam divides by sqrt(v):
+# where a gradient is near 0 that noise grows to ~1% of a step (measured 1.1e-5, against steps of 1.5e-3);
+# a wrong shard or scale moves weights by the order of a whole step
+TOLERANCE = 5e-5
 
 
 def _train(model: Path, data: Path, out: Path, batch: int, procs: int, *extra: str) -> subprocess.Popen:
