@@ -87,8 +87,11 @@ def teacher_preference(model_name: str, examples: list[Example], max_new_tokens:
     """On items the student gets wrong (greedy): how often the teacher prompt, and the student prompt, give
     the gold demonstration a higher mean token log-probability than the student's own reply."""
     tokenizer, model = models.load_tokenizer(model_name), models.load_model(model_name).eval()
-    texts = greedy(model, tokenizer, [e.prompt for e in examples], max_new_tokens)
-    right = [next(iter(S.score(t, e.meta).values())) == 1.0 for e, t in zip(examples, texts)]
+    def solves(prompts: list[str]) -> tuple[list[str], list[bool]]:
+        texts = greedy(model, tokenizer, prompts, max_new_tokens)
+        return texts, [next(iter(S.score(t, e.meta).values())) == 1.0 for e, t in zip(examples, texts)]
+
+    texts, right = solves([e.prompt for e in examples])
     wrong = [(e, t) for (e, t), ok in zip(zip(examples, texts), right) if not ok]
     teacher = [mean_logprob(model, tokenizer, teacher_prompt(e), demonstration(e))
                > mean_logprob(model, tokenizer, teacher_prompt(e), t) for e, t in wrong]
@@ -98,8 +101,7 @@ def teacher_preference(model_name: str, examples: list[Example], max_new_tokens:
     share = {name: {"share": 100.0 * sum(v) / n if n else float("nan"),
                     "ci95": [100.0 * x for x in stats.proportion_ci(sum(v), n)] if n else [float("nan")] * 2}
              for name, v in (("teacher", teacher), ("student", student))}
-    taught = greedy(model, tokenizer, [teacher_prompt(e) for e in examples], max_new_tokens)
-    solved = [next(iter(S.score(t, e.meta).values())) == 1.0 for e, t in zip(examples, taught)]
+    _, solved = solves([teacher_prompt(e) for e in examples])
     base, teacher = ({"share": 100.0 * sum(v) / len(v), "ci95": [100.0 * x for x in stats.proportion_ci(sum(v), len(v))]}
                      for v in (right, solved))
     return {"items": len(examples), "student_wrong": n, "base_greedy": base, "teacher_greedy": teacher, **share}

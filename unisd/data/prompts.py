@@ -11,8 +11,8 @@ from unisd.data.examples import Example
 # context ends, like the student's, with the question itself. Order and wording matter at small scale: on 40
 # demo items SmolLM2-135M's teacher, greedy, solved 90% in this order, 77.5% with the demonstration and then
 # the instruction last, 37.5% with the official string verbatim, 17.5% with "answer the task again in your own
-# words"; with the instruction last, the teacher also wanted to stop early less often than the student
-# (P(end of turn) where the student's samples end: 0.47 vs 0.72), which taught the student never to stop.
+# words". The teacher still ends later than the student (P(end of turn) where the student's samples end: 0.60
+# here, 0.47 with the instruction last, 0.72 under the student prompt): bench/results/demo/README.md.
 SOLVE_YOUR_WAY = "Study the reference solution, then solve the problem with your own approach."
 
 
