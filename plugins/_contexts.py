@@ -64,7 +64,7 @@ def random_donors(n: int, k: int, seed: int) -> list[list[int]]:
     out = []
     for i in range(n):
         picks = rng.choice(n - 1, size=min(k, n - 1), replace=False)
-        order = [int(j) + (j >= i) for j in picks]   # skip i itself
+        order = [int(j) + int(j >= i) for j in picks]   # skip i itself
         out.append([order[r % len(order)] for r in range(k)])
     return out
 

@@ -148,8 +148,8 @@ class Agree(Plugin):
         rng = random.Random(seed)
         n_sets = max(1, min(len(examples) // c.induction_demos, c.induction_max))
         order = rng.sample(range(len(examples)), len(examples))
-        demo_sets = [[examples[j] for j in order[s * c.induction_demos:(s + 1) * c.induction_demos]] or examples[:1]
-                     for s in range(n_sets)]
+        demo_sets = [[examples[j] for j in order[s * c.induction_demos:(s + 1) * c.induction_demos]]
+                     for s in range(n_sets)]   # n_sets <= n // demos, or 1 set of all n: never empty
         key = {"kind": "induction", "data": generation.data_digest(examples), "model": run.config.model,
                "weights": generation.model_digest(run.student), "seed": seed, "demos": c.induction_demos,
                "max": c.induction_max, "tokens": c.induction_tokens}

@@ -39,12 +39,10 @@ class Mix(Plugin):
 
     def setup(self, run: RunView) -> None:
         self.generator = torch.Generator().manual_seed(run.config.seed + 7)
-        self.used = 0
 
     def completions(self, batch: Batch, run: RunView) -> Rollout | None:
         if torch.rand((), generator=self.generator).item() >= self.config.prob:
             return None
-        self.used += 1
         c = run.config
         if self.config.source == "gold":
             return from_texts(run.tokenizer, [demonstration(e) for e in batch.examples], c.max_new_tokens)
@@ -57,8 +55,7 @@ class Mix(Plugin):
                       engine=run.engine, top_k=c.top_k)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "used": self.used}
+        return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
-        self.used = state["used"]

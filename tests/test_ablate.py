@@ -195,6 +195,7 @@ def test_cost_model():
     assert cost(()) == 1.0 and cost(("clip", "match")) == 1.0
     assert cost(("agree",), {"agree": {"k": "5"}}) == pytest.approx(1 + 5 * ablation_plan.TEACHER_FORWARD)
     assert cost(("agree", "contrast"), {"agree": {"k": "3"}}) == pytest.approx(1 + 4 * ablation_plan.TEACHER_FORWARD)
+    assert cost(("ema",), {"ema": {"every": "4"}}) == pytest.approx(1 + 0.25 * ablation_plan.TEACHER_FORWARD)
 
 
 def test_interactions_by_hand():

@@ -117,6 +117,88 @@ def test_agree_k1_and_bad_options_are_errors() -> None:
         configure(Agree, {"level": "word"}, "agree")
 
 
+
+def test_sequence_weights_average_each_sequence_over_its_own_tokens() -> None:
+    # B=2 sequences of T=3 tokens (B != T), one of them a single token; K=3 views
+    logps = torch.tensor([[[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]],
+                          [[-1.0, -2.0, -3.0], [-1.0, 0.0, 0.0]],
+                          [[-4.0, -5.0, -6.0], [-1.0, 0.0, 0.0]]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    # sequence means per view: seq 0 (-2, -2, -5), seq 1 (-4, -1, -1): range 3 for both, population var 2 for both
+    torch.testing.assert_close(sequence_weights(logps, mask, 0.5, stat="range"), torch.full((2, 1), math.exp(-1.5)))
+    torch.testing.assert_close(sequence_weights(logps, mask, 0.5), torch.full((2, 1), math.exp(-1.0)))
+
+
+def test_random_donors_are_distinct_other_examples_cycled_when_too_few() -> None:
+    from unisd_plugins._contexts import random_donors
+
+    for i, row in enumerate(random_donors(8, 4, seed=1)):
+        assert len(set(row)) == 4 and i not in row and set(row) <= set(range(8))
+    for i, row in enumerate(random_donors(3, 5, seed=1)):   # two others exist: both, cycled
+        others = sorted({0, 1, 2} - {i})
+        assert sorted(set(row)) == others and row == (row[:2] * 3)[:5]
+    assert random_donors(8, 4, seed=1) == random_donors(8, 4, seed=1) != random_donors(8, 4, seed=2)
+
+
+def test_induction_prompt_is_the_meta_prompt_with_numbered_solved_examples() -> None:
+    from unisd.data import Example
+    from unisd_plugins._contexts import induction_prompt
+
+    demos = [Example("Add 1 and 2.", "3"), Example("Why is the sky blue?", "Scattering", "short waves scatter more")]
+    assert induction_prompt(demos) == (
+        "Here are solved examples of a task.\n\n"
+        "### Example 1\nAdd 1 and 2.\n\nSolved answer:\n3\n\n"
+        "### Example 2\nWhy is the sky blue?\n\nSolved answer:\nReasoning: short waves scatter more\nAnswer: Scattering\n\n"
+        "Write ONE concise, high-level instruction (3-4 sentences) that would help someone solve new tasks of this kind. "
+        "Do NOT mention example-specific details. Reply with the instruction only.")
+
+
+def test_induction_draws_k_instructions_induced_from_disjoint_sets_of_solved_examples(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from unisd import generation
+    from unisd.data import Example
+    from unisd_plugins._contexts import INSTRUCTION_HEADER
+
+    monkeypatch.setenv("UNISD_CACHE", str(tmp_path))
+    calls: list[tuple] = []
+    replies = ["Add the numbers.", "Carry the tens.", "Check the sum.", "Write digits only."]
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, seed, **kw):
+        calls.append((list(prompts), max_new_tokens, seed, kw["engine"]))
+        return [(replies[i % len(replies)], True) for i in range(len(prompts))]
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    examples = [Example(f"Add {i} and {i}.", str(2 * i)) for i in range(7)]
+    engine = object()
+    run = SimpleNamespace(examples=examples, config=SimpleNamespace(seed=3, model="m"), student=torch.nn.Linear(2, 2),
+                          tokenizer=None, engine=engine)
+    agree = Agree(configure(Agree, {"k": "3", "contexts": "induction", "induction_demos": "2",
+                                    "induction_tokens": "5"}, "agree"))
+    contexts = agree._induced(run, lambda text: True)
+    [(prompts, tokens, seed, used_engine)] = calls
+    assert (tokens, seed, used_engine) == (5, 3, engine)      # the run's engine, budget and seed
+    assert len(prompts) == 3                                   # 7 // 2 sets of two solved examples
+    shown = [[e.prompt for e in examples if f"\n{e.prompt}\n\nSolved answer:\n{e.answer}\n" in p] for p in prompts]
+    assert [len(s) for s in shown] == [2, 2, 2] and len({x for s in shown for x in s}) == 6   # disjoint sets
+    assert len(contexts) == 7 and all(len(views) == 3 for views in contexts)
+    for e, views in zip(examples, contexts):
+        assert all(v.startswith(INSTRUCTION_HEADER) and v.endswith(f"\n\n{e.prompt}") for v in views)
+        assert all(any(v == f"{INSTRUCTION_HEADER}{r}\n\n{e.prompt}" for r in replies[:3]) for v in views)
+    assert any(len(set(views)) > 1 for views in contexts)      # K draws, not one instruction repeated
+    agree._induced(run, lambda text: True)
+    assert len(calls) == 1                                     # cached
+    run.config.seed = 4
+    agree._induced(run, lambda text: True)
+    assert len(calls) == 2                                     # another seed is another pool
+    few = SimpleNamespace(**{**vars(run), "examples": examples[:1]})
+    agree._induced(few, lambda text: True)
+    assert len(calls[-1][0]) == 1 and calls[-1][0][0].count("### Example") == 1   # fewer than a set: one set of all
+    monkeypatch.setattr(generation, "generate", lambda *a, **kw: [(" ", True)] * len(a[2]))
+    run.config.seed = 5
+    with pytest.raises(ValueError, match="^agree: the model induced no usable instruction"):
+        agree._induced(run, lambda text: True)
+
+
 # ---------------------------------------------------------------- contrast
 
 def test_hinge_by_hand() -> None:
@@ -195,6 +277,7 @@ def test_a_multiple_choice_negative_is_checked_on_its_reasoning() -> None:
     assert negative_demo(mc, "Fish live in water.", "A") is None                  # names the gold option's text
     assert negative_demo(mc, "The answer is C, they fly.", "A") is None           # argues another letter than ours
     assert negative_demo(mc, "Hard to say.", "A") is None                         # argues for nothing checkable
+    assert negative_demo(mc, "Fish need water to breathe, so the answer is B.", "B") is None   # the gold is no negative
     no_rationale = Example("Where do fish live?", "B", "", meta)
     assert negative_demo(no_rationale, "The answer is A: fish walk.", "A") == "A"  # same format as the gold "B"
 
@@ -276,3 +359,31 @@ def test_clip_plugin_logs_its_rate() -> None:
     with pytest.raises(PluginError, match="clip.quantile"):
         configure(Clip, {"quantile": "1.5"}, "clip")
     assert configure(Clip, {"max": "none"}, "clip").max is None
+
+
+# ---------------------------------------------------------------- mix
+
+def test_mix_state_round_trip_continues_the_same_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    from unisd_plugins import mix as mix_module
+    from unisd_plugins.mix import Mix
+
+    monkeypatch.setattr(mix_module, "from_texts", lambda *a: "gold completions")
+
+    def mix(seed: int) -> Mix:
+        plugin = Mix(configure(Mix, {"prob": "0.5"}, "mix"))
+        plugin.setup(SimpleNamespace(config=SimpleNamespace(seed=seed)))
+        return plugin
+
+    batch = SimpleNamespace(examples=[])
+    run = SimpleNamespace(tokenizer=None, config=SimpleNamespace(max_new_tokens=4))
+    first = mix(1)
+    torch.manual_seed(0)
+    drawn = [first.completions(batch, run) for _ in range(5)]
+    after = torch.rand(())
+    torch.manual_seed(0)
+    assert after == torch.rand(())   # drawn with its own generator: the global RNG is untouched
+    assert set(drawn) == {None, "gold completions"}
+    resumed = mix(2)
+    resumed.load_state_dict(first.state_dict())
+    later = [[p.completions(batch, run) is not None for _ in range(20)] for p in (first, resumed)]
+    assert later[0] == later[1] and 0 < sum(later[0]) < 20
