@@ -9,6 +9,14 @@ from typing import Any
 import pytest
 import torch
 
+if Path(__file__).resolve().parents[1].name == "mutants":
+    # mutmut runs the tests inside mutants/, whose plugins/ folder holds the mutated plugin code: import it
+    # under the name the package installs it as (pyproject's package-dir), so plugin mutants are reached.
+    import importlib
+    import sys
+
+    sys.modules["unisd_plugins"] = importlib.import_module("plugins")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
