@@ -364,10 +364,11 @@ def test_clip_plugin_logs_its_rate() -> None:
 # ---------------------------------------------------------------- mix
 
 def test_mix_state_round_trip_continues_the_same_draws(monkeypatch: pytest.MonkeyPatch) -> None:
-    from unisd_plugins import mix as mix_module
+    import sys
+
     from unisd_plugins.mix import Mix
 
-    monkeypatch.setattr(mix_module, "from_texts", lambda *a: "gold completions")
+    monkeypatch.setattr(sys.modules[Mix.__module__], "from_texts", lambda *a: "gold completions")
 
     def mix(seed: int) -> Mix:
         plugin = Mix(configure(Mix, {"prob": "0.5"}, "mix"))
