@@ -10,12 +10,16 @@ import pytest
 import torch
 
 if Path(__file__).resolve().parents[1].name == "mutants":
-    # mutmut runs the tests inside mutants/, whose plugins/ folder holds the mutated plugin code: import it
-    # under the name the package installs it as (pyproject's package-dir), so plugin mutants are reached.
+    # mutmut runs the tests inside mutants/, whose plugins/ folder holds the mutated plugin code. Its modules
+    # are imported as plugins.* (the names mutmut gives their mutants) and also answer to the name the package
+    # installs them as (unisd_plugins.*, pyproject's package-dir), so the entry points reach the mutants.
     import importlib
+    import pkgutil
     import sys
 
     sys.modules["unisd_plugins"] = importlib.import_module("plugins")
+    for module in pkgutil.iter_modules(sys.modules["unisd_plugins"].__path__):
+        sys.modules[f"unisd_plugins.{module.name}"] = importlib.import_module(f"plugins.{module.name}")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
