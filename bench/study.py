@@ -9,7 +9,8 @@ scores.png from `unisd.evaluate`, and study.md with the command that produced it
     UNISD_DATA_DIR=../shared/data python bench/study.py --tasks demo,cos_e,mbpp --eval-limit 200
     python bench/study.py --tasks demo --methods sft,sd,unisd-star --eval-limit 200   # what fits a CPU
 
-Runs already finished in --out/runs are reused, so a study can be grown one task or method at a time.
+Runs already finished in --out/runs, and evaluations of exactly the same checkpoints, are reused, so a study
+can be grown one task or method at a time.
 """
 from __future__ import annotations
 
@@ -117,6 +118,19 @@ def trained(folder: Path) -> bool:
     return (folder / "unisd.json").is_file() and (folder / "model.safetensors").is_file()
 
 
+def scored(a: argparse.Namespace, checkpoints: dict[str, str], tasks: list[str], out: Path, limit: int,
+           retention: bool) -> dict[str, Any]:
+    """`unisd.evaluate` of these checkpoints, or its results.json when an earlier call scored exactly them."""
+    done = out / "results.json"
+    if done.is_file():
+        found = json.loads(done.read_text())
+        if (set(found["scores"]) == set(checkpoints) and found["tasks"] == tasks and found["limit"] == limit
+                and found["max_gen_toks"] == a.max_gen_toks):
+            return found
+    return evaluate.evaluate(checkpoints, tasks, out, limit, base=a.model if retention else None, batch_size=16,
+                             max_gen_toks=a.max_gen_toks, backend=a.backend)
+
+
 def study_task(a: argparse.Namespace, task: str, methods: list[str], ood: list[str]) -> dict[str, Any]:
     probe = teacher_preference(a.model, load_data(task)[:a.probe_items], a.max_new_tokens)
     if a.probe_only:
@@ -135,11 +149,9 @@ def study_task(a: argparse.Namespace, task: str, methods: list[str], ood: list[s
             train(config, overwrite=True, echo=lambda m: print(m, file=sys.stderr))
             timings[method] = time.time() - started
         checkpoints[method] = str(folder)
-    found = evaluate.evaluate(checkpoints, [IN_DOMAIN[task]], a.out / task / "in-domain", a.eval_limit, base=a.model,
-                              batch_size=16, max_gen_toks=a.max_gen_toks, backend=a.backend)
-    if ood:
-        evaluate.evaluate(checkpoints, ood, a.out / task / "out-of-domain", a.ood_limit, base=a.model,
-                          batch_size=16, max_gen_toks=a.max_gen_toks, backend=a.backend)
+    found = scored(a, checkpoints, [IN_DOMAIN[task]], a.out / task / "in-domain", a.eval_limit, retention=True)
+    if ood:  # retention is an in-domain measure: out of domain only the scores
+        scored(a, checkpoints, ood, a.out / task / "out-of-domain", a.ood_limit, retention=False)
     orders = {m: json.loads((runs / m / "unisd.json").read_text()).get("data", {}).get("order_sha256") for m in methods}
     return {"train_s": timings, "orders": orders, "in_domain": found,
             "activity": {m: activity(runs / m / "metrics.jsonl") for m in methods},
