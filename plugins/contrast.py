@@ -58,7 +58,7 @@ def hinge(student: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
 def negative_request(example: Example, rng: random.Random) -> tuple[str, Any]:
     """(generation prompt, what `negative_demo` needs) for one example, by the kind of its checker."""
     meta, bench = example.meta, example.meta.get("benchmark")
-    if "gold" in meta and "n_options" in meta:
+    if S.is_multiple_choice(meta):
         n = int(meta["n_options"])
         letter = rng.choice([x for x in S.LETTERS[:n] if x != meta["gold"]])
         options = meta.get("options") or []
@@ -82,7 +82,7 @@ def negative_demo(example: Example, reply: str, extra: Any) -> str | None:
     None unless the benchmark's checker says it is wrong (`unisd.data.verify`)."""
     meta, bench = example.meta, example.meta.get("benchmark")
     reply = reply.strip()
-    if "gold" in meta and "n_options" in meta:
+    if S.is_multiple_choice(meta):
         # the reasoning must itself argue for the wrong letter we assigned, not merely end with it
         if not reply or extra == meta["gold"] or verify.argued_option(reply, meta) != extra:
             return None

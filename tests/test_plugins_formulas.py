@@ -1,6 +1,7 @@
 """Each mechanism's formula against hand-computed values, and its gradient through the real reduction."""
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -185,6 +186,11 @@ def test_induction_draws_k_instructions_induced_from_disjoint_sets_of_solved_exa
         assert all(v.startswith(INSTRUCTION_HEADER) and v.endswith(f"\n\n{e.prompt}") for v in views)
         assert all(any(v == f"{INSTRUCTION_HEADER}{r}\n\n{e.prompt}" for r in replies[:3]) for v in views)
     assert any(len(set(views)) > 1 for views in contexts)      # K draws, not one instruction repeated
+    [entry] = (tmp_path / "plugins" / "agree").glob("*.json")  # the cache entry records what it depends on
+    key = json.loads(entry.read_text())["key"]
+    assert set(key) == {"kind", "data", "model", "weights", "seed", "demos", "max", "tokens"}
+    assert {k: key[k] for k in ("kind", "model", "seed", "demos", "max", "tokens")} == \
+        {"kind": "induction", "model": "m", "seed": 3, "demos": 2, "max": 16, "tokens": 5}
     agree._induced(run, lambda text: True)
     assert len(calls) == 1                                     # cached
     run.config.seed = 4
@@ -278,6 +284,8 @@ def test_a_multiple_choice_negative_is_checked_on_its_reasoning() -> None:
     assert negative_demo(mc, "The answer is C, they fly.", "A") is None           # argues another letter than ours
     assert negative_demo(mc, "Hard to say.", "A") is None                         # argues for nothing checkable
     assert negative_demo(mc, "Fish need water to breathe, so the answer is B.", "B") is None   # the gold is no negative
+    gold_only = Example("What is two plus two?", "4", "", {"gold": "4"})   # a gold field alone is not multiple choice
+    assert negative_demo(gold_only, "It is five.\nAnswer: 5", None) == "5"
     no_rationale = Example("Where do fish live?", "B", "", meta)
     assert negative_demo(no_rationale, "The answer is A: fish walk.", "A") == "A"  # same format as the gold "B"
 

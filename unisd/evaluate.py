@@ -22,7 +22,7 @@ import torch
 from unisd import models, stats
 from unisd.data import Example
 from unisd.data.prompts import demonstration
-from unisd.data.scoring import extract_letter
+from unisd.data.scoring import extract_letter, is_multiple_choice
 
 PRIMARY = ("full_acc", "pass@1", "acc", "exact_match")  # the headline metric of a task, first found wins
 SEED = 1234
@@ -204,7 +204,7 @@ def _answer_and_gold(row: dict[str, Any]) -> tuple[str | None, str | None]:
     text = row["resps"][0][0]
     meta = row["doc"].get("meta")
     meta = json.loads(meta) if isinstance(meta, str) else {}
-    if "n_options" in meta and "gold" in meta:
+    if is_multiple_choice(meta):
         return extract_letter(text, int(meta["n_options"])), meta["gold"]
     return " ".join(text.split()), None
 

@@ -97,6 +97,11 @@ def react_text(calls: Sequence[Mapping[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def is_multiple_choice(meta: Mapping[str, Any]) -> bool:
+    """An item whose answer is one of `n_options` lettered options, `gold` the right one."""
+    return "gold" in meta and "n_options" in meta
+
+
 def extract_letter(text: str, n_options: int) -> str | None:
     """The chosen option letter, or None. Rules in order, the first rule that matches wins:
 
