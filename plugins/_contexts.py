@@ -87,11 +87,8 @@ def retrieval_donors(texts: Sequence[str], k: int, backend: str = "tfidf", block
     for start in range(0, n, block):
         sim = vectors[start:start + block] @ vectors.T
         sim = np.asarray(sim.toarray() if hasattr(sim, "toarray") else sim, dtype=np.float64)
-        top = min(k + 1, n)
-        for r in range(sim.shape[0]):
-            sim[r, start + r] = -np.inf  # never the example itself
-            best = np.argpartition(-sim[r], top - 1)[:top]
-            order = [int(j) for j in best[np.lexsort((best, -sim[r][best]))] if j != start + r]
+        for r in range(sim.shape[0]):  # most similar first, ties by position; never the example itself
+            order = [int(j) for j in np.argsort(-sim[r], kind="stable")[:k + 1] if j != start + r][:k]
             out.append([order[q % len(order)] for q in range(k)])
     return out
 

@@ -5,6 +5,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,14 @@ from unisd_plugins.match import Match, feature_mse
 def _out(mask: torch.Tensor, **kw) -> SimpleNamespace:
     return SimpleNamespace(mask=mask, metrics={}, logps=kw.get("logps", {}), hidden=kw.get("hidden", {}),
                            batch=kw.get("batch"))
+
+
+class CharTokenizer:
+    """One token per character, no chat template: prompt lengths are string lengths."""
+    chat_template = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [ord(ch) for ch in text]}
 
 
 # ---------------------------------------------------------------- agree
@@ -139,6 +148,43 @@ def test_random_donors_are_distinct_other_examples_cycled_when_too_few() -> None
         others = sorted({0, 1, 2} - {i})
         assert sorted(set(row)) == others and row == (row[:2] * 3)[:5]
     assert random_donors(8, 4, seed=1) == random_donors(8, 4, seed=1) != random_donors(8, 4, seed=2)
+
+
+def test_retrieval_donors_rank_by_tfidf_over_one_letter_words_in_any_block_size() -> None:
+    from unisd_plugins._contexts import retrieval_donors
+
+    texts = ["x plus y", "x plus z", "a dog b", "a cat b", "a dog b"]   # words of one letter count too
+    full = retrieval_donors(texts, 2)
+    assert [row[0] for row in full] == [1, 0, 4, 2, 2]                  # a duplicate is nearest; ties by position
+    assert all(i not in row for i, row in enumerate(full))
+    assert retrieval_donors(texts, 2, block=2) == full                 # similarity rows computed two at a time
+    assert retrieval_donors(texts[:2], 3) == [[1, 1, 1], [0, 0, 0]]   # one other example: cycled
+    # sublinear term frequency (1 + log tf): a repeated word weighs less than its count (raw counts pick 1)
+    assert retrieval_donors(["dog dog cat", "dog bird fish", "cat", "bird fish"], 1)[0] == [2]
+
+
+def test_retrieval_with_minilm_uses_normalised_sentence_embeddings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from unisd_plugins._contexts import retrieval_donors
+
+    calls = []
+
+    class SentenceTransformer:
+        def __init__(self, name: str) -> None:
+            calls.append(name)
+
+        def encode(self, texts: list[str], normalize_embeddings: bool) -> np.ndarray:
+            calls.append((texts, normalize_embeddings))
+            return np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], dtype=np.float32)
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", SimpleNamespace(SentenceTransformer=SentenceTransformer))
+    assert retrieval_donors(["a", "b", "c"], 1, backend="minilm") == [[1], [0], [1]]
+    assert calls == ["sentence-transformers/all-MiniLM-L6-v2", (["a", "b", "c"], True)]
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)   # not installed
+    missing = r"^agree.retriever=minilm needs sentence-transformers: pip install 'unisd\[retrieval\]'$"
+    with pytest.raises(RuntimeError, match=missing):
+        retrieval_donors(["a", "b"], 1, backend="minilm")
 
 
 def test_induction_prompt_is_the_meta_prompt_with_numbered_solved_examples() -> None:
@@ -313,6 +359,127 @@ def test_replies_cut_off_at_the_length_limit_are_counted_not_used(monkeypatch: p
     found = build_negatives(None, None, plain, seed=0, max_new_tokens=8, tries=2)
     assert found.demos == ["5", None]        # the unfinished reply is never taken as wrong, on either try
     assert (found.cut_off, found.not_wrong) == (2, 0)
+
+def test_negative_requests_ask_for_a_mistake_each_checker_can_verify() -> None:
+    import random
+
+    from unisd.data import Example
+    from unisd_plugins.contrast import BUGS, TOOL_CORRUPTIONS, negative_request
+
+    meta = {"gold": "B", "n_options": 3, "options": ["land", "water", "air"], "benchmark": "cos_e"}
+    mc = Example("Where do fish live?", "B", "gills", meta)
+    letters = set()
+    for seed in range(30):
+        prompt, letter = negative_request(mc, random.Random(seed))
+        letters.add(letter)
+        option = meta["options"]["ABC".index(letter)]
+        assert prompt == ("You are simulating a confident student who made a mistake.\n\nWhere do fish live?\n\n"
+                          f"Argue convincingly, in 2-4 sentences, that the answer is {letter} ({option}). "
+                          "Reply with the argument only.")
+    assert letters == {"A", "C"}                                        # every wrong option, never the gold
+    bare = Example("Where do fish live?", "B", "", {"gold": "B", "n_options": 2})   # options not shown
+    assert negative_request(bare, random.Random(0)) == (
+        "You are simulating a confident student who made a mistake.\n\nWhere do fish live?\n\n"
+        "Argue convincingly, in 2-4 sentences, that the answer is A. Reply with the argument only.", "A")
+    code = Example("Write add(a, b).", "def add(a, b): ...", "", {"benchmark": "mbpp"})
+    prompt, extra = negative_request(code, random.Random(0))
+    bug = random.Random(0).choice(BUGS)
+    assert extra is None and prompt == (f"Write add(a, b).\n\nWrite a Python solution that LOOKS correct but has a {bug}, "
+                                        "so that it fails at least one test. Reply with one ```python code block only.")
+    tool = Example("Find a cat.", "Action: search", "", {"benchmark": "toolalpaca"})
+    prompt, extra = negative_request(tool, random.Random(0))
+    corruption = random.Random(0).choice(TOOL_CORRUPTIONS)
+    assert extra is None and prompt == ("Find a cat.\n\nA correct response is:\nAction: search\n\nWrite a plausible but "
+                                        f"WRONG response in the same format, with a {corruption}.")
+    plain = Example("What is two plus two?", "4")
+    assert negative_request(plain, random.Random(0)) == (
+        "What is two plus two?\n\nEnd with a final line 'Answer: <your answer>'.", None)
+
+
+def test_build_negatives_asks_each_example_its_seeded_request_and_checks_the_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    import unisd.generation as G
+    from unisd.data import Example
+    from unisd_plugins.contrast import build_negatives, negative_request
+
+    meta = {"gold": "B", "n_options": 2, "options": ["land", "water"], "benchmark": "cos_e"}
+    mc = [Example(f"Where do fish {verb}?", "B", "gills", meta) for verb in ("live", "sleep", "swim")]
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, seed, engine=None, desc=""):
+        calls.append((prompts, max_new_tokens, seed, engine))
+        if len(calls) == 1:   # cut off, argues the gold, argues the assigned wrong option
+            return [("Fish live on land, so A.", False), ("They need water, B.", True), ("On land, so the answer is A.", True)]
+        return [("It is A, they walk on land.", True)] * len(prompts)
+
+    monkeypatch.setattr(G, "generate", fake_generate)
+    engine = object()
+    found = build_negatives("model", "tokenizer", mc, seed=5, max_new_tokens=64, tries=3, engine=engine)
+    assert [c[0] for c in calls] == [[negative_request(mc[i], random.Random(f"5:{attempt}:{i}"))[0] for i in todo]
+                                     for attempt, todo in ((0, [0, 1, 2]), (1, [0, 1]))]
+    assert [c[1:] for c in calls] == [(64, 5, engine), (64, 6, engine)]   # budget, seed + attempt, the run's engine
+    assert found.demos == ["Reasoning: It is A, they walk on land.\nAnswer: A"] * 2 + \
+        ["Reasoning: On land, so the answer is A.\nAnswer: A"]
+    assert (found.cut_off, found.not_wrong) == (1, 1)                    # a third try is not needed
+
+
+def _contrast_run(examples: list, limit: int, engine: object = None) -> SimpleNamespace:
+    student = torch.nn.Linear(2, 2, bias=False)
+    torch.nn.init.zeros_(student.weight)   # the same weights on every call: the cache key holds their digest
+    return SimpleNamespace(examples=examples, scheduled=lambda: list(range(len(examples))), student=student,
+                           tokenizer=CharTokenizer(), engine=engine,
+                           config=SimpleNamespace(seed=0, model="m", max_prompt_tokens=limit))
+
+
+def test_contrast_setup_caches_checked_negatives_and_drops_those_too_long(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    import unisd.generation as G
+    from unisd.data import Example
+    from unisd.data.prompts import teacher_prompt
+    from unisd_plugins.contrast import Contrast
+
+    monkeypatch.setenv("UNISD_CACHE", str(tmp_path))
+    calls = []
+    long_reasoning = "It is " + "very " * 200 + "seven."
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, seed, engine=None, desc=""):
+        calls.append((max_new_tokens, engine))
+        return [("It is five.\nAnswer: 5", True), (f"{long_reasoning}\nAnswer: 7", True), ("Two and two.\nAnswer: 4", True)]
+
+    monkeypatch.setattr(G, "generate", fake_generate)
+    examples = [Example(f"What is {q}?", "4", "two and two make four") for q in ("two plus two", "2 + 2", "4 - 0")]
+    engine = object()
+    plugin = Contrast(configure(Contrast, {"max_new_tokens": "32", "tries": "1"}, "contrast"))
+    plugin.name = "contrast"
+    plugin.setup(_contrast_run(examples, limit=200, engine=engine))
+    assert calls == [(32, engine)]
+    assert plugin.negatives == ["Reasoning: It is five.\nAnswer: 5", None, None]   # too long for 200 tokens; not wrong
+    assert len(teacher_prompt(examples[0], demo=plugin.negatives[0])) <= 200
+    assert ("warning: contrast: 2 of 3 examples have no verified-wrong negative (0 replies cut off at 32 tokens, "
+            "1 not confirmed wrong, 1 too long for --max-prompt-tokens 200)") in capsys.readouterr().err
+    [entry] = (tmp_path / "plugins" / "contrast").glob("*.json")   # the cache entry records what it depends on
+    key = json.loads(entry.read_text())["key"]
+    assert set(key) == {"kind", "data", "model", "weights", "seed", "tokens", "tries"}
+    assert {k: key[k] for k in ("kind", "model", "seed", "tokens", "tries")} == \
+        {"kind": "negatives-v4", "model": "m", "seed": 0, "tokens": 32, "tries": 1}
+    plugin.setup(_contrast_run(examples, limit=10_000))
+    assert len(calls) == 1                                                          # cached
+    assert plugin.negatives[1] == f"Reasoning: {long_reasoning}\nAnswer: 7"       # fits a larger limit
+
+
+def test_contrast_views_show_the_teacher_each_negative_or_else_the_gold() -> None:
+    from unisd.data import Example
+    from unisd.data.prompts import teacher_prompt
+    from unisd_plugins.contrast import Contrast
+
+    plugin = Contrast(configure(Contrast, {}, "c2"))
+    plugin.name = "c2"
+    examples = [Example("What is two plus two?", "4"), Example("What is one plus one?", "2")]
+    plugin.negatives = [None, "5", "3"]
+    batch = SimpleNamespace(indices=[2, 0], examples=examples)
+    assert plugin.views(batch) == {"c2:negative": [teacher_prompt(examples[0], demo="3"), teacher_prompt(examples[1])]}
+
 
 # ---------------------------------------------------------------- match
 

@@ -100,6 +100,18 @@ def test_sampling_is_seeded_by_torch_and_varies_with_the_seed(engine, model_tok)
 
 
 @vllm_only
+def test_a_batch_of_long_prompts_samples_with_seeds(engine, model_tok):
+    # 16 prompts of ~300 tokens exceed one scheduler step (4096 tokens): on CPU a seeded prompt split over two
+    # steps used to fail inside vLLM ("CPU Generator does not use offset")
+    model, tok = model_tok
+    rows = [render(tok, f"{i} " + "What is two plus two? " * 40) for i in range(16)]   # distinct: no shared prefix
+    assert sum(map(len, rows)) > 4096
+    torch.manual_seed(0)
+    got = rollout.sample(model, tok, rows, 4, 1.0, 1.0, engine=engine)
+    assert got.tokens.shape[0] == 16 and bool((got.mask.sum(1) > 0).all())
+
+
+@vllm_only
 def test_eos_ends_a_completion_and_length_limit_truncates(engine, model_tok):
     model, tok = model_tok
     rows = prompts(tok)
