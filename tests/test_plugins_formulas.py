@@ -294,6 +294,67 @@ def test_contrast_masks_rows_without_negative() -> None:
     assert float(s.grad[1]) == 0.0
 
 
+def test_contrast_active_is_the_share_of_counted_tokens_with_a_nonzero_hinge() -> None:
+    from unisd_plugins.contrast import Contrast
+
+    plugin = Contrast(configure(Contrast, {"weight": "1.0", "margin": "0.5"}, "c2"))
+    plugin.name = "c2"
+    plugin.negatives = ["wrong", None]
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    s = torch.zeros(2, 4)
+    # row 0 hinges: 0.5 + |0 - 0| - |0 - n|: n = -0.2 -> 0.3, -3 -> 0, -0.4 -> 0.1; the padding token's 0.5 and
+    # row 1 (no negative) are not counted
+    negative = torch.tensor([[-0.2, -3.0, -0.4, -0.2], [-0.2, -0.2, -0.2, -0.2]])
+    out = _out(mask, batch=SimpleNamespace(indices=[0, 1]),
+               logps={"student": s, "teacher": torch.zeros(2, 4), "c2:negative": negative})
+    loss = plugin.aux_losses(out)["c2"]
+    assert out.metrics["c2/active"] == pytest.approx(2 / 3)
+    assert float(loss) == pytest.approx((0.3 + 0.0 + 0.1) / 3)
+    plugin.name = ""
+    out.logps["contrast:negative"] = negative
+    assert set(plugin.aux_losses(out)) == {"contrast"}    # unnamed: the term keeps the plugin's own name
+
+
+def test_mix_base_samples_the_initial_model_with_the_runs_sampling_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+    import sys
+
+    from unisd import models
+    from unisd_plugins.mix import Mix
+
+    module = sys.modules[Mix.__module__]
+    calls = []
+    monkeypatch.setattr(module, "render", lambda tokenizer, text: [len(text)])
+    monkeypatch.setattr(module, "sample", lambda *a, **kw: calls.append((a, kw)) or "sampled")
+    plugin = Mix(configure(Mix, {"source": "base"}, "mix"))
+    plugin.setup(SimpleNamespace(config=SimpleNamespace(seed=0)))
+    settings = SimpleNamespace(max_new_tokens=7, temperature=0.6, top_p=0.95, top_k=20)
+    engine, teacher = object(), object()
+    run = SimpleNamespace(tokenizer="tok", config=settings, engine=engine, student="student", teacher=teacher,
+                          sampler=lambda model: ("sampler of", model))
+    batch = SimpleNamespace(prompts={"student": ["ab", "abc"]}, examples=[])
+    assert plugin.completions(batch, run) == "sampled"
+    assert calls.pop() == ((("sampler of", teacher), "tok", [[2], [3]], 7, 0.6, 0.95), {"engine": engine, "top_k": 20})
+
+    adapter = []
+
+    class PeftStudent:
+        @contextlib.contextmanager
+        def disable_adapter(self):
+            adapter.append("off")
+            yield
+            adapter.append("on")
+
+    student = PeftStudent()
+    monkeypatch.setattr(models, "is_peft", lambda model: model is student)
+    monkeypatch.setattr(module, "sample", lambda *a, **kw: calls.append((a, kw, list(adapter))) or "sampled")
+    run.student = student
+    assert plugin.completions(batch, run) == "sampled"
+    # LoRA: the initial model is the student with its adapter off, for exactly the sampling call
+    assert calls.pop() == ((student, "tok", [[2], [3]], 7, 0.6, 0.95), {"engine": engine, "top_k": 20}, ["off"])
+    assert adapter == ["off", "on"]
+
+
 def test_negatives_are_verified_wrong() -> None:
     from unisd.data import Example
 
