@@ -595,6 +595,15 @@ def test_clip_plugin_logs_its_rate() -> None:
     with pytest.raises(PluginError, match="clip.quantile"):
         configure(Clip, {"quantile": "1.5"}, "clip")
     assert configure(Clip, {"max": "none"}, "clip").max is None
+    adaptive = Clip(configure(Clip, {"quantile": "0.5"}, "clip"))   # κ = the batch's median D, over masked tokens
+    adaptive.name = "clip"
+    out = _out(torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    torch.testing.assert_close(adaptive.token_loss(torch.tensor([[1.0, 5.0, 3.0, 9.0]]), out),
+                               torch.tensor([[1.0, 3.0, 3.0, 3.0]]))
+    assert out.metrics["clip/kappa"] == 3.0 and out.metrics["clip/rate"] == pytest.approx(1 / 3)
+    one = _out(torch.tensor([[1.0, 0.0]]))   # one counted token, above the cap
+    plugin.token_loss(torch.tensor([[5.0, 0.0]]), one)
+    assert one.metrics["clip/rate"] == 1.0
 
 
 # ---------------------------------------------------------------- mix
