@@ -50,6 +50,44 @@ def test_token_weights_by_hand() -> None:
     torch.testing.assert_close(token_weights(three, torch.ones(1, 2), 1.0, quantile=1.0), torch.tensor([[1.0, 0.5]]))
 
 
+def test_token_weights_default_to_the_variance_which_ranks_unlike_the_range() -> None:
+    logps = torch.tensor([[[0.0, 0.0, 0.0]], [[-1.0, -2.0, -4.0]]])   # K=2 views differing by 1, 2, 4
+    mask = torch.ones(1, 3)
+    var = torch.tensor([0.5, 2.0, 8.0])                                # unbiased variance of two views: d^2 / 2
+    torch.testing.assert_close(token_weights(logps, mask, 1.0, quantile=1.0), 1 / (1 + var[None] / 8.0))
+    torch.testing.assert_close(token_weights(logps, mask, 1.0, stat="range", quantile=1.0),
+                               1 / (1 + torch.tensor([[1.0, 2.0, 4.0]]) / 4.0))
+
+
+def test_agree_reports_the_mean_weight_over_counted_tokens_and_sequences() -> None:
+    logps = {f"agree:{k}": torch.tensor([[0.0, -2.0 * k, -9.0 * k], [0.0, 0.0, 0.0]]) for k in range(2)}
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])            # row 1 has no completion token
+    batch = SimpleNamespace(indices=[0, 1])
+    token = Agree(configure(Agree, {"k": "2", "gamma": "1.0", "quantile": "1.0"}, "agree"))
+    token.name, token.contexts = "agree", [["a", "b"], ["a", "b"]]
+    out = _out(mask, logps=logps, batch=batch)
+    w = token.weights(out)
+    torch.testing.assert_close(w[0, :2], torch.tensor([1.0, 0.5]))     # δ = (0, 2), q = 2
+    assert out.metrics["agree/weight_mean"] == pytest.approx(0.75) and out.metrics["agree/removed"] == pytest.approx(0.25)
+    sequence = Agree(configure(Agree, {"k": "2", "gamma": "1.0", "level": "sequence"}, "agree"))
+    sequence.name, sequence.contexts = "agree", [["a", "b"], ["a", "b"]]
+    out = _out(mask, logps=logps, batch=batch)
+    sequence.weights(out)
+    # row 0: view means 0 and -1, population variance 0.25; the empty row 1 is not averaged in
+    assert out.metrics["agree/weight_mean"] == pytest.approx(math.exp(-0.25))
+    ranged = Agree(configure(Agree, {"k": "2", "gamma": "1.0", "level": "sequence", "stat": "range"}, "agree"))
+    ranged.name, ranged.contexts = "agree", [["a", "b"], ["a", "b"]]
+    out = _out(mask, logps=logps, batch=batch)
+    ranged.weights(out)
+    assert out.metrics["agree/weight_mean"] == pytest.approx(math.exp(-1.0))   # range of the view means: 1
+    empty = _out(torch.zeros(2, 3), logps=logps, batch=batch)
+    sequence.weights(empty)
+    assert empty.metrics["agree/weight_mean"] == 1.0
+    assert token.view_names() == ["agree:0", "agree:1"]
+    token.name = ""
+    assert token.view_names() == ["agree:0", "agree:1"]                 # unnamed: the plugin's own name
+
+
 def test_token_weights_quantile_uses_masked_tokens_only() -> None:
     logps = torch.tensor([[[0.0, -1.0, -50.0]], [[0.0, -3.0, 50.0]]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])   # the huge disagreement is on a padding token
