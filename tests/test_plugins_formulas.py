@@ -225,6 +225,27 @@ def test_retrieval_with_minilm_uses_normalised_sentence_embeddings(monkeypatch: 
         retrieval_donors(["a", "b"], 1, backend="minilm")
 
 
+def test_a_donor_is_shown_by_its_instruction_or_its_question_and_options() -> None:
+    from unisd.data import Example
+    from unisd_plugins._contexts import donor_task
+
+    tool = Example("API docs ... Find a cat.", "Action: search", "", {"instruction": " Find a cat. ", "question": "q"})
+    assert donor_task(tool) == "Find a cat."                                   # the instruction, not the API docs
+    mc = Example("long prompt", "B", "", {"question": "Where do fish live?", "options": ["land", "water"]})
+    assert donor_task(mc) == "Question: Where do fish live?\nOptions:\nA. land\nB. water"
+    assert donor_task(Example(" What is 2 + 2? ", "4", "", {"question": "q", "options": []})) == "What is 2 + 2?"
+    assert donor_task(Example(" What is 2 + 2? ", "4", "", {"options": ["a", "b"]})) == "What is 2 + 2?"
+
+
+def test_agree_scores_a_row_without_a_fitting_context_under_its_student_prompt() -> None:
+    from unisd.data import Example
+
+    agree = Agree(configure(Agree, {"k": "2"}, "agree"))
+    agree.name, agree.contexts = "agree", [["c0", "c1"], []]
+    batch = SimpleNamespace(indices=[1, 0], examples=[Example("no context", "x"), Example("with context", "y")])
+    assert agree.views(batch) == {"agree:0": ["no context", "c0"], "agree:1": ["no context", "c1"]}
+
+
 def test_induction_prompt_is_the_meta_prompt_with_numbered_solved_examples() -> None:
     from unisd.data import Example
     from unisd_plugins._contexts import induction_prompt
