@@ -86,15 +86,15 @@ class Engine:
         # vLLM's CPU worker drops torch to one thread unless OMP_NUM_THREADS is set, and the trainer shares
         # this process: keep the threads it has
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-        launcher: dict[str, Any] = {"distributed_executor_backend": "external_launcher"} if external else {}
+        options: dict[str, Any] = {"distributed_executor_backend": "external_launcher"} if external else {}
         if not torch.cuda.is_available():
             # vLLM 0.32 on CPU fails a seeded request whose prompt it splits over two steps ("CPU Generator does
             # not use offset"); scheduling whole prompts only avoids the split
-            launcher |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
+            options |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
         self.dtype = dtype
         self.llm = vllm.LLM(model=str(folder), dtype=str(dtype).removeprefix("torch."), seed=seed,
                             kv_cache_memory_bytes=int(kv_cache_gb * 2**30), max_model_len=max_model_len,
-                            enforce_eager=eager, enable_prefix_caching=True, **launcher)
+                            enforce_eager=eager, enable_prefix_caching=True, **options)
         self.SamplingParams = vllm.SamplingParams
         # every reload names the layers that own no checkpoint weight (the tied head, rotary caches) as "failed";
         # both are put back as they were and the head is re-tied in `load`, so the line is noise for us
