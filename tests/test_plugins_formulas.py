@@ -692,3 +692,17 @@ def test_mix_state_round_trip_continues_the_same_draws(monkeypatch: pytest.Monke
     resumed.load_state_dict(first.state_dict())
     later = [[p.completions(batch, run) is not None for _ in range(20)] for p in (first, resumed)]
     assert later[0] == later[1] and 0 < sum(later[0]) < 20
+
+
+def test_ema_refuses_a_student_without_all_its_weights_and_needs_setup(monkeypatch):
+    from unisd_plugins import ema as ema_module
+    plugin = ema_module.EMA()
+    with pytest.raises(AssertionError, match="^ema: setup was not called$"):
+        plugin.state_dict()
+    student = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(3)))  # 6 weights: 0.bias ... 2.weight
+    kept = {"0.weight", "1.weight"}
+    monkeypatch.setattr(ema_module.models, "effective_weights",
+                        lambda m: {n: p for n, p in m.named_parameters() if n in kept})
+    run = SimpleNamespace(student=student, config=SimpleNamespace(bf16=False), encoder=lambda m: m)
+    with pytest.raises(ValueError, match=r"^ema: the student has no weights for \['0.bias', '1.bias', '2.bias'\]$"):
+        plugin.setup(run)
