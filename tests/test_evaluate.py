@@ -172,6 +172,13 @@ def test_pairs_each_run_with_the_base_and_unisd_star_with_the_best_baseline():
                          "star": {"preset": "unisd-star"}, "mine": {"preset": ""}}}
     assert ev.comparisons(combined) == [("sft", "base"), ("gkd", "base"), ("star", "base"), ("mine", "base"),
                                         ("star", "sft")]
+    # the best baseline is chosen on the evaluated tasks only (a stray column does not count), or on every
+    # column when the tasks named a group whose leaves are the columns
+    runs = {"base": {}, "sft": {"preset": "sft"}, "gkd": {"preset": "gkd"}, "star": {"preset": "unisd-star"}}
+    stray = {"base": {"t": 10.0, "x": 10.0}, "sft": {"t": 30.0, "x": 0.0}, "gkd": {"t": 20.0, "x": 90.0},
+             "star": {"t": 25.0, "x": 50.0}}
+    assert ev.comparisons({"tasks": ["t"], "scores": stray, "runs": runs})[-1] == ("star", "sft")
+    assert ev.comparisons({"tasks": ["group"], "scores": stray, "runs": runs})[-1] == ("star", "gkd")
     same, other = {"order_sha256": "a" * 64}, {"order_sha256": "b" * 64}
     assert ev.order_warning({"base": {}, "sd": same, "star": same}) is None
     warning = ev.order_warning({"base": {}, "sd": same, "star": other})

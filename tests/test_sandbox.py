@@ -22,9 +22,26 @@ def test_passing_and_failing_programs():
     bad = sandbox.run_program("assert 1 == 2, 'nope'")
     assert not bad.passed and "AssertionError" in bad.reason
     crash = sandbox.run_program("import sys\nsys.exit(3)")
-    assert not crash.passed and crash.returncode == 3
+    assert not crash.passed and crash.returncode == 3 and crash.reason == "exit status 3"  # silent: the status
     early = sandbox.run_program("import os\nos._exit(0)\nassert False")  # skipping the asserts is no pass
     assert not early.passed and "before the end" in early.reason
+
+
+def test_error_line_is_the_last_line_decoded_leniently_and_cut_to_300_characters():
+    long = sandbox.run_program("assert False, 'x' * 1000")
+    assert long.reason == "AssertionError: " + "x" * (300 - len("AssertionError: "))
+    raw = sandbox.run_program("import sys\nsys.stdout.buffer.write(b'bad \\xff byte\\n')\nsys.stdout.flush()\nsys.exit(1)")
+    assert raw.reason == "bad \ufffd byte"
+
+
+def test_program_sees_its_limits_and_a_private_folder():
+    prog = ("import os, resource as r\nnames = ['RLIMIT_AS', 'RLIMIT_CPU', 'RLIMIT_FSIZE', 'RLIMIT_CORE']\n"
+            "got = [r.getrlimit(getattr(r, n)) for n in names]\n"
+            "assert False, (got, oct(os.stat('.').st_mode & 0o777), os.path.basename(os.getcwd())[:14])\n")
+    res = sandbox.run_program(prog, timeout=4, memory_mb=512, fsize_mb=3)
+    limits, mode, prefix = ast.literal_eval(res.reason.removeprefix("AssertionError: "))
+    assert limits == [(512 << 20, 512 << 20), (5, 6), (3 << 20, 3 << 20), (0, 0)]  # CPU: int(timeout) + 1 s
+    assert (mode, prefix) == ("0o700", "unisd-sandbox-")
 
 
 def test_infinite_loop_is_killed_at_the_timeout():
@@ -146,6 +163,10 @@ def test_environment_is_scrubbed_for_the_program_and_its_children(monkeypatch):
     res = sandbox.run_program(f"import os\n{_CHILD_ENV}assert False, (sorted(os.environ), env)")
     own, child = ast.literal_eval(res.reason.removeprefix("AssertionError: "))
     assert own == SCRUBBED_ENV
+    values = sandbox.run_program("import os\nassert False, {k: v for k, v in os.environ.items() if k not in ('HOME', 'TMPDIR')}")
+    assert ast.literal_eval(values.reason.removeprefix("AssertionError: ")) == {
+        "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0"}
     assert [k for k in ast.literal_eval(child) if k != "LC_CTYPE"] == SCRUBBED_ENV
 
 
@@ -190,6 +211,7 @@ def test_pass_at_1_on_gold_and_wrong_solutions(monkeypatch):
     assert S.pass_at_1(wrong, [e.meta for e in items]) == 0.0
     assert sandbox.pass_at_k(10, 0, 1) == 0.0 and sandbox.pass_at_k(10, 10, 1) == 1.0
     assert abs(sandbox.pass_at_k(10, 3, 1) - 0.3) < 1e-9
+    assert sandbox.pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)  # n - c == k: one all-wrong draw of C(5, 3)
 
 
 @pytest.mark.realdata
