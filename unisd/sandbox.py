@@ -105,7 +105,7 @@ def _isolate() -> None:
     writes to them vanishes with the namespace.
     """
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None)
         if libc.unshare(_CLONE_NEWNET | _CLONE_NEWNS) != 0:
             libc.unshare(_CLONE_NEWNET)
             return
