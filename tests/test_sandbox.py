@@ -18,13 +18,14 @@ REAL = Path(os.environ.get("UNISD_REAL_DATA_DIR", Path(__file__).resolve().paren
 
 
 def test_passing_and_failing_programs():
-    assert sandbox.run_program("assert sum([1, 2]) == 3").passed
+    ok = sandbox.run_program("assert sum([1, 2]) == 3")
+    assert ok.passed and ok.reason == "passed" and ok.returncode == 0
     bad = sandbox.run_program("assert 1 == 2, 'nope'")
     assert not bad.passed and "AssertionError" in bad.reason
     crash = sandbox.run_program("import sys\nsys.exit(3)")
     assert not crash.passed and crash.returncode == 3 and crash.reason == "exit status 3"  # silent: the status
     early = sandbox.run_program("import os\nos._exit(0)\nassert False")  # skipping the asserts is no pass
-    assert not early.passed and "before the end" in early.reason
+    assert not early.passed and (early.reason, early.returncode) == ("exited before the end of the tests", -1)
 
 
 def test_error_line_is_the_last_line_decoded_leniently_and_cut_to_300_characters():
@@ -34,14 +35,18 @@ def test_error_line_is_the_last_line_decoded_leniently_and_cut_to_300_characters
     assert raw.reason == "bad \ufffd byte"
 
 
-def test_program_sees_its_limits_and_a_private_folder():
-    prog = ("import os, resource as r\nnames = ['RLIMIT_AS', 'RLIMIT_CPU', 'RLIMIT_FSIZE', 'RLIMIT_CORE']\n"
+def test_program_sees_its_limits_a_private_folder_and_its_own_session():
+    prog = ("import os, sys, resource as r\nnames = ['RLIMIT_AS', 'RLIMIT_CPU', 'RLIMIT_FSIZE', 'RLIMIT_CORE']\n"
             "got = [r.getrlimit(getattr(r, n)) for n in names]\n"
-            "assert False, (got, oct(os.stat('.').st_mode & 0o777), os.path.basename(os.getcwd())[:14])\n")
+            "assert False, (got, oct(os.stat('.').st_mode & 0o777), os.path.basename(os.getcwd())[:14],\n"
+            "               os.getsid(0) == os.getpid(), sys.flags.isolated, sys.flags.no_site)\n")
     res = sandbox.run_program(prog, timeout=4, memory_mb=512, fsize_mb=3)
-    limits, mode, prefix = ast.literal_eval(res.reason.removeprefix("AssertionError: "))
+    limits, mode, prefix, leader, isolated, no_site = ast.literal_eval(res.reason.removeprefix("AssertionError: "))
     assert limits == [(512 << 20, 512 << 20), (5, 6), (3 << 20, 3 << 20), (0, 0)]  # CPU: int(timeout) + 1 s
     assert (mode, prefix) == ("0o700", "unisd-sandbox-")
+    # its own session (so a timeout kills the whole group), isolated mode, and no site-packages when root
+    # (the interpreter then runs as another uid and must not import from folders it cannot read)
+    assert (leader, isolated, no_site) == (True, 1, int(os.geteuid() == 0))
 
 
 def test_infinite_loop_is_killed_at_the_timeout():
@@ -143,13 +148,22 @@ def test_cannot_delete_or_write_files_outside_its_folder(tmp_path):
 
 
 @ROOT_ONLY
-def test_world_writable_tmp_is_private_to_the_run():
-    probe = Path("/tmp") / f"unisd-escape-{os.getpid()}"
+def test_world_writable_folders_are_private_to_the_run():
+    folders = [Path(f) for f in ("/tmp", "/var/tmp", "/dev/shm") if Path(f).is_dir()]
+    probes = [folder / f"unisd-escape-{os.getpid()}" for folder in folders]
+    # each is a fresh 16 MiB tmpfs, sticky and world-writable, without set-uid files or devices
+    prog = (f"import os\nfor p in {[str(p) for p in probes]!r}:\n    open(p, 'w').write('x')\n"
+            "mounts = [l.split() for l in open('/proc/self/mounts')]\n"
+            f"assert False, [(m[0], m[2], sorted(set(m[3].split(',')) & {{'nosuid', 'nodev', 'size=16384k'}}),\n"
+            f"                oct(os.stat(m[1]).st_mode & 0o7777)) for m in mounts if m[1] in {[str(f) for f in folders]!r}][-{len(folders)}:]\n")
     try:
-        assert sandbox.run_program(f"open({str(probe)!r}, 'w').write('x')").passed  # it wrote to its own /tmp
-        assert not probe.exists()
+        res = sandbox.run_program(prog)
+        assert ast.literal_eval(res.reason.removeprefix("AssertionError: ")) == \
+            [("tmpfs", "tmpfs", ["nodev", "nosuid", "size=16384k"], "0o1777")] * len(folders)
+        assert [p.exists() for p in probes] == [False] * len(folders)  # it wrote to its own folders
     finally:
-        probe.unlink(missing_ok=True)
+        for p in probes:
+            p.unlink(missing_ok=True)
 
 
 SCRUBBED_ENV = ["HOME", "LANG", "OMP_NUM_THREADS", "PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONHASHSEED", "TMPDIR"]

@@ -158,9 +158,7 @@ def run_program(
         log = Path(workdir) / "output.log"
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-        with open(log, "wb") as out, open(program, "rb") as src:
-            if drop_to is not None:
-                os.chown(log, drop_to, drop_to)
+        with open(log, "wb") as out, open(program, "rb") as src:  # the program writes through these fds
             proc = subprocess.Popen(
                 [_interpreter(), "-I", *(["-S"] if root else []), "-"],
                 cwd=workdir, env=env, stdin=src, stdout=out, stderr=subprocess.STDOUT,
