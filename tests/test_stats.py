@@ -53,6 +53,26 @@ def test_paired_01_scores_use_the_exact_mcnemar_test():
     assert as_points["difference"] == pytest.approx(700 / 30) and as_points["p_value"] == test.p_value
 
 
+def test_paired_01_interval_is_the_exact_one_of_the_mcnemar_test():
+    # 4 of 4 discordant items favour the run on 100: q's Clopper-Pearson interval is [0.025^(1/4), 1], so the
+    # difference's is [4 (2 * 0.025^(1/4) - 1) / 100, 4 / 100], and it includes 0 as p = 2 / 2^4 = 0.125 says
+    run, ref = [1] * 4 + [0] * 96, [0] * 100
+    assert stats.mcnemar(4, 0, 100).ci95 == pytest.approx((4 * (2 * 0.025 ** 0.25 - 1) / 100, 0.04), abs=1e-9)
+    test = stats.paired(run, ref)  # the bootstrap alone gives [0.01, 0.08], which excludes 0
+    assert test.ci95 == pytest.approx((4 * (2 * 0.025 ** 0.25 - 1) / 100, 0.08), abs=1e-9)
+    assert test.ci95[0] < 0 and test.p_value == pytest.approx(0.125)
+    for wins in range(0, 31):  # the exact interval excludes 0 exactly when the test rejects at 5% ...
+        for losses in range(0, 31 - wins):
+            exact = stats.mcnemar(wins, losses, 200)
+            assert (exact.ci95[0] > 0 or exact.ci95[1] < 0) == (exact.p_value < 0.05), (wins, losses)
+            assert exact.ci95[0] <= exact.difference <= exact.ci95[1]
+            rest = 200 - wins - losses - 20  # ... and the reported one covers it, so it excludes 0 only then
+            test = stats.paired([1] * wins + [0] * losses + [1] * 20 + [0] * rest,
+                                [0] * wins + [1] * losses + [1] * 20 + [0] * rest)
+            assert test.ci95[0] <= exact.ci95[0] and test.ci95[1] >= exact.ci95[1]
+            assert (test.difference, test.p_value) == (exact.difference, exact.p_value)
+
+
 def test_paired_continuous_scores_use_a_sign_flip_permutation_test():
     # every one of 12 differences positive: the exact sign-flip p-value is 2 / 2^12
     run, ref = [1.5 + i for i in range(12)], [1.0 + i for i in range(12)]

@@ -5,8 +5,9 @@ unisd reports carries a 95% interval and every comparison a paired test over the
 
 - a score whose per-item values are all 0 or 1 (accuracy, pass@1, full_acc) is a proportion and gets
   the exact Clopper-Pearson interval; any other mean gets a percentile bootstrap over items;
-- two runs scored on the same items are compared by the mean per-item difference, its paired
-  bootstrap interval, and an exact McNemar test (0/1 scores) or a sign-flip permutation test (others);
+- two runs scored on the same items are compared by the mean per-item difference, its paired bootstrap
+  interval, and an exact McNemar test (0/1 scores, the interval then widened to cover the test's own exact
+  interval, so that it excludes 0 only when p < 0.05) or a sign-flip permutation test (others);
 - a pooled perplexity exp(-Σ log p / Σ tokens) gets a bootstrap over documents.
 
 Every bootstrap is seeded (SEED), so a rerun prints the same interval.
@@ -97,13 +98,33 @@ def paired(run: Sequence[float], reference: Sequence[float], seed: int = SEED) -
     ci = _percentile(d[resample(len(d), rng)].mean(axis=1))
     if _binary(a) and _binary(b):
         wins, losses = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-        p = sps.binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
-        return Paired(float(d.mean()), ci, float(p), len(d), "exact McNemar")
+        exact = mcnemar(wins, losses, len(d))
+        # the wider of the two: the bootstrap also varies the number of discordant items, the exact one
+        # never excludes 0 when the test does not reject
+        hull = (min(ci[0], exact.ci95[0]), max(ci[1], exact.ci95[1]))
+        return Paired(exact.difference, hull, exact.p_value, exact.n, exact.test)
     if not d.any():
         return Paired(0.0, ci, 1.0, len(d), "sign-flip permutation")
     result = sps.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=PERMUTATIONS,
                                   vectorized=True, rng=rng)
     return Paired(float(d.mean()), ci, float(result.pvalue), len(d), "sign-flip permutation")
+
+
+def mcnemar(wins: int, losses: int, n: int) -> Paired:
+    """0/1 scores on n items, `wins` right only in the run, `losses` only in the reference.
+
+    Given the m = wins + losses discordant items, wins ~ Binomial(m, q) and the difference is m(2q - 1)/n;
+    the exact McNemar test asks whether q = 1/2, and the interval maps q's Clopper-Pearson interval through
+    m(2q - 1)/n. So this interval excludes 0 exactly when p < 0.05 (a bootstrap interval of the difference
+    can exclude 0 at p = 0.125 when the discordant items are few). It takes the discordant share m/n as
+    observed, so alone it is too narrow on the far side; `paired` reports its hull with the bootstrap.
+    """
+    m = wins + losses
+    if not m:
+        return Paired(0.0, (0.0, 0.0), 1.0, n, "exact McNemar")
+    low, high = proportion_ci(wins, m)
+    p = float(sps.binomtest(wins, m).pvalue)
+    return Paired((wins - losses) / n, (m * (2 * low - 1) / n, m * (2 * high - 1) / n), p, n, "exact McNemar")
 
 
 def bootstrap_intervals(statistic: Callable[[Any], Mapping[str, float]],
