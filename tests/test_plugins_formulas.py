@@ -706,3 +706,33 @@ def test_ema_refuses_a_student_without_all_its_weights_and_needs_setup(monkeypat
     run = SimpleNamespace(student=student, config=SimpleNamespace(bf16=False), encoder=lambda m: m)
     with pytest.raises(ValueError, match=r"^ema: the student has no weights for \['0.bias', '1.bias', '2.bias'\]$"):
         plugin.setup(run)
+
+
+@pytest.mark.parametrize("contexts", ["random", "retrieval"])
+def test_agree_setup_picks_the_first_k_fitting_contexts_of_each_examples_ranked_donors(
+        contexts: str, monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
+    from unisd.data import Example
+    from unisd.sequences import render
+    from unisd_plugins import _contexts as C
+
+    monkeypatch.setenv("UNISD_CACHE", str(tmp_path))
+    examples = [Example(f"Add {i} and {i + 1} apples.", str(2 * i + 1)) for i in range(7)]
+    examples[3] = Example("Add " + "many " * 60 + "apples.", "0")  # every context of it is too long
+    tok, limit = CharTokenizer(), 300  # a context of two short examples: 262 tokens; with the long one: 554
+    run = SimpleNamespace(examples=examples, config=SimpleNamespace(seed=2, max_prompt_tokens=limit, model="m"),
+                          tokenizer=tok, world=None)
+    agree = Agree(configure(Agree, {"k": "2", "contexts": contexts}, "agree"))
+    agree.name = "agree"  # what the plugin host names it
+    agree.setup(run)
+    pool = min(len(examples) - 1, 4 * 2)  # four ranked candidates per view, at most every other example
+    donors = (C.random_donors(7, pool, 2) if contexts == "random"
+              else C.retrieval_donors([C.donor_task(e) for e in examples], pool, "tfidf"))
+    fitting = [[C.reference_context(e, examples[j]) for j in ranked
+                if len(render(tok, C.reference_context(e, examples[j]))) <= limit] for e, ranked in zip(examples, donors)]
+    assert agree.contexts[3] == [] and all(len(views) == 2 for i, views in enumerate(agree.contexts) if i != 3)
+    assert agree.contexts == [found[:2] for found in fitting]
+    assert any(len(found) < len(ranked) for found, ranked in zip(fitting, donors) if found)  # some donors gave way
+    assert capsys.readouterr().err == (f"warning: agree: 1 of 7 examples have no auxiliary context within "
+                                       f"--max-prompt-tokens {limit}; they keep weight 1 (metric agree/no_context)\n")
+    with pytest.raises(ValueError, match="^agree needs at least 2 examples: a context shows a solved"):
+        agree.setup(SimpleNamespace(**{**vars(run), "examples": examples[:1]}))
