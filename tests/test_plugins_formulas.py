@@ -708,22 +708,34 @@ def test_ema_refuses_a_student_without_all_its_weights_and_needs_setup(monkeypat
         plugin.setup(run)
 
 
-@pytest.mark.parametrize("contexts", ["random", "retrieval"])
+@pytest.mark.parametrize("contexts", ["random", "retrieval", "induction"])
 def test_agree_setup_picks_the_first_k_fitting_contexts_of_each_examples_ranked_donors(
         contexts: str, monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
     from unisd.data import Example
     from unisd.sequences import render
     from unisd_plugins import _contexts as C
 
+    from unisd import generation
+
     monkeypatch.setenv("UNISD_CACHE", str(tmp_path))
     examples = [Example(f"Add {i} and {i + 1} apples.", str(2 * i + 1)) for i in range(7)]
     examples[3] = Example("Add " + "many " * 60 + "apples.", "0")  # every context of it is too long
-    tok, limit = CharTokenizer(), 300  # a context of two short examples: 262 tokens; with the long one: 554
+    tok = CharTokenizer()
+    # the limit is the longest context of two short examples (262 to 264 tokens): it fits, 554 does not
+    limit = max(len(render(tok, C.reference_context(e, d))) for e in examples for d in examples if 3 not in
+                (examples.index(e), examples.index(d)))
     run = SimpleNamespace(examples=examples, config=SimpleNamespace(seed=2, max_prompt_tokens=limit, model="m"),
-                          tokenizer=tok, world=None)
+                          tokenizer=tok, world="the run's", student=torch.nn.Linear(2, 2), engine=None)
     agree = Agree(configure(Agree, {"k": "2", "contexts": contexts}, "agree"))
     agree.name = "agree"  # what the plugin host names it
+    if contexts == "induction":  # setup hands induction the same fitting test
+        monkeypatch.setattr(generation, "generate", lambda *a, **kw: [("Add them.", True)] * len(a[2]))
+        agree.setup(run)
+        assert agree.world == "the run's" and agree.contexts == agree._induced(run, lambda t: len(render(tok, t)) <= limit)
+        agree.setup(SimpleNamespace(**{**vars(run), "examples": examples[:1]}))  # one example is enough to induce
+        return
     agree.setup(run)
+    assert agree.world == "the run's"
     pool = min(len(examples) - 1, 4 * 2)  # four ranked candidates per view, at most every other example
     donors = (C.random_donors(7, pool, 2) if contexts == "random"
               else C.retrieval_donors([C.donor_task(e) for e in examples], pool, "tfidf"))
@@ -734,5 +746,11 @@ def test_agree_setup_picks_the_first_k_fitting_contexts_of_each_examples_ranked_
     assert any(len(found) < len(ranked) for found, ranked in zip(fitting, donors) if found)  # some donors gave way
     assert capsys.readouterr().err == (f"warning: agree: 1 of 7 examples have no auxiliary context within "
                                        f"--max-prompt-tokens {limit}; they keep weight 1 (metric agree/no_context)\n")
+    if contexts == "retrieval":  # the ranking is cached under everything it depends on
+        [entry] = (tmp_path / "plugins" / "agree").glob("*.json")
+        key = json.loads(entry.read_text())["key"]
+        assert {k: v for k, v in key.items() if k != "data"} == {"kind": "retrieval-v2", "pool": 6, "retriever": "tfidf"}
+        assert key["data"] == generation.data_digest(examples)
     with pytest.raises(ValueError, match="^agree needs at least 2 examples: a context shows a solved"):
         agree.setup(SimpleNamespace(**{**vars(run), "examples": examples[:1]}))
+    agree.setup(SimpleNamespace(**{**vars(run), "examples": examples[:2]}))  # two are enough
