@@ -11,7 +11,7 @@ import torch
 
 from unisd import config as cfg
 from unisd.plugin import PluginError, discover
-from unisd.train import TrainError, prepare, step, train
+from unisd.train import prepare, step, train
 
 FIVE = ("ema", "agree", "contrast", "match", "clip")
 

@@ -122,6 +122,14 @@ class NaNAt(Plugin):
         return D * float("nan") if NaNAt.seen in NaNAt.bad_steps else D
 
 
+class NaNGradAt(NaNAt):
+    """A finite loss whose gradient is not: d/dx sqrt(|0 * x|) at 0 is inf * 0."""
+
+    def token_loss(self, D, out):
+        NaNAt.seen += 1
+        return D + (D * 0).abs().sqrt() if NaNAt.seen in NaNAt.bad_steps else D
+
+
 class Explodes(Plugin):
     def weights(self, out):
         raise RuntimeError("boom")
@@ -131,13 +139,15 @@ def _with(monkeypatch, name: str, cls: type[Plugin]) -> None:
     monkeypatch.setattr("unisd.plugin.discover", lambda: {name: PluginInfo(name, "tests", "0", cls)})
 
 
-def test_non_finite_step_is_skipped_and_logged(tiny_model, tiny_data, tmp_path, monkeypatch):
-    _with(monkeypatch, "nan", NaNAt)
+@pytest.mark.parametrize("plugin", [NaNAt, NaNGradAt])
+def test_non_finite_step_is_skipped_and_logged(tiny_model, tiny_data, tmp_path, monkeypatch, plugin):
+    _with(monkeypatch, "nan", plugin)
     NaNAt.bad_steps, NaNAt.seen = {2}, 0
     messages: list[str] = []
     out = train(_config(tiny_model, tiny_data, tmp_path / "run", plugins=("nan",)), echo=messages.append)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["skipped"] for m in metrics] == [False, True, False]
+    assert (metrics[1]["loss"] == metrics[1]["loss"]) is (plugin is NaNGradAt)  # NaNGradAt: only the gradient
     assert any("step 2: non-finite" in m for m in messages)
     # the skipped step changed no weight
     a = load_file(str(out / "checkpoints" / "step-000001" / "trainable.safetensors"))
@@ -216,6 +226,24 @@ def test_more_steps_need_extend(tiny_model, tiny_data, tmp_path):
           echo=messages.append, extend=True)
     assert "resumed at step 2 of 3" in messages
     assert json.loads((out / "unisd.json").read_text())["steps"] == 3
+
+
+def test_resume_check_names_each_changed_leaf(tmp_path):
+    stored = {"settings": {"lr": 0.1, "gone": 1}, "plugins": {}, "data": "x", "total_steps": 2, "world_size": 1}
+    current = {"settings": {"lr": 0.2, "new": 3}, "plugins": {}, "data": "y", "total_steps": 2, "world_size": 1}
+    assert checkpoint.changes(stored, current) == ["data fingerprint: x -> y", "gone: 1 -> (none)",
+                                                    "lr: 0.1 -> 0.2", "new: (none) -> 3"]
+    folder = tmp_path / "run" / "checkpoints" / "step-000002"
+    with pytest.raises(checkpoint.OutputDirError) as refused:
+        # a setting the checkpoint does not record (added to unisd later) counts as its default
+        checkpoint.check_same_run(folder, {**stored, "settings": {"lr": 0.1}},
+                                  {**current, "settings": {**checkpoint._defaults(), "lr": 0.2}}, extend=False)
+    assert str(refused.value) == (f"--resume: this is not the run in {tmp_path / 'run'}: data fingerprint: x -> y; "
+                                  "lr: 0.1 -> 0.2; resume with the same settings, or start again with --overwrite")
+    with pytest.raises(checkpoint.OutputDirError) as old:
+        checkpoint.check_same_run(folder, None, current, extend=False)
+    assert str(old.value) == (f"{folder} records no run configuration (written by an older unisd); "
+                              "start again with --overwrite")
 
 
 def test_checkpoint_without_a_selected_plugins_state_is_an_error(tiny_model, tiny_data, tmp_path):

@@ -160,6 +160,10 @@ def test_every_hook_is_called_and_its_result_used(tiny_model, tiny_data, tmp_pat
     assert Probe.calls[-6:] == ["views", "teacher", "token_loss", "weights", "aux_losses", "after_step"]
     state = torch.load(next((out / "checkpoints").glob("step-*")) / "state.pt", weights_only=False)
     assert state["plugins"]["probe"]["calls"] > 0
+    # the plugin's distribution and version are part of the run's identity and of its record
+    assert state["identity"]["plugins"]["probe"] == {"version": "0", "options": {}}
+    record = json.loads((out / "unisd.json").read_text())
+    assert record["plugins"] == {"probe": {"distribution": "tests", "version": "0", "options": {}}}
 
 
 def test_end_to_end_output_loads_in_lm_eval(tiny_model, tiny_data, tmp_path):
@@ -206,3 +210,34 @@ def test_end_to_end_output_loads_in_lm_eval(tiny_model, tiny_data, tmp_path):
     expected = sum(p == r["label"] for p, r in zip(picked, rows)) / len(rows)
     assert result["results"]["unisd_tiny"]["acc,none"] == expected
     assert result["n-samples"]["unisd_tiny"]["effective"] == 2
+
+
+def test_prepare_recomputes_activations_without_reentrant_checkpointing(tiny_model, tiny_data, tmp_path):
+    run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out"))
+    layers = [m for m in run.student.modules() if hasattr(m, "_gradient_checkpointing_func")]
+    assert layers and run.student.is_gradient_checkpointing
+    assert all(m._gradient_checkpointing_func.keywords == {"use_reentrant": False} for m in layers)
+
+
+def test_a_missing_vllm_is_said_before_anything_loads(tmp_path, monkeypatch):
+    from unisd import engine
+    from unisd.config import ConfigError
+
+    def missing() -> None:
+        raise ConfigError("no engine")
+
+    monkeypatch.setattr(engine, "require", missing)
+    config = _config(tmp_path / "no-model", tmp_path / "no-data.jsonl", tmp_path / "out", rollout="vllm")
+    with pytest.raises(ConfigError, match="no engine"):
+        tr.prepare(config)
+
+
+def test_train_speaks_through_its_echo(tiny_model, tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "What is two plus two?", "answer": "4"}, {"prompt": "Say " + "very " * 400, "answer": "x"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said: list[str] = []
+    tr.train(_config(tiny_model, data, tmp_path / "run", max_steps=1, batch_size=1, max_prompt_tokens=200),
+             echo=said.append)
+    assert said == ["warning: dropped 1 of 2 examples whose prompts exceed 200 tokens"]
+    assert capsys.readouterr().out == ""

@@ -202,7 +202,7 @@ def _defaults() -> dict[str, Any]:
             if f.default is not dataclasses.MISSING and f.name not in NOT_IDENTITY}
 
 
-def restore(run: Run, echo: Callable[[str], None], extend: bool = False) -> bool:
+def restore(run: Run, echo: Callable[[str], None], extend: bool) -> bool:
     """Load the newest intact checkpoint into run; False if there is none.
 
     The checkpoint must be of this very run (see `identity`); `extend` lets the schedule grow.
