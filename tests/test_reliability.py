@@ -229,10 +229,13 @@ def test_more_steps_need_extend(tiny_model, tiny_data, tmp_path):
 
 
 def test_resume_check_names_each_changed_leaf(tmp_path):
-    stored = {"settings": {"lr": 0.1, "gone": 1}, "plugins": {}, "data": "x", "total_steps": 2, "world_size": 1}
-    current = {"settings": {"lr": 0.2, "new": 3}, "plugins": {}, "data": "y", "total_steps": 2, "world_size": 1}
-    assert checkpoint.changes(stored, current) == ["data fingerprint: x -> y", "gone: 1 -> (none)",
-                                                    "lr: 0.1 -> 0.2", "new: (none) -> 3"]
+    stored = {"settings": {"lr": 0.1, "gone": 1, "was_none": None}, "plugins": {}, "data": "x", "total_steps": 2,
+              "world_size": 1}
+    current = {"settings": {"lr": 0.2, "new": 3, "now_none": None}, "plugins": {}, "data": "y", "total_steps": 2,
+               "world_size": 1}
+    assert checkpoint.changes(stored, current) == ["data fingerprint: x -> y", "gone: 1 -> (none)", "lr: 0.1 -> 0.2",
+                                                    "new: (none) -> 3", "now_none: (none) -> None",
+                                                    "was_none: None -> (none)"]
     folder = tmp_path / "run" / "checkpoints" / "step-000002"
     with pytest.raises(checkpoint.OutputDirError) as refused:
         # a setting the checkpoint does not record (added to unisd later) counts as its default
@@ -256,8 +259,29 @@ def test_checkpoint_without_a_selected_plugins_state_is_an_error(tiny_model, tin
         manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
         manifest["state.pt"] = checkpoint._sha256(folder / "state.pt")
         (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(checkpoint.OutputDirError, match="holds no state for plugin clip"):
+    with pytest.raises(checkpoint.OutputDirError, match="holds no state for plugin clip; resume with the plugins it "
+                                                        "was written with, or --overwrite"):
         train(_config(tiny_model, tiny_data, out, max_steps=2, plugins=("clip",)), resume=True, echo=lambda m: None)
+
+
+def test_a_save_killed_before_it_lands_is_cleaned_up_by_the_next_resume(tiny_model, tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _unfinished(tiny_model, tiny_data, out)
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(os, "rename", killed)  # the first rename is step 3's finished checkpoint landing
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_model, tiny_data, out, max_steps=3), resume=True, extend=True, echo=lambda m: None)
+    monkeypatch.undo()
+    root = out / "checkpoints"
+    assert [p.name[:17] for p in root.glob(".*")] == [".tmp-step-000003-"]
+    (root / ".discard-step-000001").mkdir()  # and a deletion cut short
+    messages: list[str] = []
+    train(_config(tiny_model, tiny_data, out, max_steps=3), resume=True, extend=True, echo=messages.append)
+    assert "resumed at step 2 of 3" in messages
+    assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002", "step-000003"]
 
 
 def test_disk_full_while_saving_is_one_line_and_leaves_no_partial_checkpoint(tiny_model, tiny_data, tmp_path,

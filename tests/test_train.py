@@ -162,6 +162,8 @@ def test_every_hook_is_called_and_its_result_used(tiny_model, tiny_data, tmp_pat
     assert state["plugins"]["probe"]["calls"] > 0
     # the plugin's distribution and version are part of the run's identity and of its record
     assert state["identity"]["plugins"]["probe"] == {"version": "0", "options": {}}
+    assert set(state["identity"]) == {"settings", "plugins", "data", "total_steps", "world_size"}
+    assert (state["identity"]["total_steps"], state["identity"]["world_size"]) == (2, 1)
     record = json.loads((out / "unisd.json").read_text())
     assert record["plugins"] == {"probe": {"distribution": "tests", "version": "0", "options": {}}}
 
