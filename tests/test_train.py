@@ -243,3 +243,21 @@ def test_train_speaks_through_its_echo(tiny_model, tmp_path, capsys):
              echo=said.append)
     assert said == ["warning: dropped 1 of 2 examples whose prompts exceed 200 tokens"]
     assert capsys.readouterr().out == ""
+
+
+def test_step_times_each_phase_over_every_micro_batch(tiny_model, tiny_data, tmp_path, monkeypatch):
+    class Clock:  # each reading is one second after the last
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            cls.now += 1.0
+            return cls.now
+
+    run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", grad_accum=2))
+    monkeypatch.setattr(tr, "time", Clock)
+    metrics = tr.step(run)
+    # readings: start; per micro-batch before rollout, forward, backward and after it; optimizer; after_step
+    assert {k: metrics[k] for k in ("rollout_s", "forward_s", "backward_s", "optimizer_s", "after_step_s",
+                                    "step_time_s")} == {"rollout_s": 2.0, "forward_s": 2.0, "backward_s": 2.0,
+                                                        "optimizer_s": 1.0, "after_step_s": 1.0, "step_time_s": 13.0}
