@@ -112,7 +112,7 @@ class Probe(Plugin):
     def weights(self, out):
         Probe.calls.append("weights")
         w = torch.zeros(out.mask.shape[0], 1)
-        w[0] = 1.0  # only the first sequence counts
+        w[0] = 0.01  # only the first sequence counts; a weighted mean, whatever the weights' scale
         return w
 
     def aux_losses(self, out):
@@ -261,3 +261,28 @@ def test_step_times_each_phase_over_every_micro_batch(tiny_model, tiny_data, tmp
     assert {k: metrics[k] for k in ("rollout_s", "forward_s", "backward_s", "optimizer_s", "after_step_s",
                                     "step_time_s")} == {"rollout_s": 2.0, "forward_s": 2.0, "backward_s": 2.0,
                                                         "optimizer_s": 1.0, "after_step_s": 1.0, "step_time_s": 13.0}
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd"])
+def test_forward_divergence_is_the_named_one_between_student_and_teacher_prompts(tiny_model, tiny_data, tmp_path,
+                                                                                  divergence):
+    run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", divergence=divergence, alpha=0.3))
+    prompt, completion = "What is two plus two?", [40, 41, 42, 43]
+    batch = _fixed_batch(run, [prompt], [completion])
+    got = tr.forward(run, batch, run.teacher).divergence[0]
+
+    def logits(model, text: str) -> torch.Tensor:  # the model's logits at the completion's positions, by hand
+        ids = tr.render(run.tokenizer, text)
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids + completion])).logits[0, len(ids) - 1:-1]
+
+    student = logits(run.student, prompt)
+    teacher = logits(run.teacher, batch.prompts["teacher"][0])
+    want = losses.pick(divergence, 0.3)(student, teacher, run.config.loss_temperature)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_warmup_is_its_share_of_the_schedule(tiny_model, tiny_data, tmp_path):
+    run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", max_steps=8, warmup_ratio=0.25))
+    factors = [run.scheduler.lr_lambdas[0](s) for s in range(4)]
+    assert factors[:3] == [0.0, 0.5, 1.0] and factors[3] < 1.0  # 2 warm-up steps, then the cosine decay
