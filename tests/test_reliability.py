@@ -90,9 +90,29 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tiny_model, tiny
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
-def test_unfinished_checkpoint_is_detected():
-    folder = Path("/nonexistent-checkpoint")
-    assert "no manifest" in checkpoint.verify(folder)
+def test_unfinished_or_damaged_checkpoints_are_detected(tmp_path):
+    assert checkpoint.verify(Path("/nonexistent-checkpoint")) == "no manifest (it was not finished)"
+    (tmp_path / checkpoint.MANIFEST).write_text("{cut sho")
+    assert checkpoint.verify(tmp_path) == "unreadable manifest"
+    (tmp_path / checkpoint.MANIFEST).write_text(json.dumps({"state.pt": "0" * 64}))
+    assert checkpoint.verify(tmp_path) == "state.pt is missing"
+
+
+class Terminates(Plugin):
+    """Sends this process SIGTERM after the first step, as a scheduler's preemption would."""
+
+    def after_step(self, run):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_in_process_stops_after_the_step_with_a_checkpoint(tiny_model, tiny_data, tmp_path, monkeypatch):
+    _with(monkeypatch, "terminates", Terminates)
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match=r"^stopped by SIGTERM at step 1; resume with --resume$"):
+        train(_config(tiny_model, tiny_data, out, plugins=("terminates",), save_every=0), echo=lambda m: None)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+    assert checkpoint.verify(out / "checkpoints" / "step-000001") == ""
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer's handler is gone again
 
 
 def test_sigterm_leaves_a_resumable_checkpoint(tiny_model, tiny_data, tmp_path):

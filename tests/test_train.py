@@ -174,7 +174,7 @@ def test_end_to_end_output_loads_in_lm_eval(tiny_model, tiny_data, tmp_path):
 
     out = tr.train(_config(tiny_model, tiny_data, tmp_path / "run", max_steps=2), echo=lambda m: None)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
-                 "generation_config.json", "unisd.json", "README.md", "metrics.jsonl"):
+                 "generation_config.json", "unisd.json", "README.md", "metrics.jsonl", "curves.png"):
         assert (out / name).is_file(), name
     record = json.loads((out / "unisd.json").read_text())
     assert record["steps"] == 2 and record["config"]["data"] == str(tiny_data) and len(record["data_fingerprint"]) == 64
@@ -286,3 +286,13 @@ def test_warmup_is_its_share_of_the_schedule(tiny_model, tiny_data, tmp_path):
     run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", max_steps=8, warmup_ratio=0.25))
     factors = [run.scheduler.lr_lambdas[0](s) for s in range(4)]
     assert factors[:3] == [0.0, 0.5, 1.0] and factors[3] < 1.0  # 2 warm-up steps, then the cosine decay
+
+
+def test_a_step_without_a_counted_token_moves_nothing(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """Every completion masked (e.g. --mask-truncated and all cut off): the step still runs backward, with a
+    zero gradient, so that data-parallel ranks all join the gradient reduction."""
+    empty = Rollout(torch.tensor([[40, 41], [42, 43]]), torch.zeros(2, 2), torch.tensor([True, True]))
+    monkeypatch.setattr(tr, "sample", lambda *a, **k: empty)
+    run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out"))
+    metrics = tr.step(run)
+    assert (metrics["completion_tokens"], metrics["loss"], metrics["grad_norm"], metrics["skipped"]) == (0, 0, 0, False)
