@@ -272,6 +272,14 @@ def test_resume_check_names_each_changed_leaf(tmp_path):
                               "start again with --overwrite")
 
 
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_model, tiny_data, tmp_path):
+    from unisd.train import prepare
+
+    said: list[str] = []
+    assert checkpoint.restore(prepare(_config(tiny_model, tiny_data, tmp_path / "run")), said.append, extend=False) is False
+    assert said == ["no intact checkpoint found; starting from the beginning"]
+
+
 def test_checkpoint_without_a_selected_plugins_state_is_an_error(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "run"
     _unfinished(tiny_model, tiny_data, out, plugins=("clip",))

@@ -261,6 +261,14 @@ def test_step_times_each_phase_over_every_micro_batch(tiny_model, tiny_data, tmp
     assert {k: metrics[k] for k in ("rollout_s", "forward_s", "backward_s", "optimizer_s", "after_step_s",
                                     "step_time_s")} == {"rollout_s": 2.0, "forward_s": 2.0, "backward_s": 2.0,
                                                         "optimizer_s": 1.0, "after_step_s": 1.0, "step_time_s": 13.0}
+    assert metrics["lr"] == pytest.approx(0.5e-3)  # no warm-up in 2 steps: the cosine's midpoint after step 1
+
+
+def test_lora_teacher_is_the_student_with_its_adapter_off(tiny_model, tiny_data, tmp_path):
+    from unisd.run import AdapterOff
+
+    run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", lora=True, lora_r=4, lora_alpha=8))
+    assert isinstance(run.teacher, AdapterOff) and run.teacher.peft_model is run.student  # no second copy
 
 
 @pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd"])
