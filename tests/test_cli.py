@@ -77,7 +77,8 @@ def _case(tmp_path: Path, tiny_model: Path, tiny_data: Path, case: str) -> tuple
         "finished": (base, "holds a finished run; pass --overwrite"),
         "unfinished": (base, "holds an unfinished run; pass --resume"),
         "foreign": (base, "holds no unisd run"),
-        "resume-and-overwrite": (base + ["--resume", "--overwrite"], "contradict each other"),
+        "resume-and-overwrite": (base + ["--resume", "--overwrite"],
+                                 "error: --resume and --overwrite contradict each other; pick one"),
         "fsdp-lora": (base + ["--fsdp", "--lora"], "--fsdp and --lora cannot be combined"),
         "fsdp-one-process": (base + ["--fsdp"], "launch with torchrun"),
     }

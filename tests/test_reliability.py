@@ -272,6 +272,12 @@ def test_resume_check_names_each_changed_leaf(tmp_path):
                               "start again with --overwrite")
 
 
+def test_only_the_newest_checkpoints_are_kept(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train(_config(tiny_model, tiny_data, out, max_steps=3, keep_checkpoints=2), echo=lambda m: None)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+
+
 def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_model, tiny_data, tmp_path):
     from unisd.train import prepare
 

@@ -153,6 +153,7 @@ def test_every_hook_is_called_and_its_result_used(tiny_model, tiny_data, tmp_pat
     for m in metrics:
         assert m["distill"] == pytest.approx(1.0)  # weights kept only sequence 0, whose value is 1
         assert m["probe_aux"] == pytest.approx(0.25) and m["loss"] == pytest.approx(1.25)
+        assert m["probe_aux/share"] == pytest.approx(0.2)  # the auxiliary term's share of the loss
         assert m["probe/seen"] == 1.0
     assert Counting.uses == 2  # the teacher hook's model scored every step
     assert Probe.calls[0] == "setup"
@@ -176,6 +177,7 @@ def test_end_to_end_output_loads_in_lm_eval(tiny_model, tiny_data, tmp_path):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
                  "generation_config.json", "unisd.json", "README.md", "metrics.jsonl", "curves.png"):
         assert (out / name).is_file(), name
+    assert "\n# run\n" in (out / "README.md").read_text()  # the card is titled with the run's folder name
     record = json.loads((out / "unisd.json").read_text())
     assert record["steps"] == 2 and record["config"]["data"] == str(tiny_data) and len(record["data_fingerprint"]) == 64
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -304,3 +306,24 @@ def test_a_step_without_a_counted_token_moves_nothing(tiny_model, tiny_data, tmp
     run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out"))
     metrics = tr.step(run)
     assert (metrics["completion_tokens"], metrics["loss"], metrics["grad_norm"], metrics["skipped"]) == (0, 0, 0, False)
+
+
+def test_the_student_samples_from_its_own_rendered_prompts(tiny_model, tiny_data, tmp_path, monkeypatch):
+    from unisd import engine
+
+    calls: list[tuple] = []
+    fixed = Rollout(torch.tensor([[40, 41], [42, 43]]), torch.ones(2, 2), torch.tensor([False, False]))
+    monkeypatch.setattr(tr, "sample", lambda *args, **kwargs: calls.append((args, kwargs)) or fixed)
+    monkeypatch.setattr(engine, "require", lambda: None)
+    run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", rollout="vllm", top_k=7))
+    run.started_engine = started = object()  # as if vLLM had started: the sampler gets it
+    rendered = {tuple(tr.render(run.tokenizer, e.prompt)) for e in run.examples}
+    tr.step(run)
+    ((args, kwargs),) = calls
+    assert len(args[2]) == 2 and {tuple(ids) for ids in args[2]} < rendered  # two examples' chat-rendered prompts
+    assert kwargs == {"dtype": None, "engine": started, "top_k": 7}
+
+
+def test_an_epoch_is_the_examples_over_the_global_batch(tiny_model, tiny_data, tmp_path):
+    run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", max_steps=0, batch_size=1, grad_accum=2))
+    assert len(run.kept) > 2 and run.total_steps == -(-len(run.kept) // 2)
