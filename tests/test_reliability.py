@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from unisd import checkpoint
 from unisd import config as cfg
 from unisd.plugin import Plugin, PluginInfo
-from unisd.train import TrainError, train
+from unisd.train import TrainError, prepare, train
 
 
 def _args(model: Path, data: Path, out: Path, steps: int, *extra: str) -> list[str]:
@@ -279,8 +279,6 @@ def test_only_the_newest_checkpoints_are_kept(tiny_model, tiny_data, tmp_path):
 
 
 def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_model, tiny_data, tmp_path):
-    from unisd.train import prepare
-
     said: list[str] = []
     assert checkpoint.restore(prepare(_config(tiny_model, tiny_data, tmp_path / "run")), said.append, extend=False) is False
     assert said == ["no intact checkpoint found; starting from the beginning"]

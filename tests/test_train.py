@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unisd import config as cfg
-from unisd import losses, train as tr
+from unisd import engine, losses, train as tr
 from unisd.data import Example
 from unisd.plugin import Plugin, PluginInfo
 from unisd.rollout import Rollout
+from unisd.run import AdapterOff
 
 
 def _config(model: Path, data: Path, out: Path, **kw) -> cfg.TrainConfig:
@@ -224,15 +225,12 @@ def test_prepare_recomputes_activations_without_reentrant_checkpointing(tiny_mod
 
 
 def test_a_missing_vllm_is_said_before_anything_loads(tmp_path, monkeypatch):
-    from unisd import engine
-    from unisd.config import ConfigError
-
     def missing() -> None:
-        raise ConfigError("no engine")
+        raise cfg.ConfigError("no engine")
 
     monkeypatch.setattr(engine, "require", missing)
     config = _config(tmp_path / "no-model", tmp_path / "no-data.jsonl", tmp_path / "out", rollout="vllm")
-    with pytest.raises(ConfigError, match="no engine"):
+    with pytest.raises(cfg.ConfigError, match="no engine"):
         tr.prepare(config)
 
 
@@ -267,8 +265,6 @@ def test_step_times_each_phase_over_every_micro_batch(tiny_model, tiny_data, tmp
 
 
 def test_lora_teacher_is_the_student_with_its_adapter_off(tiny_model, tiny_data, tmp_path):
-    from unisd.run import AdapterOff
-
     run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", lora=True, lora_r=4, lora_alpha=8))
     assert isinstance(run.teacher, AdapterOff) and run.teacher.peft_model is run.student  # no second copy
 
@@ -309,8 +305,6 @@ def test_a_step_without_a_counted_token_moves_nothing(tiny_model, tiny_data, tmp
 
 
 def test_the_student_samples_from_its_own_rendered_prompts(tiny_model, tiny_data, tmp_path, monkeypatch):
-    from unisd import engine
-
     calls: list[tuple] = []
     fixed = Rollout(torch.tensor([[40, 41], [42, 43]]), torch.ones(2, 2), torch.tensor([False, False]))
     monkeypatch.setattr(tr, "sample", lambda *args, **kwargs: calls.append((args, kwargs)) or fixed)
