@@ -36,6 +36,7 @@ def clip(D: torch.Tensor, mask: torch.Tensor, max: float | None = 10.0,
 class Clip(Plugin):
     __doc__ = __doc__
     forwards = 0.0  # no view of its own
+    needs_teacher = False  # it caps D, whatever computed it
 
     @dataclass(frozen=True)
     class Config:

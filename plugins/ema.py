@@ -16,7 +16,8 @@ moved from its teacher, i.e. how much the EMA held it back.
 
 Under `--fsdp` the teacher is sharded like the student, so each rank averages only its own shards.
 The average itself is always kept in fp32 (a bf16 average would round away most updates); with
-`--bf16` the teacher's forwards run on a bf16 copy of it, refreshed after every update.
+`--bf16` the teacher's forwards run on a copy whose linear layers are bf16 (`models.bf16_linears`),
+refreshed after every update.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class EMA(Plugin):
                 raise ValueError(f"ema.every must be at least 1, got {self.every}")
 
     config: Config
+    needs_teacher = False  # it supplies the teacher and reads none of its outputs
 
     @classmethod
     def extra_forwards(cls, options: dict[str, Any]) -> float:
@@ -66,7 +68,7 @@ class EMA(Plugin):
         missing = set(self._params()) - set(models.effective_weights(student))
         if missing:
             raise ValueError(f"ema: the student has no weights for {sorted(missing)[:3]}")
-        self.scorer = copy.deepcopy(self.model).to(torch.bfloat16) if run.config.bf16 else self.model
+        self.scorer = models.bf16_linears(copy.deepcopy(self.model)) if run.config.bf16 else self.model
         self.update(student, beta=0.0)  # θ̄ ← θ exactly
         self.encoder = run.encoder(self.model)
 

@@ -23,6 +23,7 @@ from unisd.sequences import render
 
 class Mix(Plugin):
     forwards = 0.0  # no view of its own
+    needs_teacher = False  # it supplies completions; scoring them is the objective's business
 
     @dataclass(frozen=True)
     class Config:

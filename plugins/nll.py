@@ -11,4 +11,5 @@ from unisd.api import Plugin
 
 class NLL(Plugin):
     forwards = 0.0  # no view of its own
+    needs_teacher = False  # cross-entropy on the completion: the student alone
     objective = "ce"

@@ -51,8 +51,9 @@ CORPUS = [
 
 
 def build_tiny_model(folder: Path, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
-                     tokenizer: Any = None) -> Path:
-    """A 2-layer Llama (hidden 32 by default) and a ~300-token BPE tokenizer with a ChatML template."""
+                     tokenizer: Any = None, tied: bool = True) -> Path:
+    """A 2-layer Llama (hidden 32 by default) and a ~300-token BPE tokenizer with a ChatML template;
+    `tied` False gives it an output head of its own."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     fast = tokenizer if tokenizer is not None else _tiny_tokenizer()
@@ -60,7 +61,7 @@ def build_tiny_model(folder: Path, seed: int = 0, hidden: int = 32, heads: int =
     config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
                          pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
-                         bos_token_id=fast.bos_token_id, tie_word_embeddings=True, initializer_range=0.3)
+                         bos_token_id=fast.bos_token_id, tie_word_embeddings=tied, initializer_range=0.3)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = fast.eos_token_id
     model.generation_config.pad_token_id = fast.pad_token_id

@@ -147,3 +147,68 @@ def test_fsdp_holds_half_of_every_model_on_each_of_two_ranks(tiny_model, tiny_da
             assert full == whole[k].numel()
             half = -(-rows // 2)  # dim 0 is split: rank 0 holds ceil(rows / 2) rows, rank 1 the rest
             assert (local0, ranks[1][name][k][0]) == (half * full // rows, (rows - half) * full // rows), (name, k)
+
+
+REDUCTIONS = """
+import json, sys
+import torch.distributed as dist
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+from unisd import config as cfg
+from unisd.train import prepare, step
+
+model, data, out, sharded = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "fsdp"
+counts = {}
+for accum in (1, 3):
+    c = cfg.resolve("", ("mix",), {"mix": {"source": "gold", "prob": "1.0"}}, model=model, data=data,
+                    out=f"{out}-{accum}", fsdp=sharded, batch_size=1, grad_accum=accum, max_steps=2)
+    run = prepare(c, echo=lambda m: None)
+    calls = [0]
+    if sharded:  # FSDP2 reduce-scatters each unit's gradients in foreach_reduce
+        real = _fsdp_param_group.foreach_reduce
+        def counting(*a, real=real, **k):
+            calls[0] += 1
+            return real(*a, **k)
+        _fsdp_param_group.foreach_reduce = counting
+    else:  # DDP calls its communication hook once per gradient bucket it all-reduces
+        def hook(state, bucket):
+            calls[0] += 1
+            fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+            return fut.then(lambda f: f.value()[0] / dist.get_world_size())
+        run.student_hidden.register_comm_hook(None, hook)
+    step(run)
+    counts[accum] = calls[0]
+    if sharded:
+        _fsdp_param_group.foreach_reduce = real
+with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
+    json.dump(counts, f)
+"""
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_gradient_accumulation_reduces_once_per_step(tiny_model, tiny_data, tmp_path, sharding):
+    """Three micro-batches reduce the gradients as often as one: the sync is skipped before the last."""
+    script = tmp_path / "reductions.py"
+    script.write_text(REDUCTIONS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tiny_model), str(tiny_data), str(tmp_path / "out"), sharding],
+                          env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / f"out.rank{rank}.json").read_text())
+        assert counts["1"] > 0
+        assert counts["3"] == counts["1"], counts
+
+
+def test_an_objective_that_leaves_the_untied_head_unused_trains_under_ddp(tiny_model_builder, tiny_data, tmp_path):
+    """match.mode=repr trains on hidden states alone: an untied head gets no gradient, and DDP must not wait for it."""
+    model = tiny_model_builder(tmp_path / "untied", tied=False)
+    proc = _train(model, tiny_data, tmp_path / "repr", 1, 2, "--plugins", "match", "-o", "match.mode=repr",
+                  "--max-steps", "2")
+    try:
+        _finish(proc)  # a hang here is the failure: communicate() times out after 300 s
+    finally:
+        _kill_everything_writing(tmp_path / "repr")
+    before, after = _weights(model), _weights(tmp_path / "repr")
+    assert torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # no gradient reached the head
+    assert any(not torch.equal(before[k], after[k]) for k in before if "layers" in k)

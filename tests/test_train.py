@@ -51,13 +51,29 @@ def test_padding_gives_the_same_per_example_loss_as_unbatched(tiny_model, tiny_d
         torch.testing.assert_close(per_example, alone.divergence[0, :n].mean())
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_bf16_teacher_on_the_student_prompt_gives_zero_divergence_at_step_0(tiny_model, tiny_data, tmp_path, lora):
+    """--bf16: the frozen teacher computes exactly as the student does (its logits are not rounded to bf16), so
+    scored under the student's own prompt before any update the divergence is 0 within fp32 round-off."""
+    run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", bf16=True, lora=lora))
+    prompts = ["What is two plus two?", "Name a colour of the sky, please, in one word only."]
+    batch = _fixed_batch(run, prompts, [[40, 41, 42, 43, 44, 45], [50, 51]])
+    batch.prompts["teacher"] = list(batch.prompts["student"])
+    out = tr.forward(run, batch, run.teacher)
+    assert out.mask.sum() == 8
+    assert float(out.divergence.detach().abs().max()) < 1e-6
+    torch.testing.assert_close(out.logps["teacher"], out.logps["student"].detach(), rtol=0, atol=1e-5)
+
+
 def test_bf16_computes_in_bf16_with_fp32_master_weights(tiny_model, tiny_data, tmp_path, monkeypatch):
     """--bf16 on CPU: same loss as fp32 up to bf16 rounding; fp32 weights and grads; bf16 teacher and sampler."""
     prompts = ["What is two plus two?", "Name a colour of the sky, please, in one word only."]
     completions = [[40, 41, 42, 43, 44, 45], [50, 51]]
     exact = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "fp32"))
     fast = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "bf16", bf16=True))
-    assert all(p.dtype == torch.bfloat16 for p in fast.teacher.parameters())
+    # the frozen teacher holds its linear layers in bf16 (what autocast computes them in), the rest in fp32
+    held = {n: p.dtype for n, p in fast.teacher.named_parameters()}
+    assert {n for n, d in held.items() if d == torch.bfloat16} == {n for n in held if n.endswith("proj.weight")}
     reference = tr.forward(exact, _fixed_batch(exact, prompts, completions), exact.teacher)
     seen: list[torch.dtype] = []
     for model in (fast.student, fast.teacher):

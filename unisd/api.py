@@ -123,6 +123,11 @@ class Plugin:
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
 
+    # whether the plugin reads what the teacher computes (a teacher view's out.logps, out.hidden["teacher"]); a run
+    # whose objective needs no teacher (--divergence ce or none) and whose plugins read none loads no teacher model
+    # and runs no teacher forward. True unless the plugin says otherwise: a plugin that reads the teacher must get it
+    needs_teacher: ClassVar[bool] = True
+
     # no-grad teacher forwards the plugin adds per micro-batch, for `unisd ablate`'s cost estimate
     # (None: not declared, counted as one view); override `extra_forwards` when the options decide it
     forwards: ClassVar[float | None] = None

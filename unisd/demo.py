@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from unisd import config as cfg
-from unisd import evaluate, report
+from unisd import evaluate, hardware, report
 from unisd.train import train
 
 MODEL = "smollm2-135m"
@@ -54,13 +54,15 @@ def run(out: Path, steps: int = 12, eval_limit: int = 200, batch_size: int = 4, 
     engine = backend()
     echo(f"sampling backend: {engine}" + ("" if engine == "vllm" else " (vLLM not installed: transformers generate)"))
     checkpoints = {"base": model}
+    bf16 = hardware.fast_bf16_cpu()  # emulated bf16 (an AVX2-only CPU) is several times slower than fp32
+    echo(f"precision: {'bf16 mixed' if bf16 else 'fp32 (this CPU has no native bf16)'}")
     for i, preset in enumerate(RUNS, 1):
         folder = out / preset
         echo(f"[{i}/3] training {model} with the {preset} preset for {steps} steps on the demo task")
         # negatives are short worked sums: 96 new tokens let them finish, so each is checked, not cut off
         config = cfg.resolve(preset, (), {"contrast": {"max_new_tokens": "96"}} if preset == "unisd-star" else {},
                              model=model, data="demo", out=str(folder), max_steps=steps, batch_size=batch_size,
-                             max_new_tokens=96, lr=lr, bf16=True, rollout=engine, save_every=0,
+                             max_new_tokens=96, lr=lr, bf16=bf16, rollout=engine, save_every=0,
                              rollout_eager=True)  # 12 steps never earn back vLLM's ~95 s compilation
         train(config, overwrite=overwrite, echo=echo)
         checkpoints[preset] = str(folder)

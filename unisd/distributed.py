@@ -16,7 +16,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -48,15 +48,19 @@ def init() -> World:
     return World(dist.get_rank() if size > 1 else 0, size, device)
 
 
-def wrap(module: torch.nn.Module, world: World) -> torch.nn.Module:
+def wrap(module: torch.nn.Module, world: World, all_used: bool = True) -> torch.nn.Module:
     """DDP around the module that computes the student's hidden states (identity for one process, or
-    for a module FSDP already shards: it reduces its own gradients)."""
+    for a module FSDP already shards: it reduces its own gradients).
+
+    `all_used` False: some weights may get no gradient (an objective of auxiliary terms alone can leave an
+    untied output head out), so DDP looks for them after each backward instead of waiting for them forever.
+    """
     if world.size == 1 or is_sharded(module):
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=not all_used)
 
 
 def shard(root: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
@@ -111,11 +115,24 @@ def gathered(named: Any, world: World) -> dict[str, torch.Tensor]:
     return out
 
 
-def accumulating(module: Any, skip_sync: bool) -> contextlib.AbstractContextManager:
-    """DDP's no_sync on micro-batches before the last: gradients are averaged once per step."""
-    if skip_sync and hasattr(module, "no_sync"):
-        return module.no_sync()
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def accumulating(module: Any, skip_sync: bool) -> Iterator[None]:
+    """Gradients are reduced over the ranks once per step, not once per micro-batch: a micro-batch before the
+    last runs its forward and backward inside DDP's no_sync (which must hold the forward too), or with FSDP2's
+    gradient sync off (each rank then keeps whole gradients of its layers until the last micro-batch)."""
+    if not skip_sync:
+        yield
+    elif is_sharded(module):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    elif hasattr(module, "no_sync"):
+        with module.no_sync():
+            yield
+    else:
+        yield
 
 
 def mean(values: dict[str, float], world: World) -> dict[str, float]:

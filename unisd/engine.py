@@ -94,7 +94,8 @@ class Engine:
         self.dtype = dtype
         self.llm = vllm.LLM(model=str(folder), dtype=str(dtype).removeprefix("torch."), seed=seed,
                             kv_cache_memory_bytes=int(kv_cache_gb * 2**30), max_model_len=max_model_len,
-                            enforce_eager=eager, enable_prefix_caching=True, **options)
+                            enforce_eager=eager, enable_prefix_caching=True,
+                            generation_config="vllm", **options)  # the request's settings only, as in rollout.sample
         self.SamplingParams = vllm.SamplingParams
         # every reload names the layers that own no checkpoint weight (the tied head, rotary caches) as "failed";
         # both are put back as they were and the head is re-tied in `load`, so the line is noise for us

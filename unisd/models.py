@@ -118,6 +118,21 @@ def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float) -> Any:
     return get_peft_model(model, config)
 
 
+@torch.no_grad()
+def bf16_linears(model: PreTrainedModel) -> PreTrainedModel:
+    """Hold every linear layer but the output head in bf16, in place; embeddings, norms and the head stay fp32.
+
+    Under bf16 autocast an fp32 model runs its linear layers on bf16 copies of their weights and everything
+    else in fp32, so a frozen model stored this way computes exactly what the fp32 student computes, at
+    2 bytes for most of its parameters (a whole-bf16 copy would round embeddings, norms and logits too).
+    """
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            module.to(torch.bfloat16)
+    return model
+
+
 def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 

@@ -9,13 +9,14 @@ copying the model's current effective weights into it, and returns the same `Rol
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from unisd.sequences import completion_mask, left_pad
 
@@ -36,6 +37,43 @@ def eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[i
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     return {i for i in ids if i is not None}
+
+
+def _transformers_model(model: Any) -> Any:
+    """The transformers model that owns `generation_config`, under a peft wrapper or a sharded encoder."""
+    from unisd import models
+
+    if not isinstance(model, PreTrainedModel) and not models.is_peft(model):
+        model = model.model  # a sharded encoder (unisd.run.HiddenStates) holds the model it samples with
+    return models.base_model(model)
+
+
+@contextlib.contextmanager
+def only_the_given_settings(model: Any) -> Iterator[None]:
+    """For the call, the model's generation config is blank: `generate` fills every setting it is not given
+    from the model's generation_config.json (Qwen2.5-Instruct ships repetition_penalty 1.05), so without this
+    the samples would follow options no flag of the run names, and vLLM (which ignores that file) would differ."""
+    owner = _transformers_model(model)
+    saved = owner.generation_config
+    owner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        owner.generation_config = saved
+
+
+#: generation_config.json entries that name tokens or the file itself, not how to sample
+NOT_SAMPLING = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
+                "_from_model_config")
+
+
+def ignored_settings(model: Any) -> dict[str, Any]:
+    """The options a model's generation_config.json sets beyond what its config.json implies, all of which
+    `sample` ignores (the run's flags decide)."""
+    owner = _transformers_model(model)
+    implied = GenerationConfig.from_model_config(owner.config).to_dict()
+    stored = owner.generation_config.to_diff_dict()
+    return {k: v for k, v in stored.items() if k not in NOT_SAMPLING and implied.get(k) != v}
 
 
 _shadows: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
@@ -88,8 +126,10 @@ def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
     sharded = distributed.is_sharded(model)
     if sharded:
         extra["synced_gpus"] = True
+    mixed = len({p.dtype for p in sampler.parameters()}) > 1  # bf16 linear layers (models.bf16_linears)
     try:
-        with torch.no_grad() if sharded else torch.inference_mode():
+        with torch.no_grad() if sharded else torch.inference_mode(), only_the_given_settings(sampler), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
             out = sampler.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
                                    temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                                    eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **extra)

@@ -69,11 +69,19 @@ class Run:
         Loaded lazily (never copied from the student, which may already have trained or been restored),
         so a run whose teacher comes from a plugin, such as ema, keeps no unused third copy.
         """
-        if self.initial is None:  # frozen, so --bf16 may hold it in bf16: its forwards compute in bf16 anyway
-            dtype = torch.bfloat16 if self.config.bf16 else torch.float32
-            model = models.load_model(self.config.model, dtype).to(self.world.device)
+        if self.initial is None:
+            model = models.load_model(self.config.model).to(self.world.device)
+            if self.config.bf16:  # frozen: its matmuls may hold bf16 weights, it then computes as the student does
+                models.bf16_linears(model)
             self.initial = model.requires_grad_(False).eval()
         return self.initial
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a step scores with a teacher: a divergence to it, or a plugin that reads its outputs.
+
+        SFT and SSD (--divergence ce) then cost a student forward and backward: no teacher model is loaded."""
+        return self.config.divergence in TEACHER_OBJECTIVES or any(p.needs_teacher for p in self.plugins)
 
     def encoder(self, model: Any) -> "HiddenStates":
         """The module a model's hidden states come from: built once per model, sharded under --fsdp."""
@@ -99,6 +107,9 @@ class Run:
     def sampler(self, model: Any) -> Any:
         """What samples from a model: the model itself, or its sharded encoder (ranks then decode in step)."""
         return self.encoder(model) if self.config.fsdp else model
+
+
+TEACHER_OBJECTIVES = ("fkl", "rkl", "jsd")  # the --divergence values that compare the student with a teacher
 
 
 class AdapterOff:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from unisd import checkpoint, distributed, losses, models, report, tracking
+from unisd import checkpoint, distributed, hardware, losses, models, report, tracking
 from unisd.api import Batch, Outputs, TrainError
 from unisd.config import ConfigError, TrainConfig
 from unisd.data import DataError, load_data
@@ -25,8 +25,8 @@ from unisd.data.prompts import teacher_prompt
 from unisd.hooks import Hooks
 from unisd.plugin import load as load_plugins, settle_objective
 from unisd.rng import rng_state, set_rng_state
-from unisd.rollout import sample
-from unisd.run import AdapterOff, Run, data_order, decoder_owner, order_slice
+from unisd.rollout import ignored_settings, sample
+from unisd.run import TEACHER_OBJECTIVES, AdapterOff, Run, data_order, decoder_owner, order_slice
 from unisd.sequences import pack, render
 
 __all__ = ["TrainError", "data_order", "forward", "make_batch", "prepare", "step", "train"]
@@ -51,25 +51,32 @@ def _autocast(run: Run) -> torch.autocast:
 
 
 def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
-    """Student forward (grad) and one batched no-grad forward of every teacher view on the same completion."""
+    """Student forward (grad) and one batched no-grad forward of every teacher view on the same completion.
+
+    `teacher` None (the objective and the plugins need none, `Run.needs_teacher`): the student's forward alone.
+    """
     assert batch.tokens is not None and batch.mask is not None
     pad = run.tokenizer.pad_token_id
     tok = lambda view: [render(run.tokenizer, p) for p in batch.prompts[view]]  # noqa: E731
-    no_grad_views = [v for v in batch.prompts if v != "student"]  # "teacher" first, then plugin views
     with _autocast(run):
         student_h = _hidden(run.student_hidden, tok("student"), batch, pad)
+    where = batch.mask.bool()
+    tokens = batch.tokens[where]
+    student_head = decoder_owner(run.student).get_output_embeddings()
+    c = run.config
+    if teacher is None:
+        lp_student = losses.student_logprobs_in_chunks(student_head, student_h[where], tokens)
+        per_token = _scatter(lp_student, where)
+        return Outputs(batch, batch.mask, losses.objective(c.divergence, torch.zeros_like(per_token), per_token),
+                       {"student": per_token}, {"student": student_h})
+    no_grad_views = [v for v in batch.prompts if v != "student"]  # "teacher" first, then plugin views
     with torch.no_grad(), _autocast(run):
         stacked = _hidden(run.encoder(teacher), sum((tok(v) for v in no_grad_views), []), batch, pad)
     B = batch.tokens.shape[0]
     view_h = {v: stacked[i * B:(i + 1) * B] for i, v in enumerate(no_grad_views)}
-
-    where = batch.mask.bool()
-    tokens = batch.tokens[where]
-    student_head = decoder_owner(run.student).get_output_embeddings()
     teacher_head = decoder_owner(teacher).get_output_embeddings()
-    c = run.config
     # ce and none need no divergence; the chunked pass still gives the log-probs (forward KL, then unused)
-    divergence = losses.pick(c.divergence if c.divergence in ("fkl", "rkl", "jsd") else "fkl", c.alpha)
+    divergence = losses.pick(c.divergence if c.divergence in TEACHER_OBJECTIVES else "fkl", c.alpha)
     D, lp_student, lp_teacher = losses.distill_in_chunks(
         student_head, student_h[where], teacher_head, view_h["teacher"][where], tokens, divergence, c.loss_temperature)
     logps = {"student": lp_student, "teacher": lp_teacher}
@@ -126,19 +133,19 @@ def step(run: Run) -> dict[str, float]:
             batch.mask = batch.mask * (~rollout.truncated).to(device, batch.mask.dtype)[:, None]
         t1 = time.perf_counter()
         batch.prompts.update(hooks.views(batch))
-        out = forward(run, batch, hooks.teacher(run) or run.teacher)
-        D = hooks.token_loss(out.divergence, out)
-        w = hooks.weights(out)
-        numerator, denominator = losses.weighted_sums(D, out.mask, w)
-        # the denominator of the whole global batch: DDP's average over ranks then equals one process
-        distill = numerator * run.world.size / distributed.total(denominator, run.world).clamp_min(1e-12)
-        aux = hooks.aux_losses(out)
-        loss = distill + sum(aux.values())
-        for name, term in aux.items():  # how much each auxiliary term acts: its share of the loss
-            out.metrics[f"{name}/share"] = float(term.detach() / loss.detach()) if float(loss.detach()) else 0.0
-        t2 = time.perf_counter()
-        last = micro == c.grad_accum - 1
-        with distributed.accumulating(run.student_hidden, skip_sync=not last):
+        # gradients are reduced over the ranks once per step: DDP's no_sync must hold the forward too
+        with distributed.accumulating(run.student_hidden, skip_sync=micro < c.grad_accum - 1):
+            out = forward(run, batch, (hooks.teacher(run) or run.teacher) if run.needs_teacher else None)
+            D = hooks.token_loss(out.divergence, out)
+            w = hooks.weights(out)
+            numerator, denominator = losses.weighted_sums(D, out.mask, w)
+            # the denominator of the whole global batch: DDP's average over ranks then equals one process
+            distill = numerator * run.world.size / distributed.total(denominator, run.world).clamp_min(1e-12)
+            aux = hooks.aux_losses(out)
+            loss = distill + sum(aux.values())
+            for name, term in aux.items():  # how much each auxiliary term acts: its share of the loss
+                out.metrics[f"{name}/share"] = float(term.detach() / loss.detach()) if float(loss.detach()) else 0.0
+            t2 = time.perf_counter()
             if not loss.requires_grad:  # no token counts here (e.g. every completion masked): still join
                 loss = loss + _zero_through_student(run, out)  # the other ranks' gradient reduction
             (loss / c.grad_accum).backward()
@@ -189,6 +196,7 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
         raise ConfigError("--fsdp shards over several processes: launch with torchrun --nproc_per_node N")
     torch.manual_seed(config.seed + world.rank)  # ranks sample different completions
     student = models.load_model(config.model).to(world.device)
+    _say_what_differs(config, student, world, echo)
     # recompute each layer's activations in backward: a step's memory then barely grows with length
     # (measured on CPU: -0.5 GB peak, +8% step time at batch 4 x 192 tokens); on CUDA activations dominate
     if hasattr(student, "activation_checkpointing_enable"):  # the name since transformers 5.x deprecated the old one
@@ -206,13 +214,26 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     if world.size > 1:  # every rank joins the engines' start together, not only a rank that samples first
         run.engine  # noqa: B018
     hooks.setup(run)  # before sharding: setup may copy the student or sample from it
-    run.student_hidden = distributed.wrap(run.encoder(student), world)
+    # with no per-token objective (--divergence none) only the auxiliary terms decide which weights get a gradient
+    run.student_hidden = distributed.wrap(run.encoder(student), world, all_used=config.divergence != "none")
     params = [p for p in student.parameters() if p.requires_grad]
     # fused: one kernel over all tensors, no foreach temporaries (6x faster on CPU for 135M weights)
     run.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     run.scheduler = get_cosine_schedule_with_warmup(run.optimizer, int(config.warmup_ratio * run.total_steps),
                                                     run.total_steps)
     return run
+
+
+def _say_what_differs(config: TrainConfig, student: Any, world: Any, echo: Callable[[str], None]) -> None:
+    """Once, before training: what the run will not do as the model or flags might suggest."""
+    ignored = ignored_settings(student)
+    if ignored:
+        listed = ", ".join(f"{k}={v}" for k, v in sorted(ignored.items()))
+        echo(f"note: sampling follows the run's flags (--temperature, --top-p, --top-k); the model's "
+             f"generation_config.json options {listed} are ignored")
+    if config.bf16 and world.device.type == "cpu" and not hardware.fast_bf16_cpu():
+        echo("warning: this CPU has no native bf16 (no AVX512-BF16 or AMX flag), so --bf16 is emulated and "
+             "several times slower than fp32 here; drop --bf16")
 
 
 def _fitting(run: Run, echo: Callable[[str], None]) -> list[int]:
