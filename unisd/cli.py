@@ -47,17 +47,31 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
 @click.option("--report-to", default="none", show_default=True, metavar="none|tensorboard|wandb|trackio|mlflow",
               help="Comma-separated trackers that also get each step's metrics and the configuration.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the estimated memory per device (from the model's config: no weight is loaded) and stop.")
+@click.option("--device-memory-gb", type=POSITIVE, default=None,
+              help="With --dry-run: say whether the run fits devices of this size, and which flag would make it fit.")
+@click.option("--world-size", type=AT_LEAST_1, default=None,
+              help="With --dry-run: the number of processes to estimate for [$WORLD_SIZE or 1].")
 @errors_are_one_line
 def train(model: str, data: str, out: str, plugins: str, preset: str, options: tuple[str, ...],
-          resume: bool, extend: bool, overwrite: bool, report_to: str, **settings: Any) -> None:
+          resume: bool, extend: bool, overwrite: bool, report_to: str, dry_run: bool, device_memory_gb: float | None,
+          world_size: int | None, **settings: Any) -> None:
     """Train a student by on-policy self-distillation and write the final model to --out."""
     if extend and not resume:
         raise cfg.ConfigError("--extend continues a run: use it with --resume")
+    if (device_memory_gb is not None or world_size is not None) and not dry_run:
+        raise cfg.ConfigError("--device-memory-gb and --world-size describe a planned run: use them with --dry-run")
     names = tuple(n.strip() for n in plugins.split(",") if n.strip())
     config = cfg.resolve(preset, names, parse_overrides(options), model=model, data=data, out=out, **settings)
     if config.plugins:  # a plugin that stands for an objective (nll: ce) must not meet a --divergence that differs
         config = settle_objective(config, load(list(config.plugins), config.options),
                                   cfg.divergence_given(preset, settings))
+    if dry_run:
+        from unisd import memory
+
+        click.echo(memory.report(config, world_size or int(os.environ.get("WORLD_SIZE", "1")), device_memory_gb))
+        return
     trackers = tracking.parse(report_to)
     from unisd.train import train as run_training  # torch and transformers: only once the flags are sound
     final = run_training(config, resume=resume, overwrite=overwrite, echo=lambda m: click.echo(m, err=True),

@@ -1,0 +1,135 @@
+"""How much memory a run needs on each device, estimated from the model's config alone (`unisd train --dry-run`).
+
+The model is built on the meta device, so its parameters are counted exactly without loading a weight;
+what each part of a run holds then follows from the flags: fp32 master weights, gradients and AdamW state
+for what trains (sharded over the ranks under --fsdp), the frozen teacher, the EMA average and its bf16
+scorer, the sampling copy or the vLLM engine with its KV cache, and activations (an estimate: each layer's
+input is kept for the recomputation that gradient checkpointing does in backward).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from unisd import models
+from unisd.config import ConfigError, TrainConfig
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs to know of a model: parameter counts by kind, and its sizes."""
+
+    params: int            # every parameter, once (a tied head counted with the embedding)
+    linear: int            # parameters of the linear layers other than the output head
+    lora: int              # parameters a LoRA adapter on the targeted linear layers adds (per rank r)
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+
+def shape_of(config: TrainConfig) -> Shape:
+    """Count the model's parameters on the meta device: no weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(models.resolve(config.model))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    head = model.get_output_embeddings()
+    targets = getattr(config, "lora_targets", "all-linear")
+    wanted = None if targets == "all-linear" else {t.strip() for t in str(targets).split(",")}
+    linear = lora = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            linear += module.weight.numel()
+            if wanted is None or name.rsplit(".", 1)[-1] in wanted:
+                lora += module.in_features + module.out_features
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return Shape(sum(p.numel() for p in model.parameters()), linear, lora, text.hidden_size,
+                 getattr(text, "intermediate_size", 4 * text.hidden_size), text.num_hidden_layers, text.vocab_size)
+
+
+def _needs(config: TrainConfig) -> tuple[bool, bool]:
+    """(a frozen teacher copy, an EMA teacher) as the plugins and the objective ask for them (`Run.needs_teacher`)."""
+    from unisd.plugin import load, settle_objective
+    from unisd.run import TEACHER_OBJECTIVES
+
+    plugins = load(list(config.plugins), config.options)
+    config = settle_objective(config, plugins)
+    reads = config.divergence in TEACHER_OBJECTIVES or any(p.needs_teacher for p in plugins)
+    samples_base = any(getattr(p.config, "source", None) == "base" for p in plugins if p.name == "mix")
+    ema = "ema" in config.plugins
+    return (reads or samples_base) and not ema, ema
+
+
+def estimate(config: TrainConfig, shape: Shape, world_size: int) -> dict[str, float]:
+    """Bytes per device of each part of the run, by name (zero-sized parts left out)."""
+    shard = world_size if config.fsdp else 1
+    P = shape.params
+    trainable = config.lora_r * shape.lora if config.lora else P
+    frozen_copy, ema = _needs(config)
+    bf16_copy = 2 * shape.linear + 4 * (P - shape.linear)  # models.bf16_linears
+    parts = {
+        "student weights (fp32)": 4 * P / shard + (4 * trainable if config.lora else 0),
+        "gradients (fp32)": 4 * trainable / shard,
+        "AdamW state (fp32)": 8 * trainable / shard,
+        # under LoRA the frozen teacher is the student with its adapter off: no copy
+        "frozen teacher": (bf16_copy if config.bf16 else 4 * P) / shard if frozen_copy and not config.lora else 0,
+        "EMA teacher": (4 * P + (bf16_copy if config.bf16 else 0)) / shard if ema else 0,
+    }
+    if config.rollout == "vllm":
+        dtype_bytes = 2 if config.bf16 or torch.cuda.is_available() else 4
+        parts["vLLM engine (weights + KV cache)"] = dtype_bytes * P + config.rollout_kv_cache_gb * 2**30
+    elif config.bf16:
+        parts["bf16 sampling copy"] = 2 * P
+    length = config.max_prompt_tokens + config.max_new_tokens
+    tokens = config.batch_size * length
+    kept = 4 * tokens * shape.hidden * shape.layers              # each layer's input, for the recomputation
+    one_layer = 4 * tokens * (6 * shape.hidden + 3 * shape.intermediate)
+    vocab_chunks = 3 * 4 * 512 * shape.vocab                     # losses.distill_in_chunks: 512 positions at a time
+    parts["activations (estimate)"] = kept + one_layer + vocab_chunks
+    return {k: float(v) for k, v in parts.items() if v}
+
+
+def report(config: TrainConfig, world_size: int, device_gb: float | None) -> str:
+    """The table `--dry-run` prints; with `device_gb`, whether it fits and which flag would make it fit."""
+    shape = shape_of(config)
+    parts = estimate(config, shape, world_size)
+    total = sum(parts.values())
+    lines = [f"{config.model}: {shape.params / 1e9:.3g} B parameters ({shape.layers} layers, hidden {shape.hidden}, "
+             f"vocabulary {shape.vocab}); {world_size} process{'es' if world_size > 1 else ''}"
+             f"{', sharded (--fsdp)' if config.fsdp else ''}; per device:"]
+    width = max(len(k) for k in parts)
+    lines += [f"  {k:<{width}}  {v / GB:8.2f} GB" for k, v in parts.items()]
+    lines.append(f"  {'total':<{width}}  {total / GB:8.2f} GB")
+    if device_gb is not None:
+        if total <= device_gb * GB:
+            lines.append(f"fits in {device_gb:g} GB per device")
+        else:
+            lines.append(f"does not fit in {device_gb:g} GB per device: {_advice(config, shape, world_size, device_gb)}")
+    return "\n".join(lines)
+
+
+def _advice(config: TrainConfig, shape: Shape, world_size: int, device_gb: float) -> str:
+    """The first change of flags (in the order a user would try them) whose estimate fits."""
+    tries: list[tuple[str, dict[str, Any]]] = []
+    if not config.lora:
+        tries.append(("add --lora", {"lora": True}))
+    if world_size > 1 and not config.fsdp and not config.lora:
+        tries.append(("add --fsdp", {"fsdp": True}))
+    if config.batch_size > 1:
+        tries.append((f"use --batch-size 1 with --grad-accum {config.grad_accum * config.batch_size}",
+                      {"batch_size": 1, "grad_accum": config.grad_accum * config.batch_size}))
+    for advice, change in tries:
+        try:
+            changed = dataclasses.replace(config, **change)
+        except ConfigError:  # a combination this unisd refuses is no advice
+            continue
+        if sum(estimate(changed, shape, world_size).values()) <= device_gb * GB:
+            return advice
+    return "no single flag makes it fit: use more devices with --fsdp, or a smaller model"
