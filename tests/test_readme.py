@@ -77,7 +77,8 @@ def test_unisd_command_parses_with_every_option(args, tmp_path, monkeypatch):
         params = command.make_context(name, rest, parent=ctx).params
     if name == "train":  # the preset, the plugins and every -o option resolve and type-check
         names = tuple(n for n in params["plugins"].split(",") if n)
-        run_only = ("plugins", "preset", "options", "resume", "overwrite", "extend", "report_to")
+        run_only = ("plugins", "preset", "options", "resume", "overwrite", "extend", "report_to", "dry_run",
+                    "device_memory_gb", "world_size")
         settings = {k: v for k, v in params.items() if k not in run_only}
         config = cfg.resolve(params["preset"], names, plugin.parse_overrides(params["options"]), **settings)
         plugin.load(list(config.plugins), config.options)
