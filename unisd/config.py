@@ -73,10 +73,14 @@ class TrainConfig:
     max_bad_steps: int = flag(3, "Stop after this many non-finite steps in a row.", low=1)
     save_every: int = flag(0, "Checkpoint every N steps (0: only at the end).", low=0)
     keep_checkpoints: int = 2
-    lora: bool = flag(False, "Train a LoRA adapter (r 64, alpha 128) instead of all weights.")
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.05
+    # LoRA (issue 28)
+    lora: bool = flag(False, "Train a LoRA adapter instead of all weights; --out holds the merged model and, in "
+                             "adapter/, the adapter in peft's format.")
+    lora_r: int = flag(64, "LoRA rank.", low=1)
+    lora_alpha: int = flag(128, "LoRA scale numerator: the update is scaled by alpha / r.", low=1)
+    lora_dropout: float = flag(0.05, "Dropout on the adapter's input.", low=0, high=1, high_open=True)
+    lora_targets: str = flag("all-linear", "Comma-separated module names the adapter wraps (e.g. q_proj,v_proj), or "
+                                           "all-linear: every linear layer but the output head.")
     fsdp: bool = flag(False, "Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
 
     def __post_init__(self) -> None:

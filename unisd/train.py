@@ -196,7 +196,7 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     else:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
-        student = models.add_lora(student, config.lora_r, config.lora_alpha, config.lora_dropout)
+        student = models.add_lora(student, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
     student.train()
     run = Run(config, student, tokenizer, examples, hooks, world, Path(config.out),
               initial=AdapterOff(student) if config.lora else None)
