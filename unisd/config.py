@@ -1,6 +1,7 @@
 """The run configuration: one frozen dataclass and the presets (`-o plugin.key=value`: unisd.plugin).
 
-Precedence, lowest first: TrainConfig defaults < preset < command-line flags and -o overrides.
+Precedence, lowest first: TrainConfig defaults < preset < a --config file (unisd.config_file) < command-line
+flags and -o overrides.
 """
 from __future__ import annotations
 
@@ -257,9 +258,13 @@ def divergence_given(preset: str, settings: Mapping[str, Any]) -> bool:
     return chosen or (preset in PRESETS and "divergence" in PRESETS[preset].settings)
 
 
-def resolve(preset: str, plugins: tuple[str, ...], overrides: Mapping[str, Mapping[str, str]],
-            **settings: Any) -> TrainConfig:
-    """Merge defaults, a preset and explicit settings (None means 'not given') into a TrainConfig."""
+def resolve(preset: str, plugins: tuple[str, ...], overrides: Mapping[str, Mapping[str, Any]],
+            file: Mapping[str, Any] | None = None, **settings: Any) -> TrainConfig:
+    """Merge defaults, a preset, a config file's settings (`unisd.config_file.load`) and explicit settings
+    (None means 'not given') into a TrainConfig. The file may name the preset and the plugins; given ones win."""
+    given = dict(file or {})
+    file_preset, file_plugins, file_options = given.pop("preset", ""), given.pop("plugins", ()), given.pop("options", {})
+    preset, plugins = preset or file_preset, plugins or tuple(file_plugins)
     base: dict[str, Any] = {}
     options: dict[str, dict[str, Any]] = {}
     chosen = plugins
@@ -270,9 +275,14 @@ def resolve(preset: str, plugins: tuple[str, ...], overrides: Mapping[str, Mappi
         base.update(p.settings)
         options = {k: dict(v) for k, v in p.options.items()}
         chosen = tuple(dict.fromkeys(p.plugins + plugins))  # preset plugins first, extra ones appended
-    for plugin, opts in overrides.items():
-        options.setdefault(plugin, {}).update(opts)
+    for layer in (file_options, overrides):
+        for plugin, opts in layer.items():
+            options.setdefault(plugin, {}).update(opts)
+    base.update(given)
     base.update({k: v for k, v in settings.items() if v is not None})
+    for required in ("model", "data", "out"):
+        if not base.get(required):
+            raise ConfigError(f"--{required} is missing: give it on the command line or in the --config file")
     try:
         return TrainConfig(plugins=chosen, options=options, preset=preset, **base)
     except TypeError as e:

@@ -17,6 +17,8 @@ import click
 from unisd import config as cfg
 
 EXAMPLE = "Example:\n\n\b\n    {}"
+CONFIG_HELP = ("A YAML or JSON file of settings: any trainer flag (batch_size: 8), plugins, preset, options "
+               "(plugin -> option -> value), model, data, out; flags given here win. A run's unisd.json repeats that run.")
 
 
 def fail(message: str) -> None:
