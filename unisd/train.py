@@ -19,6 +19,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from unisd import checkpoint, distributed, losses, models, report, tracking
 from unisd.api import Batch, Outputs, TrainError
+from unisd.callable_module import make_callable
 from unisd.config import ConfigError, TrainConfig
 from unisd.data import DataError, load_data
 from unisd.data.prompts import teacher_prompt
@@ -318,3 +319,6 @@ class _StopOnSignal(contextlib.AbstractContextManager):
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+make_callable(__name__)  # the library's `from unisd import train; train(config)` is `train` above
