@@ -168,3 +168,21 @@ def test_ablate_refuses_a_preset_in_its_config_file(tmp_path: Path) -> None:
     path = _write(tmp_path, {"model": "m", "data": "d", "out": "o", "preset": "sdft"})
     result = CliRunner().invoke(main, ["ablate", "--config", str(path), "--eval-tasks", "t"])
     assert result.exit_code == 2 and "preset: unisd ablate compares presets through --combos" in result.output
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("ema.beta", 1, 1.0), ("ema.every", 3, 3), ("agree.level", "sequence", "sequence"),
+    ("ema.every", True, "expected int"), ("ema.beta", "0.5", 0.5), ("ema.beta", [1], "expected float"),
+    ("agree.level", 3, "expected str"), ("ema.every", 2.0, "expected int"),
+])
+def test_option_values_from_a_file_keep_the_options_types(option: str, value, expected) -> None:
+    from unisd.plugin import PluginError, configure, discover
+
+    plugin, key = option.split(".")
+    cls = discover()[plugin].cls
+    if isinstance(expected, str) and expected.startswith("expected"):
+        with pytest.raises(PluginError, match=f"{option}=.*: {expected}"):
+            configure(cls, {key: value}, plugin)
+    else:
+        got = getattr(configure(cls, {key: value}, plugin), key)
+        assert got == expected and type(got) is type(expected)
