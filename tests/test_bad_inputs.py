@@ -91,7 +91,7 @@ TABLE = [
     # click's types: refused before torch is imported
     *[(case, train("{model}", "{good}", "{out}", *flags.split()), fragment)
       for case, flags, fragment in (row.split(" | ") for row in FLAG_CASES.strip().splitlines())],
-    ("missing-out", ["train", "--model", "{model}", "--data", "{good}"], "Missing option '--out'"),
+    ("missing-out", ["train", "--model", "{model}", "--data", "{good}"], "error: --out is missing"),
     ("unknown-command", ["trian", "--model", "{model}"], "No such command 'trian'"),
     ("eval-limit-0", ["eval", "--model", "a={model}", "--limit", "0", "--out", "{out}"], "'--limit': 0 is not in the range"),
     # the configuration: still before torch

@@ -19,12 +19,13 @@ from typing import Any, Callable, Mapping
 
 import click
 
+from unisd import config_file as config_files
 from unisd import tracking
 from unisd.ablation_plan import (Planned, configs, describe_plan, finished, measured_sec_per_unit, parse_grid, plan,
                                  validate)
 from unisd.ablation_report import write_outputs
 from unisd.config import ConfigError, TrainConfig
-from unisd.flags import errors_are_one_line, trainer_flags
+from unisd.flags import CONFIG_HELP, errors_are_one_line, trainer_flags
 from unisd.plugin import parse_overrides
 
 
@@ -122,14 +123,24 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
                          {n: e["items"] for n, e in evals.items()}, {n: e["answers"] for n, e in evals.items()})
 
 
+def _required(key: str, given: str | None, in_file: str | None) -> str:
+    """A setting the flag gives, else the --config file."""
+    value = given or in_file
+    if not value:
+        raise ConfigError(f"--{key} is missing: give it on the command line or in the --config file")
+    return value
+
+
 # ---- command line -----------------------------------------------------------------------------------
 
 @click.command(name="ablate", epilog="Example:\n\n\b\n    unisd ablate --model smollm2-135m --data train.jsonl "
                "--plugins ema,agree,clip --combos pairs --grid agree.k=2,3,5 --eval-tasks unisd_cose "
                "--out abl/")
-@click.option("--model", required=True, help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")
-@click.option("--data", required=True, help="Benchmark name or a JSONL file; every run trains on it in the same order.")
-@click.option("--out", required=True, help="Folder: runs/, evals/, results.json, table.md, *.png.")
+@click.option("--config", "config_file", default=None, metavar="FILE", help=CONFIG_HELP + " Its plugins are the "
+              "components and its options apply to every run that uses the plugin; a preset is refused (use --combos).")
+@click.option("--model", default=None, help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")
+@click.option("--data", default=None, help="Benchmark name or a JSONL file; every run trains on it in the same order.")
+@click.option("--out", default=None, help="Folder: runs/, evals/, results.json, table.md, *.png.")
 @click.option("--plugins", default="", help="Comma-separated components (any installed plugin).")
 @click.option("--combos", default="singles", show_default=True,
               help="singles | pairs | all, or a comma list of presets and a+b combinations.")
@@ -152,16 +163,27 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
 @click.option("--report-to", default="none", show_default=True, metavar="none|tensorboard|wandb|trackio|mlflow",
               help="Comma-separated trackers that get every run's metrics and configuration.")
 @errors_are_one_line
-def ablate_command(model: str, data: str, out: str, plugins: str, combos: str, grid: tuple[str, ...],
-                   baselines: str, options: tuple[str, ...], eval_tasks: str, eval_limit: int | None,
-                   eval_batch_size: int, eval_max_gen_toks: int | None, include: tuple[str, ...],
-                   no_base: bool, dry_run: bool,
+def ablate_command(config_file: str | None, model: str | None, data: str | None, out: str | None, plugins: str,
+                   combos: str, grid: tuple[str, ...], baselines: str, options: tuple[str, ...], eval_tasks: str,
+                   eval_limit: int | None, eval_batch_size: int, eval_max_gen_toks: int | None,
+                   include: tuple[str, ...], no_base: bool, dry_run: bool,
                    sec_per_step: float | None, report_to: str, **settings: Any) -> None:
     """Train plain SD, each component, their combinations and option grids alike; score and compare them."""
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
-    result = ablate(model, data, Path(out), split(plugins), combos, grid, split(baselines),
-                    parse_overrides(options), list(split(eval_tasks)), eval_limit, list(include),
+    file = config_files.load(config_file) if config_file else {}
+    if file.get("preset"):
+        raise ConfigError(f"{config_file}: preset: unisd ablate compares presets through --combos or --baselines")
+    overrides = {p: dict(o) for p, o in file.pop("options", {}).items()}
+    for plugin, opts in parse_overrides(options).items():  # -o wins over the file
+        overrides.setdefault(plugin, {}).update(opts)
+    components = split(plugins) or file.pop("plugins", ())
+    file.pop("plugins", None), file.pop("preset", None)
+    model, data, out = (_required(key, given, file.pop(key, None))
+                        for key, given in (("model", model), ("data", data), ("out", out)))
+    settings = {**file, **{k: v for k, v in settings.items() if v is not None}}  # flags win over the file
+    result = ablate(model, data, Path(out), components, combos, grid, split(baselines),
+                    overrides, list(split(eval_tasks)), eval_limit, list(include),
                     eval_batch_size, not no_base, dry_run, sec_per_step, echo, click.echo,
                     eval_max_gen_toks=eval_max_gen_toks, report_to=tracking.parse(report_to), **settings)
     if result is not None:

@@ -12,9 +12,10 @@ from typing import Any
 import click
 
 from unisd import config as cfg
+from unisd import config_file as config_files
 from unisd import tracking
 from unisd.ablate import ablate_command
-from unisd.flags import AT_LEAST_1, EXAMPLE, POSITIVE, OneLineGroup, errors_are_one_line, fail, trainer_flags
+from unisd.flags import AT_LEAST_1, CONFIG_HELP, EXAMPLE, POSITIVE, OneLineGroup, errors_are_one_line, fail, trainer_flags
 from unisd.plugin import discover, load, parse_overrides, settle_objective
 
 @click.group(cls=OneLineGroup,
@@ -29,10 +30,11 @@ def main() -> None:
 
 @main.command(epilog=EXAMPLE.format(
     "unisd train --model smollm2-135m --data train.jsonl --plugins ema,clip -o clip.max=5 --out runs/x"))
-@click.option("--model", required=True, help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")
-@click.option("--data", required=True,
+@click.option("--config", "config_file", default=None, metavar="FILE", help=CONFIG_HELP)
+@click.option("--model", default=None, help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")
+@click.option("--data", default=None,
               help="Benchmark name (mbpp, cos_e, ...) or a JSONL file of prompt/answer[/rationale] rows.")
-@click.option("--out", required=True, help="Output folder: final model, checkpoints/, metrics.jsonl.")
+@click.option("--out", default=None, help="Output folder: final model, checkpoints/, metrics.jsonl.")
 @click.option("--plugins", default="",
               help="Comma-separated mechanisms, applied in this order (e.g. ema,agree,clip).")
 @click.option("--preset", default="", help="A named configuration (see `unisd presets`); flags given here win.")
@@ -54,19 +56,20 @@ def main() -> None:
 @click.option("--world-size", type=AT_LEAST_1, default=None,
               help="With --dry-run: the number of processes to estimate for [$WORLD_SIZE or 1].")
 @errors_are_one_line
-def train(model: str, data: str, out: str, plugins: str, preset: str, options: tuple[str, ...],
-          resume: bool, extend: bool, overwrite: bool, report_to: str, dry_run: bool, device_memory_gb: float | None,
-          world_size: int | None, **settings: Any) -> None:
+def train(config_file: str | None, model: str | None, data: str | None, out: str | None, plugins: str, preset: str,
+          options: tuple[str, ...], resume: bool, extend: bool, overwrite: bool, report_to: str, dry_run: bool,
+          device_memory_gb: float | None, world_size: int | None, **settings: Any) -> None:
     """Train a student by on-policy self-distillation and write the final model to --out."""
     if extend and not resume:
         raise cfg.ConfigError("--extend continues a run: use it with --resume")
     if (device_memory_gb is not None or world_size is not None) and not dry_run:
         raise cfg.ConfigError("--device-memory-gb and --world-size describe a planned run: use them with --dry-run")
     names = tuple(n.strip() for n in plugins.split(",") if n.strip())
-    config = cfg.resolve(preset, names, parse_overrides(options), model=model, data=data, out=out, **settings)
+    file = config_files.load(config_file) if config_file else {}
+    config = cfg.resolve(preset, names, parse_overrides(options), file, model=model, data=data, out=out, **settings)
     if config.plugins:  # a plugin that stands for an objective (nll: ce) must not meet a --divergence that differs
         config = settle_objective(config, load(list(config.plugins), config.options),
-                                  cfg.divergence_given(preset, settings))
+                                  cfg.divergence_given(config.preset, settings) or "divergence" in file)
     if dry_run:
         from unisd import memory
 

@@ -1,6 +1,7 @@
 """The run configuration: one frozen dataclass and the presets (`-o plugin.key=value`: unisd.plugin).
 
-Precedence, lowest first: TrainConfig defaults < preset < command-line flags and -o overrides.
+Precedence, lowest first: TrainConfig defaults < preset < a --config file (unisd.config_file) < command-line
+flags and -o overrides.
 """
 from __future__ import annotations
 
@@ -73,10 +74,14 @@ class TrainConfig:
     max_bad_steps: int = flag(3, "Stop after this many non-finite steps in a row.", low=1)
     save_every: int = flag(0, "Checkpoint every N steps (0: only at the end).", low=0)
     keep_checkpoints: int = 2
-    lora: bool = flag(False, "Train a LoRA adapter (r 64, alpha 128) instead of all weights.")
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.05
+    # LoRA (issue 28)
+    lora: bool = flag(False, "Train a LoRA adapter instead of all weights; --out holds the merged model and, in "
+                             "adapter/, the adapter in peft's format.")
+    lora_r: int = flag(64, "LoRA rank.", low=1)
+    lora_alpha: int = flag(128, "LoRA scale numerator: the update is scaled by alpha / r.", low=1)
+    lora_dropout: float = flag(0.05, "Dropout on the adapter's input.", low=0, high=1, high_open=True)
+    lora_targets: str = flag("all-linear", "Comma-separated module names the adapter wraps (e.g. q_proj,v_proj), or "
+                                           "all-linear: every linear layer but the output head.")
     fsdp: bool = flag(False, "Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
 
     def __post_init__(self) -> None:
@@ -253,9 +258,13 @@ def divergence_given(preset: str, settings: Mapping[str, Any]) -> bool:
     return chosen or (preset in PRESETS and "divergence" in PRESETS[preset].settings)
 
 
-def resolve(preset: str, plugins: tuple[str, ...], overrides: Mapping[str, Mapping[str, str]],
-            **settings: Any) -> TrainConfig:
-    """Merge defaults, a preset and explicit settings (None means 'not given') into a TrainConfig."""
+def resolve(preset: str, plugins: tuple[str, ...], overrides: Mapping[str, Mapping[str, Any]],
+            file: Mapping[str, Any] | None = None, **settings: Any) -> TrainConfig:
+    """Merge defaults, a preset, a config file's settings (`unisd.config_file.load`) and explicit settings
+    (None means 'not given') into a TrainConfig. The file may name the preset and the plugins; given ones win."""
+    given = dict(file or {})
+    file_preset, file_plugins, file_options = given.pop("preset", ""), given.pop("plugins", ()), given.pop("options", {})
+    preset, plugins = preset or file_preset, plugins or tuple(file_plugins)
     base: dict[str, Any] = {}
     options: dict[str, dict[str, Any]] = {}
     chosen = plugins
@@ -266,9 +275,14 @@ def resolve(preset: str, plugins: tuple[str, ...], overrides: Mapping[str, Mappi
         base.update(p.settings)
         options = {k: dict(v) for k, v in p.options.items()}
         chosen = tuple(dict.fromkeys(p.plugins + plugins))  # preset plugins first, extra ones appended
-    for plugin, opts in overrides.items():
-        options.setdefault(plugin, {}).update(opts)
+    for layer in (file_options, overrides):
+        for plugin, opts in layer.items():
+            options.setdefault(plugin, {}).update(opts)
+    base.update(given)
     base.update({k: v for k, v in settings.items() if v is not None})
+    for required in ("model", "data", "out"):
+        if not base.get(required):
+            raise ConfigError(f"--{required} is missing: give it on the command line or in the --config file")
     try:
         return TrainConfig(plugins=chosen, options=options, preset=preset, **base)
     except TypeError as e:

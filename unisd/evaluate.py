@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from unisd import models, stats
+from unisd.callable_module import make_callable
 from unisd.data import Example
 from unisd.data.prompts import demonstration
 from unisd.data.scoring import extract_letter, is_multiple_choice
@@ -342,17 +343,21 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     return add_uncertainty(merged)
 
 
-def evaluate(checkpoints: dict[str, str], tasks: list[str], out: Path, limit: int | None = None,
+def evaluate(checkpoints: dict[str, str], tasks: list[str], out: str | Path, limit: int | None = None,
              include: list[str] | None = None, base: str | None = None, batch_size: int = 4,
              echo: Callable[[str], None] = print, max_gen_toks: int | None = None,
              backend: str = "hf", retention_documents: int | None = None) -> dict[str, Any]:
     """Score every checkpoint, write out/<name>/results.json, out/results.json, out/table.md, out/scores.png.
+
+    `checkpoints` maps a name to a model (a run's folder, a Hub id); `tasks` are lm-eval tasks or groups (unisd's
+    own: `unisd tasks-path`). Returns the combined results: scores, 95% intervals (ci95), paired tests, answers.
 
     With `base`, retention is measured on each task's first `retention_documents` items (all by default):
     on a CPU its two full forwards per item can cost more than the generation itself.
     """
     from unisd import card, report
 
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     combined: dict[str, Any] = {"tasks": tasks, "limit": limit, "seed": SEED, "max_gen_toks": max_gen_toks,
                                 "gen_toks": {}, "runs": {n: run_info(p) for n, p in checkpoints.items()},
@@ -385,3 +390,6 @@ def evaluate(checkpoints: dict[str, str], tasks: list[str], out: Path, limit: in
         if (Path(path) / "unisd.json").is_file():
             card.write_results(Path(path), combined, name)
     return combined
+
+
+make_callable(__name__)  # the library's `from unisd import evaluate; evaluate(...)` is `evaluate` above

@@ -17,6 +17,8 @@ import click
 from unisd import config as cfg
 
 EXAMPLE = "Example:\n\n\b\n    {}"
+CONFIG_HELP = ("A YAML or JSON file of settings: any trainer flag (batch_size: 8), plugins, preset, options "
+               "(plugin -> option -> value), model, data, out; flags given here win. A run's unisd.json repeats that run.")
 
 
 def fail(message: str) -> None:
@@ -41,9 +43,12 @@ AT_LEAST_1 = click.IntRange(min=1)
 AT_LEAST_0 = click.IntRange(min=0)
 
 
-def _click_type(kind: str, spec: cfg.Flag) -> click.ParamType:
+def click_type(kind: str, spec: cfg.Flag) -> click.ParamType:
+    """The click type of a flag field (`kind`: its annotation): choices, a bounded number, or free text."""
     if spec.choices:
         return click.Choice(spec.choices)
+    if kind == "str":
+        return click.STRING
     if kind == "int":
         low, high = (None if x is None else int(x) for x in (spec.low, spec.high))
         return click.IntRange(min=low, max=high, min_open=spec.low_open, max_open=spec.high_open)
@@ -61,7 +66,7 @@ def trainer_flags(command: Callable[..., Any]) -> Callable[..., Any]:
             command = click.option(name, is_flag=True, default=None, help=spec.help)(command)
             continue
         shown = f" [{f.default}]" if spec.show_default else ""
-        command = click.option(name, type=_click_type(str(f.type), spec), default=None,
+        command = click.option(name, type=click_type(str(f.type), spec), default=None,
                                help=spec.help + shown)(command)
     return command
 

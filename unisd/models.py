@@ -107,15 +107,22 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel
     return model
 
 
-def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float) -> Any:
-    """Wrap the model with a LoRA adapter on every attention and MLP projection (the paper's setting)."""
+def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, targets: str = "all-linear") -> Any:
+    """Wrap the model with a LoRA adapter on `targets`: module names, comma-separated, or peft's `all-linear`
+    (every attention and MLP projection, the paper's setting)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise ModelError("--lora needs peft: pip install 'unisd[lora]'") from None
+        raise ModelError("--lora needs peft: pip install peft") from None
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if not names:
+        raise ModelError("--lora-targets is empty: name modules (e.g. q_proj,v_proj) or all-linear")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
-                        target_modules="all-linear")
-    return get_peft_model(model, config)
+                        target_modules="all-linear" if names == ["all-linear"] else names)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model. ..."
+        raise ModelError(f"--lora-targets {targets}: {str(e).splitlines()[0]}") from None
 
 
 @torch.no_grad()
@@ -165,12 +172,26 @@ def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
+ADAPTER = "adapter"  # a subfolder: an adapter_config.json in the output folder itself makes transformers load it as one
+
+
+def save_adapter(model: Any, folder: Path) -> None:
+    """The LoRA adapter in peft's format (`PeftModel.from_pretrained(base, folder)`, lm-eval's `peft=`), naming its
+    base model by an absolute path when that is a local folder, so it loads from anywhere."""
+    source = model.peft_config["default"].base_model_name_or_path
+    if source and Path(source).exists():
+        model.peft_config["default"].base_model_name_or_path = str(Path(source).resolve())
+    model.save_pretrained(folder, safe_serialization=True)
+
+
 def save_final(model: Any, tokenizer: PreTrainedTokenizerBase, out: Path, card: str,
                record: dict[str, Any], weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write a plain transformers model (LoRA merged) that `lm_eval --model hf` loads from `out` itself.
 
     `weights` replaces the model's own tensors (the whole weights of a sharded model, gathered).
     """
+    if is_peft(model):  # before merging, which folds the adapter into the weights and drops it
+        save_adapter(model, out / ADAPTER)
     plain = model.merge_and_unload() if is_peft(model) else model
     plain.save_pretrained(out, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(out)

@@ -110,6 +110,22 @@ def parse_value(raw: str, default: Any, where: str, optional: bool = False) -> A
         raise PluginError(f"{where}={raw!r}: expected {expected}{' or none' if optional else ''}") from None
 
 
+def typed_value(value: Any, default: Any, where: str, optional: bool = False) -> Any:
+    """Check a value given as such (not as text) against the type of the option's default, or raise PluginError."""
+    kind = type(default)
+    if value is None and optional:
+        return None
+    numeric = default is None or kind is float
+    if kind is bool and isinstance(value, bool) or kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if numeric and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind not in (bool, int, float) and default is not None and isinstance(value, kind):
+        return value
+    expected = "a number" if default is None else kind.__name__
+    raise PluginError(f"{where}={value!r}: expected {expected}{' or none' if optional else ''}")
+
+
 def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, dict[str, str]]:
     """`["agree.k=3", "ema.beta=0.9"]` -> {"agree": {"k": "3"}, "ema": {"beta": "0.9"}}."""
     parsed: dict[str, dict[str, str]] = {}
@@ -133,7 +149,8 @@ def configure(cls: type[Plugin], options: Mapping[str, Any], name: str = "") -> 
             raise PluginError(f"unknown option {name}.{key} (options of {cls.name}: {known})")
         f = fields[key]
         optional = "None" in str(f.type)
-        values[key] = raw if not isinstance(raw, str) else parse_value(raw, _default(f), f"{name}.{key}", optional)
+        parse = parse_value if isinstance(raw, str) else typed_value  # -o gives text; a preset or --config file, values
+        values[key] = parse(raw, _default(f), f"{name}.{key}", optional)
     try:
         return cls.Config(**values)
     except (TypeError, ValueError) as e:

@@ -19,6 +19,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from unisd import checkpoint, distributed, hardware, losses, models, report, tracking
 from unisd.api import Batch, Outputs, TrainError
+from unisd.callable_module import make_callable
 from unisd.config import ConfigError, TrainConfig
 from unisd.data import DataError, load_data
 from unisd.data.prompts import teacher_prompt
@@ -204,7 +205,7 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     else:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
-        student = models.add_lora(student, config.lora_r, config.lora_alpha, config.lora_dropout)
+        student = models.add_lora(student, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
     student.train()
     run = Run(config, student, tokenizer, examples, hooks, world, Path(config.out),
               initial=AdapterOff(student) if config.lora else None)
@@ -339,3 +340,6 @@ class _StopOnSignal(contextlib.AbstractContextManager):
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+make_callable(__name__)  # the library's `from unisd import train; train(config)` is `train` above
