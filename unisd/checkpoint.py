@@ -251,7 +251,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 def data_fingerprint(run: Run) -> str:
     h = hashlib.sha256()
     for e in run.examples:
-        h.update(json.dumps([e.prompt, e.answer, e.rationale], ensure_ascii=False).encode())
+        turns = [list(map(dict, e.context))] if e.context else []  # earlier turns, when any: old fingerprints hold
+        h.update(json.dumps([e.prompt, e.answer, e.rationale, *turns], ensure_ascii=False).encode())
     return h.hexdigest()
 
 
