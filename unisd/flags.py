@@ -44,6 +44,8 @@ AT_LEAST_0 = click.IntRange(min=0)
 def _click_type(kind: str, spec: cfg.Flag) -> click.ParamType:
     if spec.choices:
         return click.Choice(spec.choices)
+    if kind == "str":
+        return click.STRING
     if kind == "int":
         low, high = (None if x is None else int(x) for x in (spec.low, spec.high))
         return click.IntRange(min=low, max=high, min_open=spec.low_open, max_open=spec.high_open)

@@ -5,6 +5,7 @@ DataError naming the file (and, for JSON lines, the line). Row formats: `unisd.d
 """
 from __future__ import annotations
 
+import csv
 import json
 import tempfile
 from contextlib import contextmanager
@@ -66,7 +67,11 @@ def load_file(path: str | Path, columns: str = "") -> list[Example]:
         raise DataError(problem)
     import datasets
 
-    options: dict[str, Any] = {"encoding": "utf-8-sig"} if builder in ("json", "csv") else {}
+    options: dict[str, Any] = {"encoding": "utf-8-sig"} if builder != "parquet" else {}  # a BOM is dropped
+    if builder == "csv":  # cells stay text: pandas would read an answer "007" as the number 7
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f), [])
+        options["features"] = datasets.Features({name: datasets.Value("string") for name in header})
     with tempfile.TemporaryDirectory(prefix="unisd-data-") as cache:  # nothing cached beside the user's files
         try:
             with _quiet(datasets):
