@@ -81,7 +81,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     # data (issue 28)
     data_config: str = flag("", "The Hub dataset's configuration (subset), when --data is a Hub id.", show_default=False)
-    data_split: str = flag("train", "The Hub dataset's split, when --data is a Hub id.")
+    data_split: str = flag("train", "The split to train on, of a Hub dataset or a benchmark.")
     columns: str = flag("", "Rename columns to a format's names: prompt=question,answer=label.", show_default=False)
     teacher_template: str = flag(TEACHER_TEMPLATE, "The teacher's last user turn, with {demonstration} and {prompt}.",
                                  show_default=False)
