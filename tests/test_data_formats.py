@@ -57,6 +57,7 @@ def test_each_format_is_detected_from_its_columns():
     assert detect(["prompt", "completion"], "f") == "prompt/completion"
     assert detect(["prompt", "privileged_context"], "f") == "prompt/privileged_context"
     assert detect(["prompt", "answer", "rationale"], "f") == "prompt/answer"
+    assert detect(["prompt", "id"], "f") == "prompt/answer"  # then each row lacks its answer: named by row
     with pytest.raises(DataError, match=r"^f: unknown format \(columns: question, label\).*--columns"):
         detect(["question", "label"], "f")
 

@@ -102,7 +102,8 @@ FORMATS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], Callable[[Mapping[st
     ("messages", ("messages",), ("messages",), _from_messages),
     ("prompt/completion", ("prompt", "completion"), ("prompt", "completion"), _from_completion),
     ("prompt/privileged_context", ("prompt", "privileged_context"), ("prompt", "privileged_context"), _from_privileged),
-    ("prompt/answer", ("prompt", "answer"), ("prompt", "answer", "rationale"), _from_answer),
+    # last, on `prompt` alone: a file with no second column is named by row as missing its `answer`
+    ("prompt/answer", ("prompt",), ("prompt", "answer", "rationale"), _from_answer),
 )
 
 
