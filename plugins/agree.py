@@ -39,7 +39,8 @@ import torch
 
 from unisd import distributed, generation
 from unisd.api import Batch, Outputs, Plugin, RunView
-from unisd.sequences import render
+from unisd.data.prompts import in_context, student_prompt
+from unisd.sequences import Prompt, render
 from unisd_plugins import _contexts as C
 
 CANDIDATES_PER_VIEW = 4   # donors ranked per context; a donor whose context is too long gives way to the next
@@ -124,7 +125,7 @@ class Agree(Plugin):
         if len(examples) < 2 and c.contexts != "induction":
             raise ValueError("agree needs at least 2 examples: a context shows a solved *other* example")
         limit = run.config.max_prompt_tokens
-        fits = lambda text: len(render(run.tokenizer, text)) <= limit  # noqa: E731
+        fits = lambda prompt: len(render(run.tokenizer, prompt)) <= limit  # noqa: E731
         if c.contexts == "induction":
             self.contexts = self._induced(run, fits)
         else:
@@ -135,14 +136,15 @@ class Agree(Plugin):
                 key = {"kind": "retrieval-v2", "data": generation.data_digest(examples), "pool": pool, "retriever": c.retriever}
                 donors = generation.cached("agree", key, lambda: C.retrieval_donors(
                     [C.donor_task(e) for e in examples], pool, c.retriever))
-            self.contexts = [C.pick_fitting((C.reference_context(e, examples[j]) for j in candidates), c.k, fits)
+            self.contexts = [C.pick_fitting((C.reference_context(e, examples[j]) for j in candidates), c.k,
+                                            lambda text, e=e: fits(in_context(e, text)))
                              for e, candidates in zip(examples, donors)]
         unfit = sum(not views for views in self.contexts)
         if unfit:
             distributed.say(f"warning: {self.name}: {unfit} of {len(examples)} examples have no auxiliary context within "
                             f"--max-prompt-tokens {limit}; they keep weight 1 (metric {self.name}/no_context)")
 
-    def _induced(self, run: RunView, fits: Callable[[str], bool]) -> list[list[str]]:
+    def _induced(self, run: RunView, fits: Callable[[Prompt], bool]) -> list[list[str]]:
         """K induced instructions per example, drawn with replacement from a seeded, cached pool."""
         c, examples, seed = self.config, run.examples, run.config.seed
         rng = random.Random(seed)
@@ -159,13 +161,15 @@ class Agree(Plugin):
         pool = [p for p in pool if p.strip()]
         if not pool:
             raise ValueError("agree: the model induced no usable instruction (all empty); use contexts=retrieval")
-        return [C.pick_fitting([C.instruction_context(e, p) for p in rng.choices(pool, k=c.k)], c.k, fits)
+        return [C.pick_fitting([C.instruction_context(e, p) for p in rng.choices(pool, k=c.k)], c.k,
+                               lambda text, e=e: fits(in_context(e, text)))
                 for e in examples]
 
-    def views(self, batch: Batch) -> dict[str, list[str]]:
-        # an example without a fitting context is scored under its student prompt and keeps weight 1
+    def views(self, batch: Batch) -> dict[str, list[Prompt]]:
+        # an example without a fitting context is scored under its student prompt and keeps weight 1;
+        # a context replaces the last user turn, after the example's earlier turns
         rows = list(zip(batch.indices, batch.examples))
-        return {name: [self.contexts[i][k] if self.contexts[i] else e.prompt for i, e in rows]
+        return {name: [in_context(e, self.contexts[i][k]) if self.contexts[i] else student_prompt(e) for i, e in rows]
                 for k, name in enumerate(self.view_names())}
 
     def weights(self, out: Outputs) -> torch.Tensor:

@@ -42,9 +42,9 @@ from unisd import distributed, generation, losses
 from unisd.data import Example
 from unisd.data import scoring as S
 from unisd.data import verify
-from unisd.data.prompts import demonstration, teacher_prompt
+from unisd.data.prompts import TEACHER_TEMPLATE, demonstration, teacher_prompt
 from unisd.api import Batch, Outputs, Plugin, RunView
-from unisd.sequences import render
+from unisd.sequences import Prompt, render
 
 BUGS = ("off-by-one error", "wrong operator", "missing edge case", "wrong return value")
 TOOL_CORRUPTIONS = ("wrong action", "wrong arguments", "extra tool call")
@@ -157,6 +157,7 @@ class Contrast(Plugin):
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config)
         self.negatives: list[str | None] = []
+        self.template = TEACHER_TEMPLATE
 
     @property
     def view(self) -> str:
@@ -172,9 +173,10 @@ class Contrast(Plugin):
             run.student, run.tokenizer, examples, seed, c.max_new_tokens, c.tries, engine=run.engine))))
         # the negative view must fit like every other prompt; one that does not is unused, not the example
         limit = run.config.max_prompt_tokens
-        fits = [neg is not None and len(render(run.tokenizer, teacher_prompt(e, demo=neg))) <= limit
+        fits = [neg is not None and len(render(run.tokenizer, teacher_prompt(e, neg, run.config.teacher_template))) <= limit
                 for e, neg in zip(examples, found.demos)]
         self.negatives = [None] * len(run.examples)
+        self.template = run.config.teacher_template
         for i, neg, ok in zip(drawn, found.demos, fits):
             self.negatives[i] = neg if ok else None
         too_long = sum(neg is not None for neg in found.demos) - sum(fits)
@@ -185,9 +187,9 @@ class Contrast(Plugin):
                             f"not confirmed wrong, {too_long} too long for --max-prompt-tokens {limit}); they get no "
                             f"contrastive term (metric {self.name}/no_negative)")
 
-    def views(self, batch: Batch) -> dict[str, list[str]]:
+    def views(self, batch: Batch) -> dict[str, list[Prompt]]:
         # rows without a negative are scored under the gold prompt and masked out in aux_losses
-        return {self.view: [teacher_prompt(e, demo=self.negatives[i]) for i, e in zip(batch.indices, batch.examples)]}
+        return {self.view: [teacher_prompt(e, self.negatives[i], self.template) for i, e in zip(batch.indices, batch.examples)]}
 
     def aux_losses(self, out: Outputs) -> dict[str, torch.Tensor]:
         has = torch.tensor([self.negatives[i] is not None for i in out.batch.indices],

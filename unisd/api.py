@@ -8,11 +8,13 @@ plugins. Nothing here imports torch at run time, so the CLI can refuse bad flags
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence
 
 if TYPE_CHECKING:  # torch only for annotations: the CLI refuses bad flags before importing it
     import torch
     from transformers import PreTrainedTokenizerBase
+
+    from unisd.sequences import Prompt
 
     from unisd.config import TrainConfig
     from unisd.data import Example
@@ -39,7 +41,7 @@ class Batch:
 
     indices: list[int]                 # positions in run.examples
     examples: list[Example]
-    prompts: dict[str, list[str]]      # view -> prompt per example ("student", "teacher", plugin views)
+    prompts: dict[str, Sequence[Prompt]]  # view -> prompt per example ("student", "teacher", plugin views)
     tokens: torch.Tensor | None = None     # [B, T] sampled completion ids
     mask: torch.Tensor | None = None       # [B, T] 1.0 on tokens that count
     truncated: torch.Tensor | None = None  # [B]
@@ -143,7 +145,7 @@ class Plugin:
     def completions(self, batch: Batch, run: RunView) -> Rollout | None:
         return None
 
-    def views(self, batch: Batch) -> dict[str, list[str]]:
+    def views(self, batch: Batch) -> Mapping[str, Sequence[Prompt]]:
         return {}
 
     def teacher(self, run: RunView) -> torch.nn.Module | None:

@@ -175,8 +175,13 @@ def changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     for key in sorted(old.keys() | new.keys()):
         if old.get(key, "(none)") != new.get(key, "(none)"):
             shown = "data fingerprint" if key == "data" else key.removeprefix("settings.")
-            out.append(f"{shown}: {old.get(key, '(none)')} -> {new.get(key, '(none)')}")
+            out.append(f"{shown}: {_one_line(old.get(key, '(none)'))} -> {_one_line(new.get(key, '(none)'))}")
     return out
+
+
+def _one_line(value: Any) -> Any:
+    """A multi-line setting (a teacher template) quoted with its newlines escaped: the error stays one line."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) and "\n" in value else value
 
 
 def check_same_run(folder: Path, stored: dict[str, Any] | None, current: dict[str, Any], extend: bool) -> None:
@@ -251,7 +256,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 def data_fingerprint(run: Run) -> str:
     h = hashlib.sha256()
     for e in run.examples:
-        h.update(json.dumps([e.prompt, e.answer, e.rationale], ensure_ascii=False).encode())
+        turns = [list(map(dict, e.context))] if e.context else []  # earlier turns, when any: old fingerprints hold
+        h.update(json.dumps([e.prompt, e.answer, e.rationale, *turns], ensure_ascii=False).encode())
     return h.hexdigest()
 
 

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from unisd.data.prompts import TEACHER_TEMPLATE
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -82,6 +84,12 @@ class TrainConfig:
     lora_dropout: float = flag(0.05, "Dropout on the adapter's input.", low=0, high=1, high_open=True)
     lora_targets: str = flag("all-linear", "Comma-separated module names the adapter wraps (e.g. q_proj,v_proj), or "
                                            "all-linear: every linear layer but the output head.")
+    # data (issue 28)
+    data_config: str = flag("", "The Hub dataset's configuration (subset), when --data is a Hub id.", show_default=False)
+    data_split: str = flag("train", "The split to train on, of a Hub dataset or a benchmark.")
+    columns: str = flag("", "Rename columns to a format's names: prompt=question,answer=label.", show_default=False)
+    teacher_template: str = flag(TEACHER_TEMPLATE, "The teacher's last user turn, with {demonstration} and {prompt}.",
+                                 show_default=False)
     fsdp: bool = flag(False, "Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
 
     def __post_init__(self) -> None:
@@ -109,6 +117,8 @@ class TrainConfig:
             (not (self.fsdp and self.rollout == "vllm"), "--rollout vllm holds whole weights in each rank's engine; "
                                                          "drop it with --fsdp"),
             (self.rollout_kv_cache_gb > 0, "--rollout-kv-cache-gb must be positive"),
+            (all(p in self.teacher_template for p in ("{demonstration}", "{prompt}")),
+             "--teacher-template must contain both {demonstration} and {prompt}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from unisd.rollout import Rollout
+    from unisd.sequences import Prompt
 
 T = TypeVar("T")
 
@@ -55,9 +56,9 @@ class Hooks:
                 return found
         return None
 
-    def views(self, batch: Batch) -> dict[str, list[str]]:
+    def views(self, batch: Batch) -> dict[str, Sequence[Prompt]]:
         """Every plugin's extra views, merged (view names are the plugins' own)."""
-        merged: dict[str, list[str]] = {}
+        merged: dict[str, Sequence[Prompt]] = {}
         for p in self.plugins:
             merged.update(blame(p, "views", p.views, batch))
         return merged

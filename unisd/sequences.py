@@ -6,18 +6,25 @@ only the prompt differs. Left padding keeps the completion aligned at the same c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 
-def render(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of a user turn plus the assistant header (raw text for tokenizers without a template)."""
+Prompt = str | Sequence[Mapping[str, str]]  # one user turn, or a list of {"role", "content"} messages
+
+
+def render(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
+    """Token ids of the prompt's turns plus the assistant header (raw text for tokenizers without a template).
+
+    A string is one user turn; a list of messages carries a system prompt and earlier turns.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        text = prompt
+        text = "\n\n".join(m["content"] for m in messages)
     return tokenizer(text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
 
 

@@ -21,8 +21,8 @@ from unisd import checkpoint, distributed, hardware, losses, models, report, tra
 from unisd.api import Batch, Outputs, TrainError
 from unisd.callable_module import make_callable
 from unisd.config import ConfigError, TrainConfig
-from unisd.data import DataError, load_data
-from unisd.data.prompts import teacher_prompt
+from unisd.data import DataError, Example, benchmarks, load_data
+from unisd.data.prompts import student_prompt, teacher_prompt
 from unisd.hooks import Hooks
 from unisd.plugin import load as load_plugins, settle_objective
 from unisd.rng import rng_state, set_rng_state
@@ -108,8 +108,8 @@ def make_batch(run: Run) -> Batch:
     indices = [run.kept[i] for i in global_slice[world.rank * B:(world.rank + 1) * B]]  # this rank's share
     run.position += B * world.size
     examples = [run.examples[i] for i in indices]
-    return Batch(indices, examples, {"student": [e.prompt for e in examples],
-                                     "teacher": [teacher_prompt(e) for e in examples]})
+    return Batch(indices, examples, {"student": [student_prompt(e) for e in examples],
+                                     "teacher": [teacher_prompt(e, template=run.config.teacher_template) for e in examples]})
 
 
 def step(run: Run) -> dict[str, float]:
@@ -189,7 +189,7 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
         engine.require()  # before anything loads: a missing engine is the first thing to say
     hooks = Hooks(load_plugins(list(config.plugins), config.options))  # conflicts refused before any load
     config = settle_objective(config, hooks.plugins)
-    examples = load_data(config.data, "train")
+    examples = training_data(config)
     tokenizer = models.load_tokenizer(config.model)
     world = distributed.init()
     echo = echo if world.main else (lambda m: None)  # one voice under torchrun
@@ -237,6 +237,14 @@ def _say_what_differs(config: TrainConfig, student: Any, world: Any, echo: Calla
              "several times slower than fp32 here; drop --bf16")
 
 
+def training_data(config: TrainConfig) -> list[Example]:
+    """The examples --data names; the evaluation-only benchmarks are refused (training on them leaks the test)."""
+    if config.data in benchmarks.EVAL_ONLY:
+        raise DataError(f"{config.data} is an evaluation-only benchmark; train on another --data and evaluate on it "
+                        f"with `unisd eval`")
+    return load_data(config.data, config.data_split, config.data_config, config.columns)
+
+
 def _fitting(run: Run, echo: Callable[[str], None]) -> list[int]:
     """Indices of examples whose student and teacher prompts fit max_prompt_tokens.
 
@@ -245,7 +253,8 @@ def _fitting(run: Run, echo: Callable[[str], None]) -> list[int]:
     """
     limit = run.config.max_prompt_tokens
     fits = lambda prompt: len(render(run.tokenizer, prompt)) <= limit  # noqa: E731
-    kept = [i for i, e in enumerate(run.examples) if fits(e.prompt) and fits(teacher_prompt(e))]
+    template = run.config.teacher_template
+    kept = [i for i, e in enumerate(run.examples) if fits(student_prompt(e)) and fits(teacher_prompt(e, template=template))]
     dropped = len(run.examples) - len(kept)
     if not kept:
         raise DataError(f"every prompt is longer than --max-prompt-tokens {limit}; raise it")

@@ -159,6 +159,7 @@ _ADAPTERS: dict[str, Callable[[Row, int], Example | None]] = {
     "toolalpaca": _toolalpaca, "gpqa": _gpqa, "humaneval": _humaneval, "demo": _demo,
 }
 NAMES: tuple[str, ...] = tuple(_ADAPTERS)
+EVAL_ONLY = ("gpqa", "humaneval")  # the paper evaluates on these and never trains on them
 
 #: the split each benchmark is evaluated on in the paper (the lm-eval tasks use these)
 EVAL_SPLITS: dict[str, str] = {"scienceqa": "test", "mbpp": "test", "cos_e": "validation",

@@ -5,6 +5,8 @@ Benchmark adapters shape `Example.answer` / `Example.rationale`; the wording liv
 """
 from __future__ import annotations
 
+from typing import Any
+
 from unisd.data.examples import Example
 
 # The paper's instruction (§2.1), with the problem placed below it as its wording says, so that the teacher's
@@ -23,7 +25,27 @@ def demonstration(example: Example) -> str:
     return example.answer.strip()
 
 
-def teacher_prompt(example: Example, demo: str | None = None) -> str:
+# The teacher's last user turn; `--teacher-template` replaces it (both placeholders required).
+TEACHER_TEMPLATE = f"{SOLVE_YOUR_WAY}\n\nReference solution:\n{{demonstration}}\n\nProblem: {{prompt}}"
+
+
+def teacher_text(example: Example, demo: str | None = None, template: str = TEACHER_TEMPLATE) -> str:
     """The instruction, a demonstration (the gold one by default), then the student prompt unchanged."""
     demo = demonstration(example) if demo is None else demo
-    return f"{SOLVE_YOUR_WAY}\n\nReference solution:\n{demo}\n\nProblem: {example.prompt}"
+    return template.replace("{demonstration}", demo).replace("{prompt}", example.prompt)
+
+
+def in_context(example: Example, text: str) -> str | list[dict[str, Any]]:
+    """`text` as the last user turn after the example's earlier turns (plain text when there are none)."""
+    return [*map(dict, example.context), {"role": "user", "content": text}] if example.context else text
+
+
+def student_prompt(example: Example) -> str | list[dict[str, Any]]:
+    """What the student sees: its earlier turns (system prompt included), then the user's prompt."""
+    return in_context(example, example.prompt)
+
+
+def teacher_prompt(example: Example, demo: str | None = None,
+                   template: str = TEACHER_TEMPLATE) -> str | list[dict[str, Any]]:
+    """The student's earlier turns, then the teacher template as the last user turn."""
+    return in_context(example, teacher_text(example, demo, template))
