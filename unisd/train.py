@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from unisd import checkpoint, distributed, losses, models, report, tracking
+from unisd import checkpoint, distributed, losses, models, monitor, report, tracking
 from unisd.api import Batch, Outputs, TrainError
 from unisd.config import ConfigError, TrainConfig
 from unisd.data import DataError, load_data
@@ -149,7 +149,8 @@ def step(run: Run) -> dict[str, float]:
         terms = {"loss": loss, "distill": distill, **aux}
         for k, v in {**{k: float(v.detach()) for k, v in terms.items()}, **out.metrics,
                      "completion_tokens": float(out.mask.sum()),
-                     "truncated": float(rollout.truncated.float().mean())}.items():
+                     "truncated": float(rollout.truncated.float().mean()),
+                     **monitor.rollout_stats(rollout.tokens, rollout.mask)}.items():
             totals[k] = totals.get(k, 0.0) + v / c.grad_accum
     totals = distributed.mean(totals, run.world)
     t4 = time.perf_counter()
@@ -254,6 +255,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     metrics_path = out / "metrics.jsonl"
     if main:
         checkpoint.truncate_metrics(metrics_path, run.step)
+    truncation = monitor.TruncationWatch(config.max_new_tokens)
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None if main else True)
     with stop, (metrics_path.open("a") if main else contextlib.nullcontext()) as log, \
             tracking.Trackers(report_to if main else (), run.config.to_json(), out) as trackers:
@@ -263,6 +265,9 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
             trackers.log(metrics)
+            warning = truncation.update(metrics["truncated"])
+            if warning:
+                echo(warning)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if metrics["skipped"]:
