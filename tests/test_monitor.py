@@ -55,3 +55,58 @@ def test_a_model_that_never_ends_its_samples_triggers_the_warning_once(tiny_mode
     warnings = [line for line in said if line.startswith("warning:") and "limit" in line]
     assert len(warnings) == 1 and "100%" in warnings[0]
 
+
+
+def test_samples_jsonl_agrees_with_the_metrics_of_its_step(tiny_model, tiny_data, tmp_path):
+    out = tr.train(_config(tiny_model, tiny_data, tmp_path / "run", log_samples=2), echo=lambda m: None)
+    samples, metrics = _rows(out / "samples.jsonl"), {m["step"]: m for m in _rows(out / "metrics.jsonl")}
+    assert [s["step"] for s in samples] == [2, 2, 4, 4]  # every 2nd step, both prompts of the micro-batch
+    for s in samples:
+        assert set(s) == {"step", "prompt", "completion", "truncated", "length", "divergence_mean", "divergence_max"}
+        assert s["prompt"] and s["completion"] and s["truncated"] is True and s["length"] == 6
+        assert 0.0 <= s["divergence_mean"] <= s["divergence_max"]
+    for step in (2, 4):  # no plugin, one micro-batch of 2: the loss is the mean of the two samples' token means
+        rows = [s for s in samples if s["step"] == step]
+        assert sum(s["divergence_mean"] for s in rows) / 2 == pytest.approx(metrics[step]["distill"], rel=1e-5)
+        assert sum(s["length"] for s in rows) / 2 == metrics[step]["completion_length"]
+        assert sum(s["truncated"] for s in rows) / 2 == metrics[step]["truncated"]
+
+
+def test_at_most_four_samples_a_step_and_none_with_zero(tiny_model, tiny_data, tmp_path):
+    out = tr.train(_config(tiny_model, tiny_data, tmp_path / "six", batch_size=6, max_steps=1, log_samples=1),
+                   echo=lambda m: None)
+    assert len(_rows(out / "samples.jsonl")) == 4
+    off = tr.train(_config(tiny_model, tiny_data, tmp_path / "off", max_steps=2, log_samples=0), echo=lambda m: None)
+    assert not (off / "samples.jsonl").exists()
+
+
+def test_masked_completions_have_no_divergence_to_report(tiny_model, tiny_data, tmp_path):
+    out = tr.train(_config(tiny_model, tiny_data, tmp_path / "run", max_steps=1, log_samples=1, mask_truncated=True),
+                   echo=lambda m: None)
+    samples = _rows(out / "samples.jsonl")
+    assert samples and all(s["divergence_mean"] is None and s["divergence_max"] is None for s in samples)
+
+
+def test_resume_drops_the_samples_of_steps_run_again_and_may_change_log_samples(tiny_model, tiny_data, tmp_path):
+    import shutil
+
+    out = tr.train(_config(tiny_model, tiny_data, tmp_path / "run", save_every=2, log_samples=1), echo=lambda m: None)
+    first = _rows(out / "samples.jsonl")
+    assert [s["step"] for s in first] == [1, 1, 2, 2, 3, 3, 4, 4]
+    shutil.rmtree(out / "checkpoints" / "step-000004")  # as if stopped after the checkpoint of step 2
+    (out / "unisd.json").unlink()
+    tr.train(_config(tiny_model, tiny_data, out, save_every=2, log_samples=2), resume=True, echo=lambda m: None)
+    again = _rows(out / "samples.jsonl")
+    assert [s["step"] for s in again] == [1, 1, 2, 2, 4, 4]  # steps 3-4 rerun once, now every 2nd step logged
+    assert again[4:] == first[6:]  # an exact resume samples the same completions
+
+
+def test_plot_puts_length_and_truncated_share_beside_the_loss(tmp_path):
+    from unisd import report
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s, "distill": 0.9 / s, "truncated": s / 4, "completion_length": 10.0 * s,
+             "repeated_ngrams": 0.1, "step_time_s": 1.0} for s in range(1, 5)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = report.training_curves(metrics, tmp_path / "curves.png")
+    assert keys[:3] == ["loss", "completion_length", "truncated"] and "repeated_ngrams" in keys

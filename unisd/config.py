@@ -77,6 +77,8 @@ class TrainConfig:
     lora_r: int = 64
     lora_alpha: int = 128
     lora_dropout: float = 0.05
+    # fidelity and monitoring (issues 28, 29)
+    log_samples: int = flag(10, "Every N steps, write a few prompts' completions to samples.jsonl (0: never).", low=0)
     fsdp: bool = flag(False, "Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
 
     def __post_init__(self) -> None:
@@ -94,6 +96,7 @@ class TrainConfig:
             (self.divergence in DIVERGENCES, f"--divergence must be one of {', '.join(DIVERGENCES)}"),
             (self.divergence != "jsd" or 0 < self.alpha < 1, "--alpha must be in (0, 1) for jsd (fkl and rkl are the endpoints)"),
             (self.save_every >= 0, "--save-every must be 0 or more"),
+            (self.log_samples >= 0, "--log-samples must be 0 (never) or more"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),

@@ -7,10 +7,15 @@ only in the evaluation afterwards.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from unisd.api import Outputs
+from unisd.rollout import Rollout
 
 NGRAM = 4                    # repetition is measured over 4-grams of completion tokens
 SAMPLES_PER_STEP = 4         # prompts of the step's first micro-batch recorded in samples.jsonl
@@ -52,19 +57,25 @@ class TruncationWatch:
                 "--skip-first-tokens 3, --mask-truncated, an EMA teacher (--plugins ema)")
 
 
-def sample_records(step: int, prompts: list[str], tokens: torch.Tensor, lengths: torch.Tensor,
-                   truncated: torch.Tensor, divergence: torch.Tensor, counted: torch.Tensor,
-                   tokenizer: PreTrainedTokenizerBase, limit: int = SAMPLES_PER_STEP) -> list[dict[str, Any]]:
+def sample_records(step: int, prompts: list[str], rollout: Rollout, out: Outputs, tokenizer: PreTrainedTokenizerBase,
+                   limit: int = SAMPLES_PER_STEP) -> list[dict[str, Any]]:
     """One samples.jsonl row per prompt (at most `limit`): prompt, completion, whether it hit the length limit,
     its length in sampled tokens, and the per-token divergence's mean and maximum over its counted tokens
     (None when no token of it counts, e.g. under --mask-truncated)."""
     records = []
+    lengths = rollout.mask.sum(-1).long().tolist()
     for i in range(min(limit, len(prompts))):
-        n = int(lengths[i])
-        values = divergence[i][counted[i].bool()].detach().float()
+        values = out.divergence[i][out.mask[i].bool()].detach().float()
         records.append({"step": step, "prompt": prompts[i],
-                        "completion": tokenizer.decode(tokens[i, :n].tolist(), skip_special_tokens=True),
-                        "truncated": bool(truncated[i]), "length": n,
+                        "completion": tokenizer.decode(rollout.tokens[i, :lengths[i]].tolist(), skip_special_tokens=True),
+                        "truncated": bool(rollout.truncated[i]), "length": lengths[i],
                         "divergence_mean": float(values.mean()) if values.numel() else None,
                         "divergence_max": float(values.max()) if values.numel() else None})
     return records
+
+
+def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows to a JSON-lines file (as metrics.jsonl is written); nothing, not even the file, for no rows."""
+    if rows:
+        with path.open("a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))

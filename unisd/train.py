@@ -127,6 +127,8 @@ def step(run: Run) -> dict[str, float]:
         t1 = time.perf_counter()
         batch.prompts.update(hooks.views(batch))
         out = forward(run, batch, hooks.teacher(run) or run.teacher)
+        if micro == 0 and run.world.main and c.log_samples and (run.step + 1) % c.log_samples == 0:
+            run.samples = monitor.sample_records(run.step + 1, batch.prompts["student"], rollout, out, run.tokenizer)
         D = hooks.token_loss(out.divergence, out)
         w = hooks.weights(out)
         numerator, denominator = losses.weighted_sums(D, out.mask, w)
@@ -252,9 +254,10 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     if resume and checkpoint.restore(run, echo, extend):
         echo(f"resumed at step {run.step} of {run.total_steps}")
     stop = _StopOnSignal()
-    metrics_path = out / "metrics.jsonl"
+    metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
     if main:
         checkpoint.truncate_metrics(metrics_path, run.step)
+        checkpoint.truncate_metrics(samples_path, run.step)
     truncation = monitor.TruncationWatch(config.max_new_tokens)
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None if main else True)
     with stop, (metrics_path.open("a") if main else contextlib.nullcontext()) as log, \
@@ -265,6 +268,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
             trackers.log(metrics)
+            monitor.append_jsonl(samples_path, run.samples)
+            run.samples = []
             warning = truncation.update(metrics["truncated"])
             if warning:
                 echo(warning)
