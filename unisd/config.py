@@ -90,6 +90,8 @@ class TrainConfig:
     columns: str = flag("", "Rename columns to a format's names: prompt=question,answer=label.", show_default=False)
     teacher_template: str = flag(TEACHER_TEMPLATE, "The teacher's last user turn, with {demonstration} and {prompt}.",
                                  show_default=False)
+    # fidelity and monitoring (issues 28, 29)
+    log_samples: int = flag(10, "Every N steps, write a few prompts' completions to samples.jsonl (0: never).", low=0)
     fsdp: bool = flag(False, "Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
 
     def __post_init__(self) -> None:
@@ -107,6 +109,7 @@ class TrainConfig:
             (self.divergence in DIVERGENCES, f"--divergence must be one of {', '.join(DIVERGENCES)}"),
             (self.divergence != "jsd" or 0 < self.alpha < 1, "--alpha must be in (0, 1) for jsd (fkl and rkl are the endpoints)"),
             (self.save_every >= 0, "--save-every must be 0 or more"),
+            (self.log_samples >= 0, "--log-samples must be 0 (never) or more"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),

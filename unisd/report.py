@@ -198,13 +198,18 @@ def write_comparison(combined: dict[str, Any], out: Path) -> None:
 
 
 def training_curves(metrics: Path, path: Path) -> list[str]:
-    """PNG of loss, each named loss term and every plugin metric per step; returns the plotted keys."""
+    """PNG of loss, each named loss term and every plugin metric per step; returns the plotted keys.
+
+    The loss comes first with the completion length and the truncated share beside it: a collapse into
+    completions that never end shows there first."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     skip = {"step", "skipped", "lr", "step_time_s", "completion_tokens"}
     keys = [k for k in rows[0] if k not in skip and not k.endswith("_s") and isinstance(rows[0][k], (int, float))]
     keys += [k for r in rows for k in r if k not in keys and k not in skip and not k.endswith("_s")
              and isinstance(r[k], (int, float))]
     keys = list(dict.fromkeys(keys))
+    first = [k for k in ("loss", "completion_length", "truncated") if k in keys]
+    keys = first + [k for k in keys if k not in first]
     n = len(keys)
     cols = min(3, n)
     nrows = math.ceil(n / cols)

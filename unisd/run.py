@@ -44,6 +44,7 @@ class Run:
     scheduler: Any = None
     bad_steps: int = 0
     started_engine: Any = None         # the vLLM engine once `engine` has started it
+    samples: list[dict[str, Any]] = field(default_factory=list)  # samples.jsonl rows of the last step (rank 0)
 
     @property
     def plugins(self) -> list[Plugin]:

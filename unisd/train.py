@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from unisd import checkpoint, distributed, hardware, losses, models, report, tracking
+from unisd import checkpoint, distributed, hardware, losses, models, monitor, report, tracking
 from unisd.api import Batch, Outputs, TrainError
 from unisd.callable_module import make_callable
 from unisd.config import ConfigError, TrainConfig
@@ -137,6 +137,8 @@ def step(run: Run) -> dict[str, float]:
         # gradients are reduced over the ranks once per step: DDP's no_sync must hold the forward too
         with distributed.accumulating(run.student_hidden, skip_sync=micro < c.grad_accum - 1):
             out = forward(run, batch, (hooks.teacher(run) or run.teacher) if run.needs_teacher else None)
+            if micro == 0 and run.world.main and c.log_samples and (run.step + 1) % c.log_samples == 0:
+                run.samples = monitor.sample_records(run.step + 1, batch.prompts["student"], rollout, out, run.tokenizer)
             D = hooks.token_loss(out.divergence, out)
             w = hooks.weights(out)
             numerator, denominator = losses.weighted_sums(D, out.mask, w)
@@ -157,7 +159,8 @@ def step(run: Run) -> dict[str, float]:
         terms = {"loss": loss, "distill": distill, **aux}
         for k, v in {**{k: float(v.detach()) for k, v in terms.items()}, **out.metrics,
                      "completion_tokens": float(out.mask.sum()),
-                     "truncated": float(rollout.truncated.float().mean())}.items():
+                     "truncated": float(rollout.truncated.float().mean()),
+                     **monitor.rollout_stats(rollout.tokens, rollout.mask)}.items():
             totals[k] = totals.get(k, 0.0) + v / c.grad_accum
     totals = distributed.mean(totals, run.world)
     t4 = time.perf_counter()
@@ -282,9 +285,11 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     if resume and checkpoint.restore(run, echo, extend):
         echo(f"resumed at step {run.step} of {run.total_steps}")
     stop = _StopOnSignal()
-    metrics_path = out / "metrics.jsonl"
+    metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
     if main:
         checkpoint.truncate_metrics(metrics_path, run.step)
+        checkpoint.truncate_metrics(samples_path, run.step)
+    truncation = monitor.TruncationWatch(config.max_new_tokens)
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None if main else True)
     with stop, (metrics_path.open("a") if main else contextlib.nullcontext()) as log, \
             tracking.Trackers(report_to if main else (), run.config.to_json(), out) as trackers:
@@ -294,6 +299,11 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
             trackers.log(metrics)
+            monitor.append_jsonl(samples_path, run.samples)
+            run.samples = []
+            warning = truncation.update(metrics["truncated"])
+            if warning:
+                echo(warning)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if metrics["skipped"]:
