@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from unisd import losses
+from unisd.data.prompts import TEACHER_TEMPLATE
 from unisd.data.verify import final_answer
 from unisd.plugin import PluginError, configure
 from unisd_plugins.agree import Agree, sequence_weights, token_weights
@@ -549,7 +550,8 @@ def _contrast_run(examples: list, limit: int, engine: object = None) -> SimpleNa
     torch.nn.init.zeros_(student.weight)   # the same weights on every call: the cache key holds their digest
     return SimpleNamespace(examples=examples, scheduled=lambda: list(range(len(examples))), student=student,
                            tokenizer=CharTokenizer(), engine=engine,
-                           config=SimpleNamespace(seed=0, model="m", max_prompt_tokens=limit))
+                           config=SimpleNamespace(seed=0, model="m", max_prompt_tokens=limit,
+                                                  teacher_template=TEACHER_TEMPLATE))
 
 
 def test_contrast_setup_caches_checked_negatives_and_drops_those_too_long(monkeypatch: pytest.MonkeyPatch, tmp_path,
@@ -724,7 +726,7 @@ def test_agree_setup_picks_the_first_k_fitting_contexts_of_each_examples_ranked_
     # the limit is the longest context of two short examples (262 to 264 tokens): it fits, 554 does not
     limit = max(len(render(tok, C.reference_context(e, d))) for e in examples for d in examples if 3 not in
                 (examples.index(e), examples.index(d)))
-    run = SimpleNamespace(examples=examples, config=SimpleNamespace(seed=2, max_prompt_tokens=limit, model="m"),
+    run = SimpleNamespace(examples=examples, config=SimpleNamespace(seed=2, max_prompt_tokens=limit, model="m", teacher_template=TEACHER_TEMPLATE),
                           tokenizer=tok, world="the run's", student=torch.nn.Linear(2, 2), engine=None)
     agree = Agree(configure(Agree, {"k": "2", "contexts": contexts}, "agree"))
     agree.name = "agree"  # what the plugin host names it
