@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from unisd.api import Outputs
 from unisd.rollout import Rollout
+from unisd.sequences import Prompt
 
 NGRAM = 4                    # repetition is measured over 4-grams of completion tokens
 SAMPLES_PER_STEP = 4         # prompts of the step's first micro-batch recorded in samples.jsonl
@@ -57,7 +58,7 @@ class TruncationWatch:
                 "--mask-truncated, an EMA teacher (--plugins ema)")
 
 
-def sample_records(step: int, prompts: list[str], rollout: Rollout, out: Outputs, tokenizer: PreTrainedTokenizerBase,
+def sample_records(step: int, prompts: Sequence[Prompt], rollout: Rollout, out: Outputs, tokenizer: PreTrainedTokenizerBase,
                    limit: int = SAMPLES_PER_STEP) -> list[dict[str, Any]]:
     """One samples.jsonl row per prompt (at most `limit`): prompt, completion, whether it hit the length limit,
     its length in sampled tokens, and the per-token divergence's mean and maximum over its counted tokens
