@@ -1,9 +1,12 @@
 """--skip-first-tokens N: the first N completion tokens of every sample carry no loss and no gradient."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
+from unisd import checkpoint
 from unisd import config as cfg
 from unisd import losses
 from unisd import train as tr
@@ -79,3 +82,15 @@ def test_counted_tokens_leave_out_the_skipped_ones(tiny_model, tiny_data, tmp_pa
     metrics = tr.step(run)
     assert metrics["completion_tokens"] == sum(max(n - SKIP, 0) for n in LENGTHS)
     assert metrics["completion_length"] == sum(LENGTHS) / len(LENGTHS)  # what was sampled, skipped or not
+
+
+def test_a_resume_with_another_skip_count_is_refused(tiny_model, tiny_data, tmp_path):
+    def config(skip: int) -> cfg.TrainConfig:
+        return cfg.resolve("", (), {}, model=str(tiny_model), data=str(tiny_data), out=str(tmp_path / "run"),
+                           max_steps=2, save_every=1, batch_size=2, max_new_tokens=4, skip_first_tokens=skip)
+
+    out = tr.train(config(0), echo=lambda m: None)
+    shutil.rmtree(out / "checkpoints" / "step-000002")  # as if stopped after the checkpoint of step 1
+    (out / "unisd.json").unlink()
+    with pytest.raises(checkpoint.OutputDirError, match="skip_first_tokens: 0 -> 3"):
+        tr.train(config(3), resume=True, echo=lambda m: None)
