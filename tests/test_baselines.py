@@ -93,8 +93,9 @@ def test_gkd_uses_dataset_completions_with_probability_one_minus_lambda(tiny_mod
 
 def test_sdft_teacher_is_an_ema_of_the_student_updated_every_step(tiny_model, tiny_data, tmp_path):
     config = _run(tiny_model, tiny_data, tmp_path, "sdft")
-    assert (config.divergence, config.temperature, config.top_p, config.top_k, config.loss_temperature) == \
-        ("rkl", 1.0, 1.0, 0, 1.0)
+    # forward KL (the authors, SDFT issue 5) with the reference main.py's 3 skipped completion tokens
+    assert (config.divergence, config.temperature, config.top_p, config.top_k, config.loss_temperature,
+            config.skip_first_tokens) == ("fkl", 1.0, 1.0, 0, 1.0, 3)
     run = tr.prepare(config, echo=lambda m: None)
     before = {n: p.detach().clone() for n, p in run.student.named_parameters()}
     tr.step(run)
@@ -130,7 +131,8 @@ def _spy_on_sampling(module, monkeypatch) -> list[tuple]:
 def test_opsd_samples_with_its_truncation_and_keeps_the_initial_model_as_teacher(tiny_model, tiny_data, tmp_path,
                                                                                 monkeypatch):
     config = _run(tiny_model, tiny_data, tmp_path, "opsd")
-    assert (config.divergence, config.alpha, config.loss_temperature, config.plugins) == ("jsd", 0.5, 1.1, ())
+    # forward KL after the authors' ablation (OPSD issue 14) and the gradient-norm cap of OPSD issue 17
+    assert (config.divergence, config.loss_temperature, config.max_grad_norm, config.plugins) == ("fkl", 1.1, 0.1, ())
     calls = _spy_on_sampling(tr, monkeypatch)
     run = tr.prepare(config, echo=lambda m: None)
     initial = {n: p.detach().clone() for n, p in run.student.named_parameters()}
@@ -166,10 +168,18 @@ def test_top_k_one_samples_the_greedy_continuation(tiny_model):
         assert sampled.tokens[row, :n].tolist() == greedy[:n].tolist()
 
 
+BASELINES = ("sft", "sdft", "gkd", "ssd", "opsd", "sd")
+SOURCE_OF = {"divergence": "divergence", "alpha": "divergence", "temperature": "sampling", "top_p": "sampling",
+             "top_k": "sampling", "loss_temperature": "loss temperature", "skip_first_tokens": "skipped tokens",
+             "max_grad_norm": "gradient-norm cap"}
+
+
 def test_every_baseline_cites_a_source_for_each_defining_setting():
-    for name in ("sft", "sdft", "gkd", "ssd", "opsd", "sd"):
+    for name in BASELINES:
         preset = cfg.PRESETS[name]
         assert {"teacher", "divergence", "sampling", "on-policy fraction"} <= set(preset.sources), name
+        for setting in preset.settings:  # every trainer setting a baseline changes says where it comes from
+            assert SOURCE_OF[setting] in preset.sources, f"{name}.{setting}"
     for name, preset in cfg.PRESETS.items():  # Raw is the untrained base model, never a preset
         assert "Raw" not in preset.description + preset.source + "".join(preset.sources.values()), name
 
@@ -181,6 +191,16 @@ def test_presets_command_prints_each_setting_with_its_source():
 
     out = CliRunner().invoke(main, ["presets"]).output
     assert "ref_model_mixup_alpha 0.01" in out and "--fixed_teacher" in out and "deviation:" in out
+    for cited in ("Self-Distillation/issues/5", "num_loss_tokens_to_skip=3", "OPSD/issues/14", "--max_grad_norm 0.1"):
+        assert cited in out, cited
+    blocks: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        if line and not line.startswith(" "):
+            blocks[line.split(":", 1)[0]] = []
+        elif line:
+            blocks[next(reversed(blocks))].append(line.strip().split(":", 1)[0])
+    for name in BASELINES:  # each baseline's block gives every source it has, by setting
+        assert {"source", *cfg.PRESETS[name].sources} <= set(blocks[name]), name
 
 
 def test_flags_override_preset_settings(tiny_model, tiny_data, tmp_path):

@@ -10,7 +10,8 @@ import pytest
 from unisd import config as cfg
 from unisd.plugin import load
 
-PLAIN_SD = {"divergence": "fkl", "loss_temperature": 0.7, "temperature": 0.7, "top_p": 1.0}
+PLAIN_SD = {"divergence": "fkl", "loss_temperature": 0.7, "temperature": 0.7, "top_p": 1.0, "skip_first_tokens": 0,
+            "max_grad_norm": 1.0}
 EXPECTED = {
     "agree-tok": {"agree": {"k": 3, "gamma": 0.01, "level": "token", "contexts": "retrieval"}},
     "agree-seq": {"agree": {"k": 3, "gamma": 0.01, "level": "sequence", "contexts": "retrieval"}},

@@ -91,6 +91,8 @@ class TrainConfig:
     teacher_template: str = flag(TEACHER_TEMPLATE, "The teacher's last user turn, with {demonstration} and {prompt}.",
                                  show_default=False)
     # fidelity and monitoring (issues 28, 29)
+    skip_first_tokens: int = flag(0, "Leave the first N completion tokens of every sample out of the loss (SDFT's "
+                                     "reference code skips 3).", low=0)
     log_samples: int = flag(10, "Every N steps, write a few prompts' completions to samples.jsonl (0: never).", low=0)
     fsdp: bool = flag(False, "Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
 
@@ -110,6 +112,7 @@ class TrainConfig:
             (self.divergence != "jsd" or 0 < self.alpha < 1, "--alpha must be in (0, 1) for jsd (fkl and rkl are the endpoints)"),
             (self.save_every >= 0, "--save-every must be 0 or more"),
             (self.log_samples >= 0, "--log-samples must be 0 (never) or more"),
+            (self.skip_first_tokens >= 0, "--skip-first-tokens must be 0 or more"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
@@ -154,6 +157,7 @@ class Preset:
 
 SDFT_CODE = "SDFT reference code (github.com/idanshen/Self-Distillation)"
 OPSD_CODE = "OPSD reference code (github.com/siyan-zhao/OPSD, scripts/run_opsd_1b.sh, its reproduced run)"
+TRL_GKD = "TRL (github.com/huggingface/trl, trl/experimental/gkd)"
 
 PRESETS: dict[str, Preset] = {
     "sd": Preset(
@@ -173,21 +177,31 @@ PRESETS: dict[str, Preset] = {
                  "sampling": "none", "on-policy fraction": "0"}),
     "sdft": Preset(
         "self-distillation fine-tuning: on-policy samples at temperature 1; the teacher is an EMA of the student "
-        "(rate 0.01 each step) shown the demonstration; reverse KL at temperature 1",
-        "Shenfeld et al. 2026, 'Self-Distillation Enables Continual Learning', arXiv 2601.19897, Algorithm 1",
+        "(rate 0.01 each step) shown the demonstration; forward KL at temperature 1; the first 3 completion "
+        "tokens left out of the loss",
+        "Shenfeld et al. 2026, 'Self-Distillation Enables Continual Learning', arXiv 2601.19897, Algorithm 1; "
+        "the authors' statement of the loss in SDFT issue 5",
         ("ema",), {"ema": {"beta": 0.99, "every": 1}},
-        {"divergence": "rkl", "temperature": 1.0, "top_p": 1.0, "top_k": 0, "loss_temperature": 1.0},
+        {"divergence": "fkl", "temperature": 1.0, "top_p": 1.0, "top_k": 0, "loss_temperature": 1.0,
+         "skip_first_tokens": 3},
         sources={"teacher": f"EMA of the student, phi <- 0.01*theta + 0.99*phi after every step (paper Algorithm 1; "
                             f"{SDFT_CODE}, main.py: sync_ref_model, ref_model_sync_steps 1, "
                             "ref_model_mixup_alpha 0.01)",
-                 "divergence": f"reverse KL KL(student || teacher) ({SDFT_CODE}, distil_config.py: alpha 1.0 = reverse "
-                               "KL, not overridden in main.py)",
+                 "divergence": "per-token forward KL(teacher || student) over the full vocabulary (the authors in "
+                               "github.com/idanshen/Self-Distillation/issues/5, 2026-04-07: 'all the results in our "
+                               "paper were produced using on-policy sampling, but per-token forward KL loss'; "
+                               f"{SDFT_CODE}, distil_config.py: alpha default 0, which distil_trainer treats as "
+                               "forward KL, not overridden in main.py)",
+                 "loss temperature": f"1.0 ({SDFT_CODE}, distil_config.py temperature default)",
                  "sampling": f"temperature 1.0, top-p 1.0, no top-k ({SDFT_CODE}, distil_config.py defaults)",
+                 "skipped tokens": f"the first 3 completion tokens of every sample carry no loss ({SDFT_CODE}, "
+                                   "main.py: num_loss_tokens_to_skip=3)",
                  "on-policy fraction": "1 (the student generates every completion)"},
-        deviations="the reference code also leaves the first 3 completion tokens out of the loss "
-                   "(num_loss_tokens_to_skip 3, a chat-template artefact of its Qwen3 runs); unisd scores every "
-                   "token. TRL's experimental SDFT trainer defaults (frozen teacher, JSD) are not the authors' "
-                   "settings and are not used."),
+        deviations="the paper's Eq. 1 writes the loss as reverse KL; its authors stated later (issue 5, "
+                   "2026-04-07) that every paper result used forward KL, which their code's default computes: "
+                   "the preset follows that latest word. The learning rate is the comparison's own (--lr, "
+                   "equal for every run); the paper swept 5e-6 to 5e-5 with full fine-tuning. TRL's experimental "
+                   "SDFTTrainer defaults (frozen teacher) are not the authors' settings and are not used."),
     "gkd": Preset(
         "generalized knowledge distillation: generalized JSD beta 0.5; each micro-batch is on-policy with "
         "probability lambda 0.5, else the dataset completion; sampling temperature 0.9, loss at temperature 1",
@@ -196,13 +210,13 @@ PRESETS: dict[str, Preset] = {
         {"divergence": "jsd", "alpha": 0.5, "temperature": 0.9, "top_p": 1.0, "top_k": 0, "loss_temperature": 1.0},
         sources={"teacher": "frozen (GKD paper: a fixed teacher); here the demonstration-conditioned initial model",
                  "divergence": "generalized JSD with beta 0.5, M = beta*p_T + (1-beta)*p_S (paper Eq. for JSD(beta); "
-                               "TRL GKDConfig beta 0.5)",
-                 "sampling": "temperature 0.9, top-p 1, no top-k (TRL GKDConfig temperature 0.9; GKDTrainer "
-                             "samples with top_k 0)",
-                 "loss temperature": "1 (TRL GKDTrainer.compute_loss calls generalized_jsd_loss with its default "
-                                     "temperature 1)",
-                 "on-policy fraction": "lambda 0.5 per batch, else the dataset output (paper Algorithm 1; TRL "
-                                       "GKDConfig lmbda 0.5)"},
+                               f"{TRL_GKD}, gkd_config.py: beta 0.5)",
+                 "sampling": f"temperature 0.9, top-p 1, no top-k ({TRL_GKD}, gkd_config.py: temperature 0.9; "
+                             "gkd_trainer.py generates with top_k 0, top_p 1.0)",
+                 "loss temperature": f"1 ({TRL_GKD}, gkd_trainer.py: compute_loss calls generalized_jsd_loss "
+                                     "without a temperature, whose default is 1)",
+                 "on-policy fraction": f"lambda 0.5 per batch, else the dataset output (paper Algorithm 1; {TRL_GKD}, "
+                                       "gkd_config.py: lmbda 0.5)"},
         deviations="the paper distils a larger teacher; with no stronger model here the teacher is the "
                    "demonstration-conditioned self-teacher, as in the UniSD paper's GKD row."),
     "ssd": Preset(
@@ -217,23 +231,38 @@ PRESETS: dict[str, Preset] = {
                              "quotes the paper's T_train with truncation; apple/ml-ssd ships evaluation only)",
                  "on-policy fraction": "0 (the base model samples, one completion per prompt)"},
         deviations="samples are drawn on the fly from the frozen base model rather than once before training: "
-                   "the same distribution, one sample per visit."),
+                   "the same distribution, one sample per visit. The paper tunes T_train per model: TRL's "
+                   "examples/scripts/ssd.py and apple/ml-ssd issue 7 train Qwen3-4B-Instruct at temperature 1.6, "
+                   "top-k 20, top-p 0.8; the preset keeps the SSDConfig documentation's 0.6 / 20 / 0.95."),
     "opsd": Preset(
-        "on-policy self-distillation: the frozen initial model shown the solution teaches; generalized JSD "
-        "beta 0.5 at temperature 1.1; samples at temperature 1.1, top-p 0.95, top-k 20",
-        "Zhao et al. 2026, 'Self-Distilled Reasoner: On-Policy Self-Distillation', arXiv 2601.18734",
-        settings={"divergence": "jsd", "alpha": 0.5, "temperature": 1.1, "top_p": 0.95, "top_k": 20,
-                  "loss_temperature": 1.1},
+        "on-policy self-distillation: the frozen initial model shown the solution teaches; forward KL at "
+        "temperature 1.1 over the full vocabulary; samples at temperature 1.1, top-p 0.95, top-k 20; gradient "
+        "norm capped at 0.1",
+        "Zhao et al. 2026, 'Self-Distilled Reasoner: On-Policy Self-Distillation', arXiv 2601.18734 v3",
+        settings={"divergence": "fkl", "temperature": 1.1, "top_p": 0.95, "top_k": 20, "loss_temperature": 1.1,
+                  "max_grad_norm": 0.1},
         sources={"teacher": f"fixed initial policy shown the solution ({OPSD_CODE}: --fixed_teacher, 'Recommended' "
                             "in its README)",
-                 "divergence": f"full-vocabulary generalized JSD, beta 0.5 ({OPSD_CODE}: --beta 0.5; "
-                               "opsd_trainer.generalized_jsd_loss)",
-                 "sampling": f"temperature 1.1, top-p 0.95, top-k 20 ({OPSD_CODE})",
+                 "divergence": "full-vocabulary forward KL (the author in github.com/siyan-zhao/OPSD/issues/14, "
+                               "2026-04-16: 'We used forward KL after ablation', paper v3 Table 3; --beta 0, "
+                               "which opsd_trainer.generalized_jsd_loss computes as forward KL)",
+                 "sampling": f"temperature 1.1, top-p 0.95, top-k 20 ({OPSD_CODE}; the 4B script quoted in "
+                             "issue 17)",
                  "loss temperature": "1.1: opsd_trainer divides both logit sets by the sampling temperature",
-                 "per-token clipping": "none (the reference code has no clipping)",
+                 "gradient-norm cap": "0.1 (--max_grad_norm 0.1 in the 4B script quoted in OPSD issue 17, "
+                                      "2026-04-26, with --beta 0 and --jsd_token_clip 0.05)",
+                 "per-token clipping": "none here; the reference clamps each vocabulary entry's summand at 0.05 "
+                                       "before the vocabulary sum (opsd_train.py --jsd_token_clip, default 0.05; "
+                                       "the author in issue 20, 2026-08-28: 'our point-wise clipping strategy "
+                                       "under forward KL')",
                  "on-policy fraction": f"1 ({OPSD_CODE}: --lmbda 1)"},
-        deviations="the reference fixes the teacher by switching LoRA off; unisd's frozen initial model is the "
-                   "same weights, with or without --lora."),
+        deviations="the reference scripts stored in the repository still pass --beta 0.5 (JSD); the authors' "
+                   "later word (issue 14, paper v3 Table 3) is forward KL, which the preset follows. The "
+                   "reference's point-wise clip (each summand at 0.05) has no unisd equivalent: the clip plugin "
+                   "clamps the per-token sum, where 0.05 nats would silence almost every token, so it is left "
+                   "out. The learning rate is the comparison's own (--lr); the script in issue 17 uses 5e-6 "
+                   "with LoRA. The reference fixes the teacher by switching LoRA off; unisd's frozen initial "
+                   "model is the same weights, with or without --lora."),
     "unisd-star": Preset(
         "UniSD*: EMA teacher + token-level retrieval agreement + contrastive hinge + joint feature matching "
         "+ divergence clipping at 10",

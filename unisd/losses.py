@@ -116,6 +116,12 @@ def logprobs_in_chunks(head: Callable[[torch.Tensor], torch.Tensor], hidden: tor
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def without_first(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The completion mask [B, T] with each sample's first n positions off, so those tokens add nothing to
+    the loss (SDFT's reference main.py skips 3, `num_loss_tokens_to_skip`)."""
+    return mask * (torch.arange(mask.shape[-1], device=mask.device) >= n).to(mask.dtype)
+
+
 def weighted_sums(values: torch.Tensor, mask: torch.Tensor,
                   weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(numerator, denominator) of `weighted_mean`; data-parallel ranks add up the denominators."""

@@ -132,6 +132,8 @@ def step(run: Run) -> dict[str, float]:
         batch.mask = rollout.mask.to(device)
         if c.mask_truncated:
             batch.mask = batch.mask * (~rollout.truncated).to(device, batch.mask.dtype)[:, None]
+        if c.skip_first_tokens:
+            batch.mask = losses.without_first(batch.mask, c.skip_first_tokens)
         t1 = time.perf_counter()
         batch.prompts.update(hooks.views(batch))
         # gradients are reduced over the ranks once per step: DDP's no_sync must hold the forward too
