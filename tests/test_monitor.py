@@ -41,7 +41,7 @@ def test_truncation_watch_warns_once_after_three_steps_in_a_row():
     assert [i for i, line in enumerate(said) if line] == [5]
     line = said[5]
     assert line.startswith("warning: 100% of this step's completions hit the 96-token limit")
-    for hint in ("--max-new-tokens", "--lr", "--mask-truncated", "ema"):
+    for hint in ("--max-new-tokens", "--lr", "--skip-first-tokens", "--mask-truncated", "ema"):
         assert hint in line
 
 

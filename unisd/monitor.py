@@ -55,7 +55,7 @@ class TruncationWatch:
         return (f"warning: {truncated_share:.0%} of this step's completions hit the {self.max_new_tokens}-token limit, "
                 f"at least {TRUNCATED_SHARE:.0%} for {TRUNCATED_STEPS} steps in a row: the student may be collapsing "
                 "into text that never ends; what usually helps: a larger --max-new-tokens, a lower --lr, "
-                "--mask-truncated, an EMA teacher (--plugins ema)")
+                "--skip-first-tokens 3, --mask-truncated, an EMA teacher (--plugins ema)")
 
 
 def sample_records(step: int, prompts: Sequence[Prompt], rollout: Rollout, out: Outputs, tokenizer: PreTrainedTokenizerBase,
