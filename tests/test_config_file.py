@@ -28,7 +28,7 @@ def test_the_file_sits_over_the_preset_and_under_the_flags(tmp_path: Path, suffi
     config = cfg.resolve("", (), {"ema": {"every": "3"}}, config_file.load(path), lr=3e-4, out=None)
     assert (config.model, config.data, config.out, config.preset) == ("m", "d.jsonl", "runs/x", "sdft")
     assert config.plugins == ("ema", "clip")            # the preset's plugins, then the file's
-    assert config.divergence == "rkl"                    # the preset's, the file says nothing
+    assert config.skip_first_tokens == 3                 # the preset's, the file says nothing
     assert config.temperature == 0.9                     # the file over the preset's 1.0
     assert (config.batch_size, config.lr) == (8, 3e-4)   # the file over the default; the flag over the file
     assert config.options["ema"] == {"beta": 0.5, "every": "3"}  # preset < file < -o
@@ -140,7 +140,7 @@ def test_a_runs_unisd_json_repeats_the_run(run_a: Path, tmp_path: Path) -> None:
 def test_flags_win_over_a_runs_unisd_json(run_a: Path, tmp_path: Path) -> None:
     _train("--config", str(run_a / "unisd.json"), "--out", str(tmp_path / "c"), "--lr", "2e-3", "-o", "clip.max=7")
     c = _record(tmp_path / "c")["config"]
-    assert (c["lr"], c["options"]["clip"], c["seed"], c["divergence"]) == (2e-3, {"max": "7"}, 3, "rkl")
+    assert (c["lr"], c["options"]["clip"], c["seed"], c["skip_first_tokens"]) == (2e-3, {"max": "7"}, 3, 3)
 
 
 def test_ablate_takes_a_config_file(tiny_model: Path, tiny_data: Path, tmp_path: Path,
