@@ -98,21 +98,13 @@ def distill_in_chunks(student_head: Callable[[torch.Tensor], torch.Tensor], stud
     return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
-def student_logprobs_in_chunks(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, tokens: torch.Tensor,
-                               chunk: int = 512) -> torch.Tensor:
-    """Sampled-token log-probs [N] with gradient, for objectives without a teacher (ce, none): like
-    `distill_in_chunks`, each chunk's logits are recomputed in backward rather than stored."""
-    parts = [checkpoint(lambda h, t: sampled_logprobs(head(h), t), hidden[i:i + chunk], tokens[i:i + chunk],
-                        use_reentrant=False)
-             for i in range(0, tokens.shape[0], chunk)]
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-
-
-@torch.no_grad()
 def logprobs_in_chunks(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, tokens: torch.Tensor,
                        chunk: int = 512) -> torch.Tensor:
-    """Sampled-token log-probs [N] from hidden [N, H], without ever holding [N, V] logits."""
-    parts = [sampled_logprobs(head(hidden[i:i + chunk]), tokens[i:i + chunk]) for i in range(0, tokens.shape[0], chunk)]
+    """Sampled-token log-probs [N] from hidden [N, H], without ever holding [N, V] logits: with gradient (the
+    student, when no teacher is scored) each chunk's logits are recomputed in backward rather than stored."""
+    one = lambda h, t: sampled_logprobs(head(h), t)  # noqa: E731
+    parts = [checkpoint(one, hidden[i:i + chunk], tokens[i:i + chunk], use_reentrant=False) if torch.is_grad_enabled()
+             else one(hidden[i:i + chunk], tokens[i:i + chunk]) for i in range(0, tokens.shape[0], chunk)]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 

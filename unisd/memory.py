@@ -57,11 +57,10 @@ def shape_of(config: TrainConfig) -> Shape:
 def _needs(config: TrainConfig) -> tuple[bool, bool]:
     """(a frozen teacher copy, an EMA teacher) as the plugins and the objective ask for them (`Run.needs_teacher`)."""
     from unisd.plugin import load, settle_objective
-    from unisd.run import TEACHER_OBJECTIVES
+    from unisd.run import needs_teacher
 
     plugins = load(list(config.plugins), config.options)
-    config = settle_objective(config, plugins)
-    reads = config.divergence in TEACHER_OBJECTIVES or any(p.needs_teacher for p in plugins)
+    reads = needs_teacher(settle_objective(config, plugins), plugins)
     samples_base = any(getattr(p.config, "source", None) == "base" for p in plugins if p.name == "mix")
     ema = "ema" in config.plugins
     return (reads or samples_base) and not ema, ema

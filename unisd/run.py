@@ -82,7 +82,7 @@ class Run:
         """Whether a step scores with a teacher: a divergence to it, or a plugin that reads its outputs.
 
         SFT and SSD (--divergence ce) then cost a student forward and backward: no teacher model is loaded."""
-        return self.config.divergence in TEACHER_OBJECTIVES or any(p.needs_teacher for p in self.plugins)
+        return needs_teacher(self.config, self.plugins)
 
     def encoder(self, model: Any) -> "HiddenStates":
         """The module a model's hidden states come from: built once per model, sharded under --fsdp."""
@@ -111,6 +111,11 @@ class Run:
 
 
 TEACHER_OBJECTIVES = ("fkl", "rkl", "jsd")  # the --divergence values that compare the student with a teacher
+
+
+def needs_teacher(config: TrainConfig, plugins: list[Plugin]) -> bool:
+    """A divergence to the teacher, or a plugin that reads the teacher's outputs (`Plugin.needs_teacher`)."""
+    return config.divergence in TEACHER_OBJECTIVES or any(p.needs_teacher for p in plugins)
 
 
 class AdapterOff:

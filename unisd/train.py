@@ -66,7 +66,7 @@ def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
     student_head = decoder_owner(run.student).get_output_embeddings()
     c = run.config
     if teacher is None:
-        lp_student = losses.student_logprobs_in_chunks(student_head, student_h[where], tokens)
+        lp_student = losses.logprobs_in_chunks(student_head, student_h[where], tokens)
         per_token = _scatter(lp_student, where)
         return Outputs(batch, batch.mask, losses.objective(c.divergence, torch.zeros_like(per_token), per_token),
                        {"student": per_token}, {"student": student_h})
@@ -81,8 +81,9 @@ def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
     D, lp_student, lp_teacher = losses.distill_in_chunks(
         student_head, student_h[where], teacher_head, view_h["teacher"][where], tokens, divergence, c.loss_temperature)
     logps = {"student": lp_student, "teacher": lp_teacher}
-    for v in no_grad_views[1:]:
-        logps[v] = losses.logprobs_in_chunks(teacher_head, view_h[v][where], tokens)
+    with torch.no_grad():
+        for v in no_grad_views[1:]:
+            logps[v] = losses.logprobs_in_chunks(teacher_head, view_h[v][where], tokens)
     per_view = {v: _scatter(x, where) for v, x in logps.items()}
     return Outputs(batch, batch.mask, losses.objective(c.divergence, _scatter(D, where), per_view["student"]),
                    per_view, {"student": student_h, "teacher": view_h["teacher"]})

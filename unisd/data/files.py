@@ -29,9 +29,9 @@ def _renamed(dataset: Any, columns: str, source: str) -> Any:
     return dataset.rename_columns(mapping) if mapping else dataset
 
 
-def _json_problem(path: Path) -> str | None:
+def _json_problem(path: Path, text: str) -> str | None:
     """Why a JSON Lines file does not parse, by line, or None when every line is a JSON object."""
-    lines = path.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: U+2028 may sit inside a string
+    lines = text.split("\n")  # not splitlines: U+2028 may sit inside a string
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -54,17 +54,17 @@ def load_file(path: str | Path, columns: str = "") -> list[Example]:
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"{path}: unknown file type; --data takes a {', '.join(BUILDERS)} file")
-    if builder != "parquet":
+    if builder != "parquet":  # text files are checked in one read: UTF-8, not empty, JSON Lines line by line
         try:
-            path.read_bytes().decode("utf-8")
+            text = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         except OSError as e:
             raise DataError(f"{path}: cannot read it ({e.strerror})") from None
-        if not path.read_text(encoding="utf-8-sig").strip():
+        if not text.strip():
             raise DataError(f"{path}: no examples (the file is empty)")
-    if path.suffix.lower() == ".jsonl" and (problem := _json_problem(path)):
-        raise DataError(problem)
+        if path.suffix.lower() == ".jsonl" and (problem := _json_problem(path, text)):
+            raise DataError(problem)
     import datasets
 
     options: dict[str, Any] = {"encoding": "utf-8-sig"} if builder != "parquet" else {}  # a BOM is dropped
