@@ -153,11 +153,11 @@ class Agree(Plugin):
         demo_sets = [[examples[j] for j in order[s * c.induction_demos:(s + 1) * c.induction_demos]]
                      for s in range(n_sets)]   # n_sets <= n // demos, or 1 set of all n: never empty
         key = {"kind": "induction", "data": generation.data_digest(examples), "model": run.config.model,
-               "weights": generation.model_digest(run.student), "seed": seed, "demos": c.induction_demos,
+               "weights": generation.model_digest(run.policy), "seed": seed, "demos": c.induction_demos,
                "max": c.induction_max, "tokens": c.induction_tokens}
         pool = generation.cached("agree", key, lambda: [text for text, _ in generation.generate(
-            run.student, run.tokenizer, [C.induction_prompt(d) for d in demo_sets], c.induction_tokens, seed,
-            engine=run.engine, desc="inducing instructions")])
+            run.policy, [C.induction_prompt(d) for d in demo_sets], c.induction_tokens, seed,
+            desc="inducing instructions")])
         pool = [p for p in pool if p.strip()]
         if not pool:
             raise ValueError("agree: the model induced no usable instruction (all empty); use contexts=retrieval")

@@ -113,10 +113,9 @@ class Negatives:
     not_wrong: int = 0   # finished replies the checker did not confirm as wrong
 
 
-def build_negatives(model: torch.nn.Module, tokenizer: Any, examples: list[Example], seed: int,
-                    max_new_tokens: int, tries: int, engine: Any = None) -> Negatives:
-    """One verified-wrong, finished negative demonstration per example (None where every try failed);
-    sampled through the vLLM `engine` under --rollout vllm."""
+def build_negatives(policy: Any, examples: list[Example], seed: int, max_new_tokens: int, tries: int) -> Negatives:
+    """One verified-wrong, finished negative demonstration per example (None where every try failed), sampled
+    from the student (`RunView.policy`) as the run samples."""
     negatives: list[str | None] = [None] * len(examples)
     cut_off = not_wrong = 0
     for attempt in range(tries):
@@ -124,8 +123,8 @@ def build_negatives(model: torch.nn.Module, tokenizer: Any, examples: list[Examp
         if not todo:
             break
         requests = [negative_request(examples[i], random.Random(f"{seed}:{attempt}:{i}")) for i in todo]
-        replies = generation.generate(model, tokenizer, [r[0] for r in requests], max_new_tokens, seed + attempt,
-                                      engine=engine, desc=f"negatives (try {attempt + 1} of {tries})")
+        replies = generation.generate(policy, [r[0] for r in requests], max_new_tokens, seed + attempt,
+                                      desc=f"negatives (try {attempt + 1} of {tries})")
         for i, (_, extra), (reply, finished) in zip(todo, requests, replies):
             if not finished:
                 cut_off += 1
@@ -168,9 +167,9 @@ class Contrast(Plugin):
         drawn = run.scheduled()  # only the examples this run's schedule reaches need a negative
         examples = [run.examples[i] for i in drawn]
         key = {"kind": "negatives-v4", "data": generation.data_digest(examples), "model": run.config.model,
-               "weights": generation.model_digest(run.student), "seed": seed, "tokens": c.max_new_tokens, "tries": c.tries}
+               "weights": generation.model_digest(run.policy), "seed": seed, "tokens": c.max_new_tokens, "tries": c.tries}
         found = Negatives(**generation.cached("contrast", key, lambda: dataclasses.asdict(build_negatives(
-            run.student, run.tokenizer, examples, seed, c.max_new_tokens, c.tries, engine=run.engine))))
+            run.policy, examples, seed, c.max_new_tokens, c.tries))))
         # the negative view must fit like every other prompt; one that does not is unused, not the example
         limit = run.config.max_prompt_tokens
         fits = [neg is not None and len(render(run.tokenizer, teacher_prompt(e, neg, run.config.teacher_template))) <= limit

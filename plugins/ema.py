@@ -3,9 +3,9 @@
     unisd train ... --plugins ema -o ema.beta=0.9 -o ema.every=10
 
 θ̄ ← β·θ̄ + (1−β)·θ every `every` optimizer steps (θ̄ initialised to θ, Algorithm 1), where θ are the
-student's *effective* weights (`unisd.models.effective_weights`: base + scaled LoRA delta). The teacher
-is a plain transformers model in eval mode without gradients, scored under the gold-demonstration
-prompt (it replaces the frozen initial model as the primary teacher; agree/contrast views use it too).
+student's *effective* weights (`run.policy.student.weights()`: base + scaled LoRA delta). The teacher
+is a plain frozen model (`run.policy.follower()`), scored under the gold-demonstration prompt (it
+replaces the frozen initial model as the primary teacher; agree/contrast views use it too).
 
 Difference from the official code: its sync callback skips LoRA parameters and averages only the
 frozen base weights, so under LoRA (always on there) its EMA teacher never moves from the base model.
@@ -14,21 +14,22 @@ Here the teacher follows the merged weights, with or without LoRA.
 The metric `ema/distance` is ‖θ̄ − θ‖ / ‖θ‖ just before the latest update: how far the student had
 moved from its teacher, i.e. how much the EMA held it back.
 
-Under `--fsdp` the teacher is sharded like the student, so each rank averages only its own shards.
-The average itself is always kept in fp32 (a bf16 average would round away most updates); with
-`--bf16` the teacher's forwards run on a copy whose linear layers are bf16 (`models.bf16_linears`),
-refreshed after every update.
+The policy holds the teacher like the student (sharded under `--fsdp`: each rank averages only its own
+shards). The average itself is always kept in fp32 (a bf16 average would round away most updates); with
+`--bf16` the teacher's forwards run on a second follower made for scoring (bf16 linear layers where the
+student is not sharded), refreshed after every update.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from unisd import distributed, models
 from unisd.api import Outputs, Plugin, RunView
+
+if TYPE_CHECKING:
+    from unisd.policy import Model, Policy
 
 
 class EMA(Plugin):
@@ -54,64 +55,47 @@ class EMA(Plugin):
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config)
-        self.model: torch.nn.Module | None = None
-        self.encoder: Any = None  # the model's encoder in the run (sharded under --fsdp)
-        self.scorer: torch.nn.Module | None = None   # what scores: the average, or its bf16 copy (--bf16)
+        self.average: Model | None = None  # θ̄, fp32
+        self.scorer: Model | None = None   # what scores: the average, or its copy made for scoring (--bf16)
         self.updates = 0
         self.distance = 0.0   # relative teacher-student distance before the latest update
 
     def setup(self, run: RunView) -> None:
-        student = run.student
-        # a plain model holding the student's effective weights (LoRA merged into a copy)
-        plain = copy.deepcopy(student).merge_and_unload() if models.is_peft(student) else copy.deepcopy(student)
-        self.model = plain.requires_grad_(False).eval()
-        missing = set(self._params()) - set(models.effective_weights(student))
-        if missing:
-            raise ValueError(f"ema: the student has no weights for {sorted(missing)[:3]}")
-        self.scorer = models.bf16_linears(copy.deepcopy(self.model)) if run.config.bf16 else self.model
-        self.update(student, beta=0.0)  # θ̄ ← θ exactly
-        self.encoder = run.encoder(self.model)
+        self.average = run.policy.follower()  # θ̄ ← θ exactly
+        self.scorer = run.policy.follower(for_scoring=True) if run.config.bf16 else self.average
 
-    def _params(self) -> dict[str, torch.nn.Parameter]:
-        """The stored weights: a sharded teacher is resharded first (a forward leaves its root gathered)."""
-        assert self.model is not None, "ema: setup was not called"
-        if self.encoder is not None and distributed.is_sharded(self.encoder):
-            self.encoder.reshard()
-        return dict(self.model.named_parameters())
+    def _average(self) -> Model:
+        assert self.average is not None and self.scorer is not None, "ema: setup was not called"
+        return self.average
 
     @torch.no_grad()
-    def update(self, student: torch.nn.Module, beta: float | None = None) -> None:
+    def update(self, policy: Policy, beta: float | None = None) -> None:
         """θ̄ ← β·θ̄ + (1−β)·θ over every parameter, θ = the student's effective weights."""
         beta = self.config.beta if beta is None else beta
-        current = models.effective_weights(student)
-        for name, p in self._params().items():
-            p.lerp_(current[name].to(p.dtype), 1.0 - beta)
+        self._average().follow(policy.student.weights(), 1.0 - beta)
         self._refresh()
 
-    @torch.no_grad()
     def _refresh(self) -> None:
-        if self.scorer is not None and self.scorer is not self.model:
-            master = self._params()
-            for name, p in self.scorer.named_parameters():
-                p.copy_(master[name])
+        if self.scorer is not self.average:
+            self.scorer.follow(self._average().weights())
 
-    def teacher(self, run: RunView) -> torch.nn.Module | None:
+    def teacher(self, run: RunView) -> Model | None:
         return self.scorer
 
     def after_step(self, run: RunView) -> None:
         if run.step % self.config.every == 0:
-            self.distance = self.relative_distance(run.student)
-            self.update(run.student)
+            self.distance = self.relative_distance(run.policy)
+            self.update(run.policy)
             self.updates += 1
 
     @torch.no_grad()
-    def relative_distance(self, student: torch.nn.Module) -> float:
+    def relative_distance(self, policy: Policy) -> float:
         """‖θ̄ − θ‖ / ‖θ‖ over all weights: how far the student moved from its teacher since the last update."""
-        current = models.effective_weights(student)
         diff = total = 0.0
-        for name, p in self._params().items():
-            theta = distributed.whole(current[name].detach()).float()
-            diff += float((distributed.whole(p.detach()).float() - theta).pow(2).sum())
+        for (name, theta), (same, average) in zip(policy.student.weights(), self._average().weights(), strict=True):
+            assert name == same, f"ema: weights out of order ({name} vs {same})"
+            theta = theta.float()
+            diff += float((average.float() - theta).pow(2).sum())
             total += float(theta.pow(2).sum())
         return (diff / total) ** 0.5 if total else 0.0
 
@@ -120,15 +104,14 @@ class EMA(Plugin):
         return D
 
     def state_dict(self) -> dict[str, Any]:
-        weights = {k: distributed.whole(v.detach()).to("cpu", copy=True) for k, v in self._params().items()}  # every rank
+        weights = {k: v.to("cpu", copy=True) for k, v in self._average().weights()}  # every rank: shards gathered
         return {"weights": weights, "updates": self.updates}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        params = self._params()
-        if set(state["weights"]) != set(params):
+        average = self._average()
+        if set(state["weights"]) != {name for name, _ in average.model.named_parameters()}:
             raise ValueError("ema: the checkpoint's teacher weights do not match this model")
-        for name, p in params.items():
-            distributed.assign(p, state["weights"][name])
+        average.follow(state["weights"].items())
         self._refresh()
         self.updates = int(state.get("updates", 0))

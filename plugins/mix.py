@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 
-from unisd import models
 from unisd.data.prompts import demonstration
 from unisd.api import Batch, Plugin, RunView
-from unisd.rollout import Rollout, from_texts, sample
+from unisd.rollout import Rollout, from_texts
 from unisd.sequences import render
 
 
@@ -48,12 +47,7 @@ class Mix(Plugin):
         if self.config.source == "gold":
             return from_texts(run.tokenizer, [demonstration(e) for e in batch.examples], c.max_new_tokens)
         prompts = [render(run.tokenizer, p) for p in batch.prompts["student"]]
-        if models.is_peft(run.student):  # the initial model is the student with its adapter off
-            with run.student.disable_adapter():
-                return sample(run.student, run.tokenizer, prompts, c.max_new_tokens, c.temperature, c.top_p,
-                              engine=run.engine, top_k=c.top_k)
-        return sample(run.sampler(run.teacher), run.tokenizer, prompts, c.max_new_tokens, c.temperature, c.top_p,
-                      engine=run.engine, top_k=c.top_k)
+        return run.policy.sample(prompts, c.max_new_tokens, c.temperature, c.top_p, top_k=c.top_k, initial=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,27 @@ def build_tiny_model(folder: Path, seed: int = 0, hidden: int = 32, heads: int =
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+def torchrun_train(model: Path, data: Path, out: Path, *extra: str) -> None:
+    """`unisd train --fsdp` under torchrun with 2 processes, 3 steps, a checkpoint per step; fails the test on error."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unisd", "train",
+            "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "1", "--max-steps", "3",
+            "--max-new-tokens", "8", "--lr", "1e-2", "--save-every", "1", "--fsdp", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def cut_back(run: Path, copy: Path) -> None:
+    """`copy` is a finished `run` as it was after its first kept checkpoint: the later one and the final model gone,
+    the final folder's other files (an adapter/) left as a final write cut short would leave them."""
+    shutil.copytree(run, copy)
+    checkpoints = sorted((copy / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 2
+    shutil.rmtree(checkpoints[-1])
+    for name in ("unisd.json", "model.safetensors", "README.md"):
+        (copy / name).unlink()
 
 
 def _tiny_tokenizer() -> Any:

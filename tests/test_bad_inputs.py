@@ -98,7 +98,6 @@ TABLE = [
     ("extend-without-resume", train("{model}", "{good}", "{out}", "--extend"), "--extend continues a run"),
     ("unknown-preset", train("{model}", "{good}", "{out}", "--preset", "unisd"), "unknown preset 'unisd'"),
     ("option-syntax", train("{model}", "{good}", "{out}", "--plugins", "clip", "-o", "clip.max"), "expected plugin.option=value"),
-    ("fsdp-lora", train("{model}", "{good}", "{out}", "--fsdp", "--lora"), "--fsdp and --lora cannot be combined"),
     ("resume-and-overwrite", train("{model}", "{good}", "{out}", "--resume", "--overwrite"), "contradict each other"),
     # the output folder: before anything loads
     ("out-under-a-file", train("{model}", "{good}", "{root}/a-file/run"), "a-file is a file, not a folder"),

@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from unisd import config as cfg
+from unisd import policy as P
 from unisd import train as tr
 from unisd.data.prompts import demonstration
 
@@ -46,7 +47,7 @@ def test_sft_loss_is_the_cross_entropy(tiny_model, tiny_data, tmp_path):
     batch = tr.make_batch(run)
     rollout = run.plugins[0].completions(batch, run)
     batch.tokens, batch.mask, batch.truncated = rollout.tokens, rollout.mask, rollout.truncated
-    out = tr.forward(run, batch, run.teacher)
+    out = tr.forward(run, batch, run.policy.initial)
     nll = run.plugins[1].token_loss(out.divergence, out)
     # reference: the model's own cross-entropy on [student prompt ; demonstration]
     ex = batch.examples[0]
@@ -54,29 +55,24 @@ def test_sft_loss_is_the_cross_entropy(tiny_model, tiny_data, tmp_path):
     target = rollout.tokens[0, : int(rollout.mask[0].sum())].tolist()
     ids = torch.tensor([prompt + target])
     labels = torch.tensor([[-100] * len(prompt) + target])
-    ref = run.student(input_ids=ids, labels=labels).loss
+    ref = run.policy.model(input_ids=ids, labels=labels).loss
     n = len(target)
     torch.testing.assert_close(nll[0, :n].mean(), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_ssd_targets_come_from_the_frozen_base_model(tiny_model, tiny_data, tmp_path, monkeypatch):
-    import unisd_plugins.mix as mix
-
-    used = []
-    real = mix.sample
-
-    def spy(model, *a, **k):
-        used.append(model)
-        return real(model, *a, **k)
-
-    monkeypatch.setattr(mix, "sample", spy)
-    monkeypatch.setattr(tr, "sample", lambda *a, **k: pytest.fail("ssd must not sample from the student"))
+    used, forms = [], []
+    real_draw, real_sample = P.rollout.sample, P.Policy.sample
+    monkeypatch.setattr(P.rollout, "sample", lambda model, *a, **k: used.append(model) or real_draw(model, *a, **k))
+    monkeypatch.setattr(P.Policy, "sample", lambda self, *a, **k: forms.append(k.get("initial", False))
+                        or real_sample(self, *a, **k))
     config = _run(tiny_model, tiny_data, tmp_path, "ssd")
     run = tr.prepare(config, echo=lambda m: None)
     for _ in range(2):
         tr.step(run)
-    assert used and all(m is run.teacher for m in used)  # the frozen copy, never the trained student
-    assert all(not p.requires_grad for p in run.teacher.parameters())
+    assert forms and all(forms)  # every draw from the initial model, never from the trained student
+    assert used and all(m is run.policy.initial.model for m in used)  # the frozen copy
+    assert all(not p.requires_grad for p in run.policy.initial.parameters())
     assert run.config.plugins == ("mix", "nll")
 
 
@@ -97,13 +93,13 @@ def test_sdft_teacher_is_an_ema_of_the_student_updated_every_step(tiny_model, ti
     assert (config.divergence, config.temperature, config.top_p, config.top_k, config.loss_temperature,
             config.skip_first_tokens) == ("fkl", 1.0, 1.0, 0, 1.0, 3)
     run = tr.prepare(config, echo=lambda m: None)
-    before = {n: p.detach().clone() for n, p in run.student.named_parameters()}
+    before = {n: p.detach().clone() for n, p in run.policy.model.named_parameters()}
     tr.step(run)
     ema = run.plugins[0]
-    assert ema.teacher(run) is ema.model and ema.updates == 1
-    after = dict(run.student.named_parameters())
+    assert ema.teacher(run) is ema.average and ema.updates == 1
+    after = dict(run.policy.model.named_parameters())
     moved = False
-    for name, p in ema.model.named_parameters():  # phi <- 0.01 * theta + 0.99 * phi, phi starting at theta_0
+    for name, p in ema.average.model.named_parameters():  # phi <- 0.01 * theta + 0.99 * phi, phi starting at theta_0
         torch.testing.assert_close(p, 0.99 * before[name] + 0.01 * after[name].detach(), rtol=0, atol=1e-6)
         moved = moved or not torch.equal(p, before[name])
     assert moved
@@ -133,20 +129,18 @@ def test_opsd_samples_with_its_truncation_and_keeps_the_initial_model_as_teacher
     config = _run(tiny_model, tiny_data, tmp_path, "opsd")
     # forward KL after the authors' ablation (OPSD issue 14) and the gradient-norm cap of OPSD issue 17
     assert (config.divergence, config.loss_temperature, config.max_grad_norm, config.plugins) == ("fkl", 1.1, 0.1, ())
-    calls = _spy_on_sampling(tr, monkeypatch)
+    calls = _spy_on_sampling(P.rollout, monkeypatch)
     run = tr.prepare(config, echo=lambda m: None)
-    initial = {n: p.detach().clone() for n, p in run.student.named_parameters()}
+    initial = {n: p.detach().clone() for n, p in run.policy.model.named_parameters()}
     tr.step(run)
     assert calls == [(1.1, 0.95, 20)]
-    teacher = dict(run.teacher.named_parameters())
+    teacher = dict(run.policy.initial.model.named_parameters())
     assert all(torch.equal(teacher[n], p) for n, p in initial.items())                  # frozen
-    assert any(not torch.equal(p, initial[n]) for n, p in run.student.named_parameters())  # the student moved
+    assert any(not torch.equal(p, initial[n]) for n, p in run.policy.model.named_parameters())  # the student moved
 
 
 def test_ssd_samples_at_its_training_temperature_and_truncation(tiny_model, tiny_data, tmp_path, monkeypatch):
-    import unisd_plugins.mix as mix
-
-    calls = _spy_on_sampling(mix, monkeypatch)
+    calls = _spy_on_sampling(P.rollout, monkeypatch)
     run = tr.prepare(_run(tiny_model, tiny_data, tmp_path, "ssd"), echo=lambda m: None)
     tr.step(run)
     assert calls == [(0.6, 0.95, 20)]

@@ -79,7 +79,6 @@ def _case(tmp_path: Path, tiny_model: Path, tiny_data: Path, case: str) -> tuple
         "foreign": (base, "holds no unisd run"),
         "resume-and-overwrite": (base + ["--resume", "--overwrite"],
                                  "error: --resume and --overwrite contradict each other; pick one"),
-        "fsdp-lora": (base + ["--fsdp", "--lora"], "--fsdp and --lora cannot be combined"),
         "fsdp-one-process": (base + ["--fsdp"], "launch with torchrun"),
     }
     args, message = cases[case]
@@ -90,7 +89,7 @@ CASES = ["unknown-plugin", "broken-plugin", "unknown-option", "badly-typed-optio
          "option-unselected", "unknown-preset", "missing-data", "bad-json", "missing-field", "empty-file",
          "not-an-object", "non-string-field", "empty-prompt", "model-folder-without-config", "missing-gguf",
          "batch-size", "jsd-alpha", "lr", "max-new-tokens", "prompts-too-long", "out-is-file", "finished",
-         "unfinished", "foreign", "resume-and-overwrite", "fsdp-lora", "fsdp-one-process"]
+         "unfinished", "foreign", "resume-and-overwrite", "fsdp-one-process"]
 
 
 @pytest.mark.parametrize("case", CASES)

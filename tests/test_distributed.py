@@ -121,10 +121,10 @@ from unisd.train import prepare
 model, data, out = sys.argv[1:4]
 c = cfg.resolve("", ("ema",), {}, model=model, data=data, out=out, fsdp=True, batch_size=1, max_steps=1)
 run = prepare(c, echo=lambda m: None)
-run.encoder(run.teacher)  # the frozen teacher is sharded when a step first scores with it
+run.policy.initial  # the frozen teacher is loaded (sharded) when a step first scores with it
 ema = next(p for p in run.plugins if p.name == "ema")
 held = {}
-for name, module in {"student": run.student, "teacher": run.teacher, "ema": ema.model}.items():
+for name, module in {"student": run.policy.model, "teacher": run.policy.initial.model, "ema": ema.average.model}.items():
     held[name] = {k: [p.to_local().numel() if isinstance(p, DTensor) else -1, p.shape[0], p.numel()]
                   for k, p in module.named_parameters()}
 with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
@@ -174,7 +174,7 @@ for accum in (1, 3):
             calls[0] += 1
             fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
             return fut.then(lambda f: f.value()[0] / dist.get_world_size())
-        run.student_hidden.register_comm_hook(None, hook)
+        run.policy.student.graded.register_comm_hook(None, hook)
     step(run)
     counts[accum] = calls[0]
     if sharded:

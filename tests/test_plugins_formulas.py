@@ -270,20 +270,19 @@ def test_induction_draws_k_instructions_induced_from_disjoint_sets_of_solved_exa
     calls: list[tuple] = []
     replies = ["Add the numbers.", "Carry the tens.", "Check the sum.", "Write digits only."]
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, seed, **kw):
-        calls.append((list(prompts), max_new_tokens, seed, kw["engine"]))
+    def fake_generate(policy, prompts, max_new_tokens, seed, **kw):
+        calls.append((list(prompts), max_new_tokens, seed, policy))
         return [(replies[i % len(replies)], True) for i in range(len(prompts))]
 
     monkeypatch.setattr(generation, "generate", fake_generate)
     examples = [Example(f"Add {i} and {i}.", str(2 * i)) for i in range(7)]
-    engine = object()
-    run = SimpleNamespace(examples=examples, config=SimpleNamespace(seed=3, model="m"), student=torch.nn.Linear(2, 2),
-                          tokenizer=None, engine=engine)
+    policy = _policy()
+    run = SimpleNamespace(examples=examples, config=SimpleNamespace(seed=3, model="m"), policy=policy, tokenizer=None)
     agree = Agree(configure(Agree, {"k": "3", "contexts": "induction", "induction_demos": "2",
                                     "induction_tokens": "5"}, "agree"))
     contexts = agree._induced(run, lambda text: True)
-    [(prompts, tokens, seed, used_engine)] = calls
-    assert (tokens, seed, used_engine) == (5, 3, engine)      # the run's engine, budget and seed
+    [(prompts, tokens, seed, used)] = calls
+    assert (tokens, seed, used) == (5, 3, policy)             # the run's policy samples, with its budget and seed
     assert len(prompts) == 3                                   # 7 // 2 sets of two solved examples
     shown = [[e.prompt for e in examples if f"\n{e.prompt}\n\nSolved answer:\n{e.answer}\n" in p] for p in prompts]
     assert [len(s) for s in shown] == [2, 2, 2] and len({x for s in shown for x in s}) == 6   # disjoint sets
@@ -376,43 +375,22 @@ def test_contrast_active_is_the_share_of_counted_tokens_with_a_nonzero_hinge() -
 
 
 def test_mix_base_samples_the_initial_model_with_the_runs_sampling_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    import contextlib
     import sys
 
-    from unisd import models
     from unisd_plugins.mix import Mix
 
     module = sys.modules[Mix.__module__]
     calls = []
     monkeypatch.setattr(module, "render", lambda tokenizer, text: [len(text)])
-    monkeypatch.setattr(module, "sample", lambda *a, **kw: calls.append((a, kw)) or "sampled")
     plugin = Mix(configure(Mix, {"source": "base"}, "mix"))
     plugin.setup(SimpleNamespace(config=SimpleNamespace(seed=0)))
     settings = SimpleNamespace(max_new_tokens=7, temperature=0.6, top_p=0.95, top_k=20)
-    engine, teacher = object(), object()
-    run = SimpleNamespace(tokenizer="tok", config=settings, engine=engine, student="student", teacher=teacher,
-                          sampler=lambda model: ("sampler of", model))
+    policy = SimpleNamespace(sample=lambda *a, **kw: calls.append((a, kw)) or "sampled")
+    run = SimpleNamespace(tokenizer="tok", config=settings, policy=policy)
     batch = SimpleNamespace(prompts={"student": ["ab", "abc"]}, examples=[])
     assert plugin.completions(batch, run) == "sampled"
-    assert calls.pop() == ((("sampler of", teacher), "tok", [[2], [3]], 7, 0.6, 0.95), {"engine": engine, "top_k": 20})
-
-    adapter = []
-
-    class PeftStudent:
-        @contextlib.contextmanager
-        def disable_adapter(self):
-            adapter.append("off")
-            yield
-            adapter.append("on")
-
-    student = PeftStudent()
-    monkeypatch.setattr(models, "is_peft", lambda model: model is student)
-    monkeypatch.setattr(module, "sample", lambda *a, **kw: calls.append((a, kw, list(adapter))) or "sampled")
-    run.student = student
-    assert plugin.completions(batch, run) == "sampled"
-    # LoRA: the initial model is the student with its adapter off, for exactly the sampling call
-    assert calls.pop() == ((student, "tok", [[2], [3]], 7, 0.6, 0.95), {"engine": engine, "top_k": 20}, ["off"])
-    assert adapter == ["off", "on"]
+    # the initial model (the policy decides how: a frozen copy, or the LoRA student with its adapter off)
+    assert calls == [(([[2], [3]], 7, 0.6, 0.95), {"top_k": 20, "initial": True})]
 
 
 def test_negatives_are_verified_wrong() -> None:
@@ -477,7 +455,7 @@ def test_replies_cut_off_at_the_length_limit_are_counted_not_used(monkeypatch: p
     replies = iter([[("It is five.\nAnswer: 5", True), ("It is three.\nAnswer: ", False)],
                     [("It is three.\nAnswer: 3", False)]])
     monkeypatch.setattr(C, "generate", lambda *a, **k: next(replies))
-    found = build_negatives(None, None, plain, seed=0, max_new_tokens=8, tries=2)
+    found = build_negatives(None, plain, seed=0, max_new_tokens=8, tries=2)
     assert found.demos == ["5", None]        # the unfinished reply is never taken as wrong, on either try
     assert (found.cut_off, found.not_wrong) == (2, 0)
 
@@ -528,28 +506,32 @@ def test_build_negatives_asks_each_example_its_seeded_request_and_checks_the_rep
     mc = [Example(f"Where do fish {verb}?", "B", "gills", meta) for verb in ("live", "sleep", "swim")]
     calls = []
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, seed, engine=None, desc=""):
-        calls.append((prompts, max_new_tokens, seed, engine))
+    def fake_generate(policy, prompts, max_new_tokens, seed, desc=""):
+        calls.append((prompts, max_new_tokens, seed, policy))
         if len(calls) == 1:   # cut off, argues the gold, argues the assigned wrong option
             return [("Fish live on land, so A.", False), ("They need water, B.", True), ("On land, so the answer is A.", True)]
         return [("It is A, they walk on land.", True)] * len(prompts)
 
     monkeypatch.setattr(G, "generate", fake_generate)
-    engine = object()
-    found = build_negatives("model", "tokenizer", mc, seed=5, max_new_tokens=64, tries=3, engine=engine)
+    policy = object()
+    found = build_negatives(policy, mc, seed=5, max_new_tokens=64, tries=3)
     assert [c[0] for c in calls] == [[negative_request(mc[i], random.Random(f"5:{attempt}:{i}"))[0] for i in todo]
                                      for attempt, todo in ((0, [0, 1, 2]), (1, [0, 1]))]
-    assert [c[1:] for c in calls] == [(64, 5, engine), (64, 6, engine)]   # budget, seed + attempt, the run's engine
+    assert [c[1:] for c in calls] == [(64, 5, policy), (64, 6, policy)]   # budget, seed + attempt, the run's policy
     assert found.demos == ["Reasoning: It is A, they walk on land.\nAnswer: A"] * 2 + \
         ["Reasoning: On land, so the answer is A.\nAnswer: A"]
     assert (found.cut_off, found.not_wrong) == (1, 1)                    # a third try is not needed
 
 
-def _contrast_run(examples: list, limit: int, engine: object = None) -> SimpleNamespace:
-    student = torch.nn.Linear(2, 2, bias=False)
-    torch.nn.init.zeros_(student.weight)   # the same weights on every call: the cache key holds their digest
-    return SimpleNamespace(examples=examples, scheduled=lambda: list(range(len(examples))), student=student,
-                           tokenizer=CharTokenizer(), engine=engine,
+def _policy() -> SimpleNamespace:
+    """What a plugin's setup reads of the policy: the student's weights (the same on every call: a cache key
+    holds their digest)."""
+    return SimpleNamespace(student=SimpleNamespace(weights=lambda: iter([("weight", torch.zeros(2, 2))])))
+
+
+def _contrast_run(examples: list, limit: int) -> SimpleNamespace:
+    return SimpleNamespace(examples=examples, scheduled=lambda: list(range(len(examples))), policy=_policy(),
+                           tokenizer=CharTokenizer(),
                            config=SimpleNamespace(seed=0, model="m", max_prompt_tokens=limit,
                                                   teacher_template=TEACHER_TEMPLATE))
 
@@ -565,17 +547,16 @@ def test_contrast_setup_caches_checked_negatives_and_drops_those_too_long(monkey
     calls = []
     long_reasoning = "It is " + "very " * 200 + "seven."
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, seed, engine=None, desc=""):
-        calls.append((max_new_tokens, engine))
+    def fake_generate(policy, prompts, max_new_tokens, seed, desc=""):
+        calls.append(max_new_tokens)
         return [("It is five.\nAnswer: 5", True), (f"{long_reasoning}\nAnswer: 7", True), ("Two and two.\nAnswer: 4", True)]
 
     monkeypatch.setattr(G, "generate", fake_generate)
     examples = [Example(f"What is {q}?", "4", "two and two make four") for q in ("two plus two", "2 + 2", "4 - 0")]
-    engine = object()
     plugin = Contrast(configure(Contrast, {"max_new_tokens": "32", "tries": "1"}, "contrast"))
     plugin.name = "contrast"
-    plugin.setup(_contrast_run(examples, limit=200, engine=engine))
-    assert calls == [(32, engine)]
+    plugin.setup(_contrast_run(examples, limit=200))
+    assert calls == [32]
     assert plugin.negatives == ["Reasoning: It is five.\nAnswer: 5", None, None]   # too long for 200 tokens; not wrong
     assert len(teacher_prompt(examples[0], demo=plugin.negatives[0])) <= 200
     assert ("warning: contrast: 2 of 3 examples have no verified-wrong negative (0 replies cut off at 32 tokens, "
@@ -696,18 +677,11 @@ def test_mix_state_round_trip_continues_the_same_draws(monkeypatch: pytest.Monke
     assert later[0] == later[1] and 0 < sum(later[0]) < 20
 
 
-def test_ema_refuses_a_student_without_all_its_weights_and_needs_setup(monkeypatch):
+def test_ema_needs_setup():
     from unisd_plugins import ema as ema_module
     plugin = ema_module.EMA()
     with pytest.raises(AssertionError, match="^ema: setup was not called$"):
         plugin.state_dict()
-    student = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(3)))  # 6 weights: 0.bias ... 2.weight
-    kept = {"0.weight", "1.weight"}
-    monkeypatch.setattr(ema_module.models, "effective_weights",
-                        lambda m: {n: p for n, p in m.named_parameters() if n in kept})
-    run = SimpleNamespace(student=student, config=SimpleNamespace(bf16=False), encoder=lambda m: m)
-    with pytest.raises(ValueError, match=r"^ema: the student has no weights for \['0.bias', '1.bias', '2.bias'\]$"):
-        plugin.setup(run)
 
 
 @pytest.mark.parametrize("contexts", ["random", "retrieval", "induction"])
@@ -727,11 +701,11 @@ def test_agree_setup_picks_the_first_k_fitting_contexts_of_each_examples_ranked_
     limit = max(len(render(tok, C.reference_context(e, d))) for e in examples for d in examples if 3 not in
                 (examples.index(e), examples.index(d)))
     run = SimpleNamespace(examples=examples, config=SimpleNamespace(seed=2, max_prompt_tokens=limit, model="m", teacher_template=TEACHER_TEMPLATE),
-                          tokenizer=tok, world="the run's", student=torch.nn.Linear(2, 2), engine=None)
+                          tokenizer=tok, world="the run's", policy=_policy())
     agree = Agree(configure(Agree, {"k": "2", "contexts": contexts}, "agree"))
     agree.name = "agree"  # what the plugin host names it
     if contexts == "induction":  # setup hands induction the same fitting test
-        monkeypatch.setattr(generation, "generate", lambda *a, **kw: [("Add them.", True)] * len(a[2]))
+        monkeypatch.setattr(generation, "generate", lambda *a, **kw: [("Add them.", True)] * len(a[1]))
         agree.setup(run)
         assert agree.world == "the run's" and agree.contexts == agree._induced(run, lambda t: len(render(tok, t)) <= limit)
         agree.setup(SimpleNamespace(**{**vars(run), "examples": examples[:1]}))  # one example is enough to induce

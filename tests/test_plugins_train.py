@@ -11,6 +11,7 @@ import torch
 
 from unisd import config as cfg
 from unisd.plugin import PluginError, discover
+from unisd.policy import Model
 from unisd.train import prepare, step, train
 
 FIVE = ("ema", "agree", "contrast", "match", "clip")
@@ -108,49 +109,49 @@ def test_cli_reports_bad_options_in_one_line(tiny_model: Path, tiny_data: Path, 
     assert r.returncode == 2 and "agree.k must be at least 2" in r.stderr and "Traceback" not in r.stderr
 
 
-def _max_diff(a: torch.nn.Module, weights: dict[str, torch.Tensor]) -> float:
-    return max(float((p - weights[n]).abs().max()) for n, p in a.named_parameters())
+def _max_diff(a: Model, weights: dict[str, torch.Tensor]) -> float:
+    return max(float((p - weights[n]).abs().max()) for n, p in a.model.named_parameters())
+
+
+def _effective(run) -> dict[str, torch.Tensor]:
+    return {n: w.clone() for n, w in run.policy.student.weights()}
 
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_ema_teacher_moves_toward_the_student(tiny_model: Path, tiny_data: Path, tmp_path: Path, lora: bool) -> None:
-    from unisd.models import effective_weights
-
     run = prepare(_config(tiny_model, tiny_data, tmp_path / "e", ("ema",), options={"ema": {"every": "1", "beta": "0.5"}},
                           lora=lora, lora_r=4, lora_alpha=8, lr=5e-2))
     ema = run.plugins[0]
-    initial = {n: p.detach().clone() for n, p in ema.model.named_parameters()}
-    assert _max_diff(ema.model, effective_weights(run.student)) == 0.0       # θ̄ ← θ at setup
+    initial = {n: p.detach().clone() for n, p in ema.average.model.named_parameters()}
+    assert _max_diff(ema.average, _effective(run)) == 0.0       # θ̄ ← θ at setup
     assert step(run)["skipped"] is False
-    student = effective_weights(run.student)
-    moved = _max_diff(ema.model, initial)
+    student = _effective(run)
+    moved = _max_diff(ema.average, initial)
     assert moved > 0, "the EMA teacher did not move (the official no-op under LoRA)"
     # θ̄ is exactly halfway between the initial and the current student weights (β = 0.5)
-    for n, p in ema.model.named_parameters():
+    for n, p in ema.average.model.named_parameters():
         torch.testing.assert_close(p, 0.5 * initial[n] + 0.5 * student[n])
     assert step(run)["skipped"] is False
-    before = _max_diff(ema.model, effective_weights(run.student))
-    ema.update(run.student, beta=0.0)
-    assert before > 0 and _max_diff(ema.model, effective_weights(run.student)) == 0.0   # β = 0: teacher = student
-    assert ema.teacher(run) is ema.model and not any(p.requires_grad for p in ema.model.parameters())
+    before = _max_diff(ema.average, _effective(run))
+    ema.update(run.policy, beta=0.0)
+    assert before > 0 and _max_diff(ema.average, _effective(run)) == 0.0   # β = 0: teacher = student
+    assert ema.teacher(run) is ema.average and not any(p.requires_grad for p in ema.average.parameters())
 
 
 def test_ema_under_bf16_averages_in_fp32_and_scores_with_bf16_linear_layers(tiny_model: Path, tiny_data: Path,
                                                                     tmp_path: Path) -> None:
-    from unisd.models import effective_weights
-
     run = prepare(_config(tiny_model, tiny_data, tmp_path / "e", ("ema",), options={"ema": {"every": "1", "beta": "0.5"}},
                           lr=5e-2, bf16=True))
     ema = run.plugins[0]
-    initial = {n: p.detach().clone() for n, p in ema.model.named_parameters()}
+    initial = {n: p.detach().clone() for n, p in ema.average.model.named_parameters()}
     assert step(run)["skipped"] is False
-    student = effective_weights(run.student)
+    student = _effective(run)
     scorer = ema.teacher(run)
-    assert scorer is not ema.model
-    for n, p in ema.model.named_parameters():
+    assert scorer is not ema.average
+    for n, p in ema.average.model.named_parameters():
         assert p.dtype == torch.float32
         torch.testing.assert_close(p, 0.5 * initial[n] + 0.5 * student[n])  # the average, unrounded
-        held = dict(scorer.named_parameters())[n]  # linear layers in bf16, as autocast computes them; the rest fp32
+        held = dict(scorer.model.named_parameters())[n]  # linear layers in bf16, as autocast computes them; the rest fp32
         assert held.dtype == (torch.bfloat16 if n.endswith("proj.weight") else torch.float32)
         assert torch.equal(held, p.to(held.dtype))  # refreshed after the update
 
@@ -158,11 +159,11 @@ def test_ema_under_bf16_averages_in_fp32_and_scores_with_bf16_linear_layers(tiny
 def test_ema_every_counts_optimizer_steps(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
     run = prepare(_config(tiny_model, tiny_data, tmp_path / "e", ("ema",), options={"ema": {"every": "2"}}, lr=5e-2))
     ema = run.plugins[0]
-    initial = {n: p.detach().clone() for n, p in ema.model.named_parameters()}
+    initial = {n: p.detach().clone() for n, p in ema.average.model.named_parameters()}
     step(run)
-    assert _max_diff(ema.model, initial) == 0.0 and ema.updates == 0
+    assert _max_diff(ema.average, initial) == 0.0 and ema.updates == 0
     step(run)
-    assert _max_diff(ema.model, initial) > 0 and ema.updates == 1
+    assert _max_diff(ema.average, initial) > 0 and ema.updates == 1
 
 
 def test_ema_state_dict_round_trip(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:

@@ -122,11 +122,14 @@ def test_metric_keys_are_the_union_over_ranks(masked_run):
         assert m["uneven/rank1_only"] == 5.0
 
 
-def test_contrast_negatives_are_generated_once_and_shared(tmp_path, tiny_model, tiny_data):
+def test_contrast_negatives_are_rank_0s_on_every_rank(tmp_path, tiny_model, tiny_data):
+    """On a cache miss every rank generates (a sharded student samples on all ranks together), and every rank
+    keeps rank 0's negatives, which rank 0 alone stores."""
     out = tmp_path / "run"
     out.mkdir()
     done = _torchrun(tmp_path, tiny_model, tiny_data, out, "negatives")
-    assert sorted(p.name for p in out.glob("built-by-rank*")) == ["built-by-rank0"]
+    assert sorted(p.name for p in out.glob("built-by-rank*")) == ["built-by-rank0", "built-by-rank1"]
+    assert len(list((tmp_path / "cache" / "plugins" / "contrast").glob("*.json"))) == 1
     negatives = [json.loads((out / f"negatives-rank{r}.json").read_text()) for r in (0, 1)]
     assert negatives[0] == negatives[1] and len(negatives[0]) == 6
     assert done.stderr.count("warning: contrast:") <= 1  # rank 0 alone speaks

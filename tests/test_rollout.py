@@ -1,4 +1,4 @@
-"""unisd.rollout.sample: the same samples as transformers `generate`, EOS/mask/truncation, padding, bf16 shadow."""
+"""unisd.rollout.sample: the same samples as transformers `generate`, EOS/mask/truncation, padding."""
 from __future__ import annotations
 
 import pytest
@@ -108,29 +108,3 @@ def test_min_new_tokens_fixes_length_and_training_mode_is_restored(model_tok):
     assert fixed.tokens.shape == (3, 6) and fixed.mask.eq(1).all()
     assert fixed.tokens.eq(5).all() and fixed.truncated.all()   # the only id that is not an end id
     assert not fixed.tokens.is_inference()
-
-
-def test_bf16_shadow_follows_current_weights(model_tok, monkeypatch):
-    model, tok = model_tok
-    student = type(model).from_pretrained(model.name_or_path)
-    rows = prompts(tok)
-    r = rollout.sample(student, tok, rows, 6, 0.8, 1.0, dtype=torch.bfloat16)
-    assert r.tokens.shape[0] == 3 and r.mask.shape == r.tokens.shape
-    shadow = rollout.shadow(student, torch.bfloat16)
-    with torch.no_grad():   # an optimizer step changes the student; the next rollout must see it
-        for p in student.parameters():
-            p.add_(0.01)
-    rollout.sample(student, tok, rows, 2, 0.8, 1.0, dtype=torch.bfloat16)
-    assert rollout.shadow(student, torch.bfloat16) is shadow   # built once, refreshed in place
-    for (name, p), q in zip(shadow.named_parameters(), student.parameters()):
-        assert p.dtype == torch.bfloat16
-        assert torch.equal(p, q.detach().to(torch.bfloat16)), name
-    # greedy from the shadow equals greedy from a bf16 copy of the current student
-    reference_bf16 = type(model).from_pretrained(model.name_or_path)
-    reference_bf16.load_state_dict(student.state_dict())
-    reference_bf16 = reference_bf16.to(torch.bfloat16)
-    got = rollout.sample(student, tok, rows, 8, GREEDY, 1.0, dtype=torch.bfloat16)
-    ref = reference(reference_bf16, tok, rows, 8, do_sample=False)
-    for i in range(3):
-        n = int(got.mask[i].sum())
-        assert got.tokens[i, :n].tolist() == ref[i, :n].tolist()

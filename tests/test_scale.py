@@ -40,7 +40,7 @@ def test_ce_baselines_run_no_teacher_forward(tiny_model, tiny_data, tmp_path, mo
     assert seen == [None]
     assert metrics["loss"] > 0 and metrics["grad_norm"] > 0
     # SFT never loads the frozen initial model; SSD samples its targets from it, but scores nothing with it
-    assert (run.initial is None) == (preset == "sft")
+    assert run.policy.loaded_initial == (preset == "ssd")
 
 
 def test_ce_without_a_teacher_is_the_student_cross_entropy(tiny_model, tiny_data, tmp_path):
@@ -53,7 +53,7 @@ def test_ce_without_a_teacher_is_the_student_cross_entropy(tiny_model, tiny_data
     for i, prompt in enumerate(batch.prompts["student"]):  # by hand: the model's logits on prompt + completion
         ids = render(run.tokenizer, prompt)
         n = int(batch.mask[i].sum())
-        logits = run.student(input_ids=torch.tensor([ids + tokens[i, :n].tolist()])).logits[0]
+        logits = run.policy.model(input_ids=torch.tensor([ids + tokens[i, :n].tolist()])).logits[0]
         logp = torch.log_softmax(logits[len(ids) - 1: len(ids) - 1 + n].float(), -1)
         want = -logp.gather(-1, tokens[i, :n, None]).squeeze(-1)
         torch.testing.assert_close(out.divergence[i, :n], want, rtol=1e-4, atol=1e-5)
@@ -86,7 +86,7 @@ def test_sampling_ignores_the_models_generation_config(tiny_model, tiny_data, tm
         run = tr.prepare(_config(model, tiny_data, tmp_path / f"out-{model.name}", max_new_tokens=12))
         prompts = [render(run.tokenizer, p) for p in ("What is two plus two?", "Name a colour.")]
         torch.manual_seed(1)
-        drawn = sample(run.student, run.tokenizer, prompts, 12, 0.7, 1.0)
+        drawn = run.policy.sample(prompts, 12, 0.7, 1.0)
         torch.manual_seed(2)
         results.append((drawn.tokens, tr.step(run)["loss"]))
     (plain_tokens, plain_loss), (odd_tokens, odd_loss) = results

@@ -44,17 +44,17 @@ def _run(tiny_model, tiny_data, tmp_path, skip: int):
 
 def _step_gradients(run, rollout, monkeypatch) -> dict[str, torch.Tensor]:
     """The gradient `step` computes on `rollout` (captured when the step clears it)."""
-    monkeypatch.setattr(tr, "sample", lambda *a, **k: rollout)
+    monkeypatch.setattr(tr.Policy, "sample", lambda *a, **k: rollout)
     grads: dict[str, torch.Tensor] = {}
     monkeypatch.setattr(run.optimizer, "zero_grad", lambda **kw: grads.update(
-        {n: p.grad.clone() for n, p in run.student.named_parameters() if p.grad is not None}))
+        {n: p.grad.clone() for n, p in run.policy.model.named_parameters() if p.grad is not None}))
     tr.step(run)
     return grads
 
 
 def test_skipped_positions_carry_no_gradient(tiny_model, tiny_data, tmp_path, monkeypatch):
     probe = _run(tiny_model, tiny_data, tmp_path, 0)
-    rollout = _fixed_rollout(probe.student.config.vocab_size)
+    rollout = _fixed_rollout(probe.policy.model.config.vocab_size)
     skipped = _step_gradients(_run(tiny_model, tiny_data, tmp_path, SKIP), rollout, monkeypatch)
     every = _step_gradients(_run(tiny_model, tiny_data, tmp_path, 0), rollout, monkeypatch)
 
@@ -64,10 +64,10 @@ def test_skipped_positions_carry_no_gradient(tiny_model, tiny_data, tmp_path, mo
     kept = rollout.mask.clone()
     kept[:, :SKIP] = 0.0
     batch.tokens, batch.mask, batch.truncated = rollout.tokens, kept, rollout.truncated
-    out = tr.forward(run, batch, run.teacher)
+    out = tr.forward(run, batch, run.policy.initial)
     numerator, denominator = losses.weighted_sums(out.divergence, out.mask)
     (numerator / denominator).backward()
-    by_hand = {n: p.grad for n, p in run.student.named_parameters() if p.grad is not None}
+    by_hand = {n: p.grad for n, p in run.policy.model.named_parameters() if p.grad is not None}
 
     assert skipped.keys() == by_hand.keys()
     for name, grad in by_hand.items():
@@ -77,8 +77,8 @@ def test_skipped_positions_carry_no_gradient(tiny_model, tiny_data, tmp_path, mo
 
 def test_counted_tokens_leave_out_the_skipped_ones(tiny_model, tiny_data, tmp_path, monkeypatch):
     run = _run(tiny_model, tiny_data, tmp_path, SKIP)
-    rollout = _fixed_rollout(run.student.config.vocab_size)
-    monkeypatch.setattr(tr, "sample", lambda *a, **k: rollout)
+    rollout = _fixed_rollout(run.policy.model.config.vocab_size)
+    monkeypatch.setattr(tr.Policy, "sample", lambda *a, **k: rollout)
     metrics = tr.step(run)
     assert metrics["completion_tokens"] == sum(max(n - SKIP, 0) for n in LENGTHS)
     assert metrics["completion_length"] == sum(LENGTHS) / len(LENGTHS)  # what was sampled, skipped or not

@@ -10,11 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unisd import config as cfg
-from unisd import engine, losses, train as tr
+from unisd import engine, losses, rollout, train as tr
 from unisd.data import Example
 from unisd.plugin import Plugin, PluginInfo
 from unisd.rollout import Rollout
-from unisd.run import AdapterOff
 
 
 def _config(model: Path, data: Path, out: Path, **kw) -> cfg.TrainConfig:
@@ -39,9 +38,9 @@ def test_padding_gives_the_same_per_example_loss_as_unbatched(tiny_model, tiny_d
     run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out"))
     prompts = ["What is two plus two?", "Name a colour of the sky, please, in one word only."]
     completions = [[40, 41, 42, 43, 44, 45], [50, 51]]
-    batched = tr.forward(run, _fixed_batch(run, prompts, completions), run.teacher)
+    batched = tr.forward(run, _fixed_batch(run, prompts, completions), run.policy.initial)
     for i in range(2):
-        alone = tr.forward(run, _fixed_batch(run, [prompts[i]], [completions[i]]), run.teacher)
+        alone = tr.forward(run, _fixed_batch(run, [prompts[i]], [completions[i]]), run.policy.initial)
         n = len(completions[i])
         torch.testing.assert_close(batched.divergence[i, :n], alone.divergence[0, :n], rtol=1e-4, atol=1e-6)
         for view in ("student", "teacher"):
@@ -59,7 +58,7 @@ def test_bf16_teacher_on_the_student_prompt_gives_zero_divergence_at_step_0(tiny
     prompts = ["What is two plus two?", "Name a colour of the sky, please, in one word only."]
     batch = _fixed_batch(run, prompts, [[40, 41, 42, 43, 44, 45], [50, 51]])
     batch.prompts["teacher"] = list(batch.prompts["student"])
-    out = tr.forward(run, batch, run.teacher)
+    out = tr.forward(run, batch, run.policy.initial)
     assert out.mask.sum() == 8
     assert float(out.divergence.detach().abs().max()) < 1e-6
     torch.testing.assert_close(out.logps["teacher"], out.logps["student"].detach(), rtol=0, atol=1e-5)
@@ -72,32 +71,33 @@ def test_bf16_computes_in_bf16_with_fp32_master_weights(tiny_model, tiny_data, t
     exact = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "fp32"))
     fast = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "bf16", bf16=True))
     # the frozen teacher holds its linear layers in bf16 (what autocast computes them in), the rest in fp32
-    held = {n: p.dtype for n, p in fast.teacher.named_parameters()}
+    held = {n: p.dtype for n, p in fast.policy.initial.model.named_parameters()}
     assert {n for n, d in held.items() if d == torch.bfloat16} == {n for n in held if n.endswith("proj.weight")}
-    reference = tr.forward(exact, _fixed_batch(exact, prompts, completions), exact.teacher)
+    reference = tr.forward(exact, _fixed_batch(exact, prompts, completions), exact.policy.initial)
     seen: list[torch.dtype] = []
-    for model in (fast.student, fast.teacher):
+    for model in (fast.policy.model, fast.policy.initial.model):
         model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    got = tr.forward(fast, _fixed_batch(fast, prompts, completions), fast.teacher)
+    got = tr.forward(fast, _fixed_batch(fast, prompts, completions), fast.policy.initial)
     assert seen == [torch.bfloat16, torch.bfloat16]  # the student's and the teacher's layer computed in bf16
     assert not torch.equal(got.divergence, reference.divergence)
     torch.testing.assert_close(got.divergence, reference.divergence, rtol=0.1, atol=0.02)
     losses.weighted_mean(got.divergence, got.mask).backward()
     assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
-               for p in fast.student.parameters())
-    dtypes: list[object] = []
-    real_sample = tr.sample
-    monkeypatch.setattr(tr, "sample", lambda *a, **k: dtypes.append(k.get("dtype")) or real_sample(*a, **k))
+               for p in fast.policy.model.parameters())
+    dtypes: list[set[torch.dtype]] = []
+    real_sample = rollout.sample
+    monkeypatch.setattr(rollout, "sample", lambda model, *a, **k: dtypes.append({p.dtype for p in model.parameters()})
+                        or real_sample(model, *a, **k))
     fast.optimizer.zero_grad()
     assert torch.isfinite(torch.tensor(tr.step(fast)["loss"]))
-    assert dtypes == [torch.bfloat16]
+    assert dtypes == [{torch.bfloat16}]  # sampled from a whole bf16 copy
 
 
 def test_loss_decreases_on_a_repeated_batch(tiny_model, tmp_path, monkeypatch):
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"prompt": "What is two plus two?", "answer": "four", "rationale": "2+2=4"}) + "\n")
     fixed = Rollout(torch.tensor([[40, 41, 42, 43, 44, 2]]), torch.ones(1, 6), torch.tensor([False]))
-    monkeypatch.setattr(tr, "sample", lambda *a, **k: fixed)
+    monkeypatch.setattr(tr.Policy, "sample", lambda *a, **k: fixed)
     run = tr.prepare(_config(tiny_model, data, tmp_path / "out", batch_size=1, lr=1e-3, max_steps=3))
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: 1.0)  # constant lr for the check
     seen = [tr.step(run)["loss"] for _ in range(3)]
@@ -118,7 +118,7 @@ class Probe(Plugin):
 
     def teacher(self, run):
         Probe.calls.append("teacher")
-        return Counting(run.teacher)
+        return Counting(run.policy.initial.model)
 
     def token_loss(self, D, out):
         Probe.calls.append("token_loss")
@@ -235,8 +235,8 @@ def test_end_to_end_output_loads_in_lm_eval(tiny_model, tiny_data, tmp_path):
 
 def test_prepare_recomputes_activations_without_reentrant_checkpointing(tiny_model, tiny_data, tmp_path):
     run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out"))
-    layers = [m for m in run.student.modules() if hasattr(m, "_gradient_checkpointing_func")]
-    assert layers and run.student.is_gradient_checkpointing
+    layers = [m for m in run.policy.model.modules() if hasattr(m, "_gradient_checkpointing_func")]
+    assert layers and run.policy.model.is_gradient_checkpointing
     assert all(m._gradient_checkpointing_func.keywords == {"use_reentrant": False} for m in layers)
 
 
@@ -282,7 +282,8 @@ def test_step_times_each_phase_over_every_micro_batch(tiny_model, tiny_data, tmp
 
 def test_lora_teacher_is_the_student_with_its_adapter_off(tiny_model, tiny_data, tmp_path):
     run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", lora=True, lora_r=4, lora_alpha=8))
-    assert isinstance(run.teacher, AdapterOff) and run.teacher.peft_model is run.student  # no second copy
+    teacher = run.policy.initial
+    assert teacher.adapter_off and teacher.model is run.policy.model  # no second copy
 
 
 @pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd"])
@@ -291,15 +292,15 @@ def test_forward_divergence_is_the_named_one_between_student_and_teacher_prompts
     run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", divergence=divergence, alpha=0.3))
     prompt, completion = "What is two plus two?", [40, 41, 42, 43]
     batch = _fixed_batch(run, [prompt], [completion])
-    got = tr.forward(run, batch, run.teacher).divergence[0]
+    got = tr.forward(run, batch, run.policy.initial).divergence[0]
 
     def logits(model, text: str) -> torch.Tensor:  # the model's logits at the completion's positions, by hand
         ids = tr.render(run.tokenizer, text)
         with torch.no_grad():
             return model(input_ids=torch.tensor([ids + completion])).logits[0, len(ids) - 1:-1]
 
-    student = logits(run.student, prompt)
-    teacher = logits(run.teacher, batch.prompts["teacher"][0])
+    student = logits(run.policy.model, prompt)
+    teacher = logits(run.policy.initial.model, batch.prompts["teacher"][0])
     want = losses.pick(divergence, 0.3)(student, teacher, run.config.loss_temperature)
     torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-6)
 
@@ -314,7 +315,7 @@ def test_a_step_without_a_counted_token_moves_nothing(tiny_model, tiny_data, tmp
     """Every completion masked (e.g. --mask-truncated and all cut off): the step still runs backward, with a
     zero gradient, so that data-parallel ranks all join the gradient reduction."""
     empty = Rollout(torch.tensor([[40, 41], [42, 43]]), torch.zeros(2, 2), torch.tensor([True, True]))
-    monkeypatch.setattr(tr, "sample", lambda *a, **k: empty)
+    monkeypatch.setattr(tr.Policy, "sample", lambda *a, **k: empty)
     run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out"))
     metrics = tr.step(run)
     assert (metrics["completion_tokens"], metrics["loss"], metrics["grad_norm"], metrics["skipped"]) == (0, 0, 0, False)
@@ -323,15 +324,14 @@ def test_a_step_without_a_counted_token_moves_nothing(tiny_model, tiny_data, tmp
 def test_the_student_samples_from_its_own_rendered_prompts(tiny_model, tiny_data, tmp_path, monkeypatch):
     calls: list[tuple] = []
     fixed = Rollout(torch.tensor([[40, 41], [42, 43]]), torch.ones(2, 2), torch.tensor([False, False]))
-    monkeypatch.setattr(tr, "sample", lambda *args, **kwargs: calls.append((args, kwargs)) or fixed)
-    monkeypatch.setattr(engine, "require", lambda: None)
-    run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", rollout="vllm", top_k=7))
-    run.started_engine = started = object()  # as if vLLM had started: the sampler gets it
+    monkeypatch.setattr(tr.Policy, "sample", lambda *args, **kwargs: calls.append((args, kwargs)) or fixed)
+    run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", top_k=7))
     rendered = {tuple(tr.render(run.tokenizer, e.prompt)) for e in run.examples}
     tr.step(run)
     ((args, kwargs),) = calls
-    assert len(args[2]) == 2 and {tuple(ids) for ids in args[2]} < rendered  # two examples' chat-rendered prompts
-    assert kwargs == {"dtype": None, "engine": started, "top_k": 7}
+    assert args[0] is run.policy and args[2:] == (run.config.max_new_tokens, run.config.temperature, run.config.top_p)
+    assert len(args[1]) == 2 and {tuple(ids) for ids in args[1]} < rendered  # two examples' chat-rendered prompts
+    assert kwargs == {"top_k": 7}
 
 
 def test_an_epoch_is_the_examples_over_the_global_batch(tiny_model, tiny_data, tmp_path):

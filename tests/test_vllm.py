@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from unisd import config as cfg
 from unisd import engine as engine_module
 from unisd import models, rollout
+from unisd.policy import effective_weights
 from unisd.cli import main
 from unisd.sequences import left_pad, render
 from unisd.train import train
@@ -66,6 +67,13 @@ def model_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
+def _draw(engine: engine_module.Engine, model: torch.nn.Module, tok, rows: list[list[int]], max_new_tokens: int,
+          temperature: float) -> rollout.Rollout:
+    """What `Policy.sample` does under --rollout vllm: load the model's current weights, then draw (top-p 1)."""
+    engine.load(effective_weights(model, []))
+    return rollout.sample_with(engine, tok, rows, max_new_tokens, temperature, 1.0, rollout.eos_ids(model, tok))
+
+
 def fixed_sequence(tokenizer) -> list[int]:
     return render(tokenizer, "Name a colour of the sky.") + tokenizer("the sky is blue", add_special_tokens=False)["input_ids"]
 
@@ -74,7 +82,7 @@ def fixed_sequence(tokenizer) -> list[int]:
 def test_greedy_matches_generate_token_for_token(engine, model_tok):
     model, tok = model_tok
     rows = prompts(tok)
-    got = rollout.sample(model, tok, rows, 16, GREEDY, 1.0, engine=engine)
+    got = _draw(engine, model, tok, rows, 16, GREEDY)
     ids, attn = left_pad(rows, tok.pad_token_id)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=16,
@@ -94,7 +102,7 @@ def test_sampling_is_seeded_by_torch_and_varies_with_the_seed(engine, model_tok)
     draws = []
     for seed in (3, 3, 4):
         torch.manual_seed(seed)
-        draws.append(rollout.sample(model, tok, rows, 12, 1.0, 1.0, engine=engine))
+        draws.append(_draw(engine, model, tok, rows, 12, 1.0))
     assert torch.equal(draws[0].tokens, draws[1].tokens) and torch.equal(draws[0].mask, draws[1].mask)
     assert not torch.equal(draws[0].tokens, draws[2].tokens)
 
@@ -107,7 +115,7 @@ def test_a_batch_of_long_prompts_samples_with_seeds(engine, model_tok):
     rows = [render(tok, f"{i} " + "What is two plus two? " * 40) for i in range(16)]   # distinct: no shared prefix
     assert sum(map(len, rows)) > 4096
     torch.manual_seed(0)
-    got = rollout.sample(model, tok, rows, 4, 1.0, 1.0, engine=engine)
+    got = _draw(engine, model, tok, rows, 4, 1.0)
     assert got.tokens.shape[0] == 16 and bool((got.mask.sum(1) > 0).all())
 
 
@@ -115,10 +123,10 @@ def test_a_batch_of_long_prompts_samples_with_seeds(engine, model_tok):
 def test_eos_ends_a_completion_and_length_limit_truncates(engine, model_tok):
     model, tok = model_tok
     rows = prompts(tok)
-    free = rollout.sample(model, tok, rows, 8, GREEDY, 1.0, engine=engine)
+    free = _draw(engine, model, tok, rows, 8, GREEDY)
     stop = int(free.tokens[0, 2])  # the token row 0 emits third becomes an extra end-of-turn id
     model.generation_config.eos_token_id = [tok.eos_token_id, stop]
-    r = rollout.sample(model, tok, rows, 8, GREEDY, 1.0, engine=engine)
+    r = _draw(engine, model, tok, rows, 8, GREEDY)
     assert r.tokens[0, :3].tolist() == free.tokens[0, :3].tolist()
     assert int(r.mask[0].sum()) == 3 and not bool(r.truncated[0])
     assert r.mask[0, 3:].sum() == 0 and (r.tokens[0, 3:] == tok.pad_token_id).all()
@@ -131,7 +139,7 @@ def test_eos_ends_a_completion_and_length_limit_truncates(engine, model_tok):
 def test_after_an_optimizer_step_the_engine_samples_the_new_weights(engine, model_tok):
     model, tok = model_tok
     ids = fixed_sequence(tok)
-    rollout.sample(model, tok, prompts(tok)[:1], 4, 1.0, 1.0, engine=engine)  # loads the current weights
+    engine.load(effective_weights(model, []))  # what Policy.sample loads before each draw
     before = engine_logprobs(engine, ids)
     assert torch.allclose(before, model_logprobs(model, ids), atol=LOGP_TOL)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -141,12 +149,12 @@ def test_after_an_optimizer_step_the_engine_samples_the_new_weights(engine, mode
     optimizer.step()
     after_student = model_logprobs(model, ids)
     assert (after_student - before).abs().max() > 100 * LOGP_TOL  # the step really moved the log-probs
-    rollout.sample(model, tok, prompts(tok)[:1], 4, 1.0, 1.0, engine=engine)  # the next rollout syncs
+    engine.load(effective_weights(model, []))  # the next rollout syncs
     assert torch.allclose(engine_logprobs(engine, ids), after_student, atol=LOGP_TOL)
 
 
 @vllm_only
-def test_lora_student_syncs_its_merged_weights(engine, model_tok):
+def test_lora_student_syncs_its_merged_weights_layer_by_layer(engine, model_tok):
     model, tok = model_tok
     ids = fixed_sequence(tok)
     base = model_logprobs(model, ids)
@@ -158,10 +166,10 @@ def test_lora_student_syncs_its_merged_weights(engine, model_tok):
     student.eval()
     merged = model_logprobs(student, ids)
     assert (merged - base).abs().max() > 100 * LOGP_TOL
-    rollout.sample(student, tok, prompts(tok)[:1], 4, 1.0, 1.0, engine=engine)
+    engine.load(effective_weights(student, []))  # no merged copy of the model: each layer's sum as it streams
     assert torch.allclose(engine_logprobs(engine, ids), merged, atol=LOGP_TOL)
     with student.disable_adapter():  # mix source=base under LoRA samples the initial model
-        rollout.sample(student, tok, prompts(tok)[:1], 4, 1.0, 1.0, engine=engine)
+        engine.load(effective_weights(student, []))
     assert torch.allclose(engine_logprobs(engine, ids), base, atol=LOGP_TOL)
 
 
@@ -253,3 +261,23 @@ def test_rollout_eager_reaches_the_engine_and_is_not_part_of_the_run_identity(ti
         engine_module.start(config, world)
     assert seen == [False, True]
     assert "rollout_eager" in NOT_IDENTITY  # a resumed run may start its engine either way
+
+
+@vllm_only
+def test_fsdp_with_vllm_rollouts_trains_resumes_exactly_and_saves(model_dir, tiny_data, tmp_path):
+    """torchrun x2 with --fsdp: each rank's engine gets the whole weights, gathered from the shards layer by layer."""
+    from conftest import cut_back, torchrun_train
+
+    extra = ["--rollout", "vllm", "--rollout-kv-cache-gb", "0.25", "--rollout-eager"]
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    torchrun_train(model_dir, tiny_data, run, *extra)
+    cut_back(run, resumed)
+    torchrun_train(model_dir, tiny_data, resumed, *extra, "--resume")
+    a, b = load_file(str(run / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert any(not torch.equal(a[k], initial[k]) for k in a)  # it trained
+    from lm_eval.models.huggingface import HFLM
+
+    loaded = HFLM(pretrained=str(run), device="cpu", batch_size=1).model.state_dict()
+    assert all(torch.equal(loaded[k], a[k]) for k in a)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # torch only for annotations: the CLI refuses bad flags befor
     from unisd.config import TrainConfig
     from unisd.data import Example
     from unisd.distributed import World
+    from unisd.policy import Model, Policy
     from unisd.rollout import Rollout
 
 API_VERSION = 1
@@ -62,33 +63,22 @@ class Outputs:
 class RunView(Protocol):
     """What a plugin may read and call on the run (`unisd.run.Run` provides it).
 
-    config, tokenizer, examples, student, world: as loaded; step: optimizer steps done; engine: the
-    vLLM engine under --rollout vllm, else None (pass it on to `unisd.generation.generate`).
+    config, tokenizer, examples, world: as loaded; step: optimizer steps done; policy: the student's weights
+    and their forms (`unisd.policy.Policy`): `policy.sample(...)` draws from the student (or, `initial=True`,
+    from the initial model) as the run samples, `policy.student.weights()` streams its effective weights,
+    `policy.follower()` makes a frozen copy that follows them (an EMA teacher). A plugin never needs to know
+    whether LoRA, bf16, sharding or the vLLM engine is behind them.
     """
 
     config: TrainConfig
     tokenizer: PreTrainedTokenizerBase
     examples: list[Example]
-    student: Any                       # a transformers model, or its peft wrapper under --lora
+    policy: Policy
     world: World
     step: int
 
-    @property
-    def engine(self) -> Any:
-        """The vLLM engine under --rollout vllm (started on first use), else None."""
-
-    @property
-    def teacher(self) -> Any:
-        """The frozen initial model (built on first use)."""
-
     def scheduled(self) -> list[int]:
         """Indices of the examples the whole schedule draws, ascending: prepare setup work for these only."""
-
-    def encoder(self, model: Any) -> torch.nn.Module:
-        """The module a model's hidden states come from (sharded under --fsdp); build a teacher's here."""
-
-    def sampler(self, model: Any) -> Any:
-        """What samples from a model: the model itself, or its sharded encoder."""
 
 
 class Plugin:
@@ -98,7 +88,7 @@ class Plugin:
       setup(run)               once, after model and data are loaded
       completions(batch, run)  -> Rollout or None: completions to train on instead of a student sample
       views(batch)             -> {view name: [prompt per example]}: extra no-grad teacher views
-      teacher(run)             -> module or None: replaces the primary teacher model
+      teacher(run)             -> Model or None: replaces the primary teacher (`run.policy.follower()`)
       token_loss(D, out)       -> D': transforms the per-token divergence [B, T] (chained in CLI order)
       weights(out)             -> w: reliability weights broadcastable to [B, T] (multiplied together)
       aux_losses(out)          -> {name: scalar}: weighted auxiliary terms, added and logged by name
@@ -148,7 +138,7 @@ class Plugin:
     def views(self, batch: Batch) -> Mapping[str, Sequence[Prompt]]:
         return {}
 
-    def teacher(self, run: RunView) -> torch.nn.Module | None:
+    def teacher(self, run: RunView) -> Model | torch.nn.Module | None:
         return None
 
     def token_loss(self, D: torch.Tensor, out: Outputs) -> torch.Tensor:

@@ -86,10 +86,9 @@ def save(run: Run) -> Path:
 
     # collectives first, on every rank: RNGs, and whole tensors of anything sharded
     rngs = distributed.gather(rng_state(), run.world)  # every rank's generators, for an exact resume
-    trainable = distributed.gathered(((n, p) for n, p in run.student.named_parameters() if p.requires_grad),
-                                     run.world)
+    trainable = distributed.gathered(run.policy.trainable(), run.world)
     assert run.optimizer is not None
-    optimizer = get_optimizer_state_dict(run.student, run.optimizer, options=WHOLE_ON_RANK0)
+    optimizer = get_optimizer_state_dict(run.policy.model, run.optimizer, options=WHOLE_ON_RANK0)
     plugins = run.hooks.state_dict()
     root = run.out / "checkpoints"
     final = root / f"step-{run.step:06d}"
@@ -230,11 +229,11 @@ def restore(run: Run, echo: Callable[[str], None], extend: bool) -> bool:
             raise OutputDirError(f"{folder} holds no state for plugin {', '.join(missing)}; "
                                  "resume with the plugins it was written with, or --overwrite")
         trainable = load_file(str(folder / "trainable.safetensors"), device=str(run.world.device))
-        params = dict(run.student.named_parameters())
+        params = dict(run.policy.trainable())
         for name, value in trainable.items():
             distributed.assign(params[name], value)
         assert run.optimizer is not None
-        set_optimizer_state_dict(run.student, run.optimizer, torch.load(folder / "optimizer.pt", weights_only=False),
+        set_optimizer_state_dict(run.policy.model, run.optimizer, torch.load(folder / "optimizer.pt", weights_only=False),
                                  options=StateDictOptions(full_state_dict=True))
         run.scheduler.load_state_dict(state["scheduler"])
         run.step, run.position, run.bad_steps = state["step"], state["position"], state["bad_steps"]
@@ -269,8 +268,7 @@ def save_final(run: Run) -> None:
     from unisd import distributed
     from unisd.plugin import discover
 
-    sharded = distributed.is_sharded(run.student_hidden)
-    weights = distributed.gathered(run.student.named_parameters(), run.world) if sharded else None
+    weights, adapter = run.policy.gathered()
     if not run.world.main:
         return
 
@@ -283,11 +281,14 @@ def save_final(run: Run) -> None:
                                    "options": {k: v for k, v in vars(p.config).items()}} for p in run.plugins},
               "torch": torch.__version__}
     try:
-        models.save_final(run.student, run.tokenizer, staging, card.render(record, run.out.name), record, weights)
+        models.save_final(run.policy.model, run.tokenizer, staging, card.render(record, run.out.name), record, weights,
+                          adapter)
     except BaseException:  # nothing half-written in the output folder
         shutil.rmtree(staging, ignore_errors=True)
         raise
     names = sorted(f.name for f in staging.iterdir())
     for name in [n for n in names if n != "unisd.json"] + ["unisd.json"]:
+        if (run.out / name).is_dir():  # left by a final write that was cut short (os.replace keeps no folder)
+            shutil.rmtree(run.out / name)
         os.replace(staging / name, run.out / name)
     staging.rmdir()

@@ -116,12 +116,7 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (not (self.fsdp and self.lora), "--fsdp and --lora cannot be combined yet; a LoRA run keeps one "
-                                            "frozen copy of the weights, so use data parallelism (no --fsdp)"),
-            (not (self.fsdp and self.bf16), "--bf16 samples from a whole bf16 copy of the weights; drop it with --fsdp"),
             (self.rollout in ROLLOUTS, f"--rollout must be one of {', '.join(ROLLOUTS)}"),
-            (not (self.fsdp and self.rollout == "vllm"), "--rollout vllm holds whole weights in each rank's engine; "
-                                                         "drop it with --fsdp"),
             (self.rollout_kv_cache_gb > 0, "--rollout-kv-cache-gb must be positive"),
             (all(p in self.teacher_template for p in ("{demonstration}", "{prompt}")),
              "--teacher-template must contain both {demonstration} and {prompt}"),

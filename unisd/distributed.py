@@ -94,15 +94,50 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _local(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` (whole, on every rank) as `param` holds it: this rank's slice when sharded, cut locally."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    value = value.to(param.device, param.dtype)
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+    return value
+
+
 @torch.no_grad()
 def assign(param: torch.Tensor, value: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter, sharded or not (a sharded one keeps this rank's part)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    param.copy_(_local(param, value))
 
-    if isinstance(param, DTensor):  # every rank has `value`: cut locally, no communication
-        value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                  src_data_rank=None)
-    param.copy_(value)
+
+@torch.no_grad()
+def lerp_(param: torch.Tensor, value: torch.Tensor, rate: float) -> None:
+    """param ← param + rate·(value − param) with `value` whole, `param` sharded or not; rate 1 copies (whatever
+    param held before, even an uninitialised NaN)."""
+    if rate == 1.0:
+        assign(param, value)
+    else:
+        param.lerp_(_local(param, value), rate)
+
+
+@contextlib.contextmanager
+def unsharded(unit: Any) -> Iterator[None]:
+    """Inside it an FSDP unit's own parameters are whole tensors (gathered from every rank; all must enter);
+    anything else passes through."""
+    if unit is None:
+        yield
+        return
+    unit.unshard()
+    try:
+        yield
+    finally:
+        unit.reshard()
+
+
+def broadcast_(t: torch.Tensor) -> None:
+    """Rank 0's values into `t` on every rank (in place); one process: nothing to do."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(t, src=0)
 
 
 def gathered(named: Any, world: World) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +102,12 @@ class Engine:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
     @torch.no_grad()
-    def load(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Copy weights (Hugging Face names, any dtype) into the engine and forget KV computed with the old ones."""
+    def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy (Hugging Face name, tensor) pairs, any dtype, into the engine and forget KV computed with the old
+        ones; the pairs are read one at a time (a sharded model gathers them layer by layer)."""
         # vLLM's in-place reload: restores the layers' checkpoint-format parameters, loads, then repacks them
         # for its kernels (on CPU the linear weights live packed for oneDNN; a plain load_weights cannot reach them)
-        cast = [(name, w.to(self.dtype)) for name, w in weights.items()]
+        cast = ((name, w.to(self.dtype)) for name, w in weights)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(cast), "is_checkpoint_format": True})
         self.llm.apply_model(_retie_head)
         self.llm.reset_prefix_cache()

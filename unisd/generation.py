@@ -10,16 +10,17 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
-
 from unisd import distributed, models
 from unisd.data import Example
-from unisd.rollout import sample
 from unisd.sequences import render
+
+if TYPE_CHECKING:
+    from unisd.policy import Policy
 
 
 # ------------------------------------------------------------------------------------------------
@@ -37,31 +38,40 @@ def data_digest(examples: Sequence[Example]) -> str:
 
 
 @torch.no_grad()
-def model_digest(model: torch.nn.Module) -> str:
-    """Hash of the weights the model computes with (per-tensor sums and norms: cheap, order-sensitive)."""
+def model_digest(policy: Policy) -> str:
+    """Hash of the weights the student computes with (per-tensor sums and norms: cheap, order-sensitive)."""
     stats = []
-    for name, w in sorted(models.effective_weights(model).items()):
+    for name, w in policy.student.weights():
         w = w.float()
         stats.append([name, list(w.shape), round(float(w.sum()), 4), round(float(w.norm()), 4)])
-    return content_hash(stats)
+    return content_hash(sorted(stats))
 
 
 def cached(kind: str, key: Any, build: Callable[[], Any]) -> Any:
     """`build()`'s JSON-able result, stored at cache_dir()/plugins/<kind>/<sha256(key)>.json (atomic write).
 
-    Under torchrun, rank 0 alone looks it up or builds it and every rank receives the same value.
+    Under torchrun rank 0 looks it up; when it is missing every rank builds it (a sharded model generates on all
+    ranks together), rank 0 stores its result and every rank returns rank 0's value.
     """
-    return distributed.once(lambda: _cached(kind, key, build))
-
-
-def _cached(kind: str, key: Any, build: Callable[[], Any]) -> Any:
     path = models.cache_dir() / "plugins" / kind / f"{content_hash(key)}.json"
+    found = distributed.once(lambda: _stored(path))
+    if found is not None:
+        return found[0]
+    value = build()
+    return distributed.once(lambda: _store(path, key, value))
+
+
+def _stored(path: Path) -> tuple[Any] | None:
+    """(value,) from the cache, or None when it is missing or damaged (then it is rebuilt)."""
     if path.is_file():
         try:
-            return json.loads(path.read_text(encoding="utf-8"))["value"]
+            return (json.loads(path.read_text(encoding="utf-8"))["value"],)
         except (json.JSONDecodeError, KeyError, OSError):
-            pass  # a damaged entry is rebuilt
-    value = build()
+            pass
+    return None
+
+
+def _store(path: Path, key: Any, value: Any) -> Any:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -75,19 +85,18 @@ def _cached(kind: str, key: Any, build: Callable[[], Any]) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-             max_new_tokens: int, seed: int, temperature: float = 0.7, batch_size: int = 16,
-             engine: Any = None, desc: str = "generating") -> list[tuple[str, bool]]:
-    """(reply, finished) per prompt, batched, with a progress bar; `finished` is False when the reply hit
-    max_new_tokens without an end of turn. Seeded through a forked RNG so global state is untouched.
-    With a vLLM `engine` (`--rollout vllm`) the same draw runs there, with the model's current weights."""
-    device = next(model.parameters()).device
+def generate(policy: Policy, prompts: Sequence[str], max_new_tokens: int, seed: int, temperature: float = 0.7,
+             batch_size: int = 16, desc: str = "generating") -> list[tuple[str, bool]]:
+    """(reply, finished) per prompt from the student as it is now, batched, with a progress bar; `finished` is
+    False when the reply hit max_new_tokens without an end of turn. Seeded through a forked RNG so global state
+    is untouched. Under torchrun every rank must call it (a sharded student samples on all ranks together)."""
+    device, tokenizer = policy.world.device, policy.tokenizer
     replies: list[tuple[str, bool]] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=None, leave=False):
             rows = [render(tokenizer, p) for p in prompts[i:i + batch_size]]
-            drawn = sample(model, tokenizer, rows, max_new_tokens, temperature, 1.0, engine=engine)
+            drawn = policy.sample(rows, max_new_tokens, temperature, 1.0)
             replies.extend((tokenizer.decode(row, skip_special_tokens=True).strip(), not bool(cut))
                            for row, cut in zip(drawn.tokens, drawn.truncated))
     return replies

@@ -154,45 +154,29 @@ def canonical_name(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
-@torch.no_grad()
-def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights the model computes with: base + scaled B @ A for every LoRA layer.
-
-    This is what an EMA teacher must follow under LoRA; averaging only the frozen base weights
-    (as the official code does) leaves the teacher at the initial model forever.
-    """
-    weights = {canonical_name(n): p.detach() for n, p in model.named_parameters() if "lora_" not in n}
-    if is_peft(model):
-        for name, module in model.named_modules():
-            # inside `disable_adapter()` the layers compute with the base weights alone
-            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer") and not module.disable_adapters:
-                key = canonical_name(name) + ".weight"
-                delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-                weights[key] = weights[key] + delta
-    return weights
-
-
 ADAPTER = "adapter"  # a subfolder: an adapter_config.json in the output folder itself makes transformers load it as one
 
 
-def save_adapter(model: Any, folder: Path) -> None:
-    """The LoRA adapter in peft's format (`PeftModel.from_pretrained(base, folder)`, lm-eval's `peft=`), naming its
-    base model by an absolute path when that is a local folder, so it loads from anywhere."""
+def save_adapter(model: Any, folder: Path, weights: dict[str, torch.Tensor]) -> None:
+    """The LoRA adapter (`weights`: its whole tensors by the peft model's names) in peft's format
+    (`PeftModel.from_pretrained(base, folder)`, lm-eval's `peft=`), naming its base model by an absolute path
+    when that is a local folder, so it loads from anywhere."""
     source = model.peft_config["default"].base_model_name_or_path
     if source and Path(source).exists():
         model.peft_config["default"].base_model_name_or_path = str(Path(source).resolve())
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
 
 
-def save_final(model: Any, tokenizer: PreTrainedTokenizerBase, out: Path, card: str,
-               record: dict[str, Any], weights: dict[str, torch.Tensor] | None = None) -> None:
-    """Write a plain transformers model (LoRA merged) that `lm_eval --model hf` loads from `out` itself.
-
-    `weights` replaces the model's own tensors (the whole weights of a sharded model, gathered).
-    """
-    if is_peft(model):  # before merging, which folds the adapter into the weights and drops it
-        save_adapter(model, out / ADAPTER)
-    plain = model.merge_and_unload() if is_peft(model) else model
+def save_final(model: Any, tokenizer: PreTrainedTokenizerBase, out: Path, card: str, record: dict[str, Any],
+               weights: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor]) -> None:
+    """Write a plain transformers model (`weights`: whole tensors by plain names, LoRA merged) that
+    `lm_eval --model hf` loads from `out` itself, and under LoRA its adapter (`adapter`) in out/adapter."""
+    if is_peft(model):
+        save_adapter(model, out / ADAPTER, adapter)
+    source = base_model(model)
+    with torch.device("meta"):  # the architecture only: the tensors written are `weights`
+        plain = AutoModelForCausalLM.from_config(source.config, dtype=torch.float32)
+    plain.generation_config = source.generation_config
     plain.save_pretrained(out, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(out)
     (out / "unisd.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

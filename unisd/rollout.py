@@ -1,17 +1,11 @@
-"""On-policy rollout: the student samples one completion per prompt (transformers `generate`, KV cache).
+"""Sampling one completion per prompt, with transformers `generate` (KV cache) or the vLLM engine.
 
-Sampling is memory-bandwidth bound on CPU (every new token reads all weights), so `sample` can run in
-a lower precision (`dtype=torch.bfloat16`, `unisd train --bf16`): a shadow copy of the student
-in that dtype is refreshed from the student's *current* weights (LoRA merged) at every call, so the
-sample stays on-policy up to bf16 rounding of the weights; the default (fp32) samples the student itself.
-With an `engine` (`--rollout vllm`, see unisd.engine) the same call samples with vLLM instead, after
-copying the model's current effective weights into it, and returns the same `Rollout`.
+`unisd.policy.Policy.sample` chooses what samples (the model, its bf16 copy, its shards, the engine) and gives
+it the current weights; this module draws from it and returns the same `Rollout` whichever it was.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -40,11 +34,11 @@ def eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[i
 
 
 def _transformers_model(model: Any) -> Any:
-    """The transformers model that owns `generation_config`, under a peft wrapper or a sharded encoder."""
+    """The transformers model that owns `generation_config`, under a peft wrapper or a sharded root."""
     from unisd import models
 
     if not isinstance(model, PreTrainedModel) and not models.is_peft(model):
-        model = model.model  # a sharded encoder (unisd.run.HiddenStates) holds the model it samples with
+        model = model.model  # a sharded root (unisd.policy.HiddenStates) holds the model it samples with
     return models.base_model(model)
 
 
@@ -76,63 +70,35 @@ def ignored_settings(model: Any) -> dict[str, Any]:
     return {k: v for k, v in stored.items() if k not in NOT_SAMPLING and implied.get(k) != v}
 
 
-_shadows: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
-
-
-@torch.no_grad()
-def shadow(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A plain copy of `model` in `dtype` holding its current effective weights (built once, refreshed each call)."""
-    from unisd import models
-
-    copy_ = _shadows.get(model)
-    if copy_ is None or next(copy_.parameters()).dtype != dtype:
-        plain = copy.deepcopy(model).merge_and_unload() if models.is_peft(model) else copy.deepcopy(model)
-        copy_ = plain.to(dtype).requires_grad_(False).eval()
-        _shadows[model] = copy_
-    if models.is_peft(model):
-        current = models.effective_weights(model)
-        for name, p in copy_.named_parameters():
-            p.copy_(current[models.canonical_name(name)])
-    else:
-        for p, q in zip(copy_.parameters(), model.parameters()):  # same module tree, same order
-            p.copy_(q)
-    return copy_
-
-
 @torch.no_grad()
 def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
-           max_new_tokens: int, temperature: float, top_p: float, min_new_tokens: int = 0,
-           dtype: torch.dtype | None = None, engine: Engine | None = None, top_k: int = 0) -> Rollout:
+           max_new_tokens: int, temperature: float, top_p: float, min_new_tokens: int = 0, top_k: int = 0,
+           stops: set[int] | None = None, bf16: bool = False) -> Rollout:
     """Sample from the model as it is now; dropout is off while sampling and restored afterwards.
 
-    `top_k` keeps only the k most likely tokens at each step (0: no top-k truncation);
-    `min_new_tokens` suppresses EOS before that many tokens (benchmarks use it to fix the length);
-    `dtype` samples with a shadow copy in that precision, see the module doc. A model sharded with
-    FSDP gathers each layer's weights at every decoding step, so every rank keeps decoding until all
-    ranks are done (`synced_gpus`), and no inference tensors are made (they would live on as weights).
+    `top_k` keeps only the k most likely tokens at each step (0: no top-k truncation); `min_new_tokens`
+    suppresses EOS before that many tokens (benchmarks use it to fix the length); `bf16` computes under bf16
+    autocast. A model sharded with FSDP gathers each layer's weights at every decoding step, so every rank
+    keeps decoding until all ranks are done (`synced_gpus`), and no inference tensors are made (they would
+    live on as weights).
     """
     from unisd import distributed
 
-    if engine is not None:
-        return _sample_with(engine, model, tokenizer, prompts, max_new_tokens, temperature, top_p, min_new_tokens,
-                            top_k)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ids, attn = left_pad(prompts, tokenizer.pad_token_id)
-    stops = sorted(eos_ids(model, tokenizer))
-    sampler = model if dtype is None or dtype == next(model.parameters()).dtype else shadow(model, dtype)
+    stops = eos_ids(model, tokenizer) if stops is None else stops
     extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
     sharded = distributed.is_sharded(model)
     if sharded:
         extra["synced_gpus"] = True
-    mixed = len({p.dtype for p in sampler.parameters()}) > 1  # bf16 linear layers (models.bf16_linears)
     try:
-        with torch.no_grad() if sharded else torch.inference_mode(), only_the_given_settings(sampler), \
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
-            out = sampler.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                                   temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                                   eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **extra)
+        with torch.no_grad() if sharded else torch.inference_mode(), only_the_given_settings(model), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                                 temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                                 eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id, **extra)
     finally:
         model.train(was_training)
     out = out.clone()  # an ordinary tensor, not an inference tensor
@@ -143,17 +109,12 @@ def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
     return Rollout(tokens.masked_fill(mask == 0, tokenizer.pad_token_id), mask, truncated)
 
 
-def _sample_with(engine: Engine, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                 prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                 min_new_tokens: int, top_k: int = 0) -> Rollout:
-    """`sample` through the vLLM engine: load the model's weights (LoRA merged), then one seeded request per prompt.
+def sample_with(engine: Engine, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], max_new_tokens: int,
+                temperature: float, top_p: float, stops: set[int], min_new_tokens: int = 0, top_k: int = 0) -> Rollout:
+    """`sample` through the vLLM engine, with the weights it last loaded: one seeded request per prompt.
 
     The seeds are drawn from torch's global generator, so a seeded or resumed run samples the same completions.
     """
-    from unisd import models
-
-    stops = eos_ids(model, tokenizer)
-    engine.load(models.effective_weights(model))
     seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
     rows = engine.generate(prompts, max_new_tokens, temperature, top_p, stops, seeds, min_new_tokens, top_k)
     return _padded(rows, torch.tensor([not r or r[-1] not in stops for r in rows]), tokenizer.pad_token_id)

@@ -26,8 +26,9 @@ from unisd.data.prompts import student_prompt, teacher_prompt
 from unisd.hooks import Hooks
 from unisd.plugin import load as load_plugins, settle_objective
 from unisd.rng import rng_state, set_rng_state
-from unisd.rollout import ignored_settings, sample
-from unisd.run import TEACHER_OBJECTIVES, AdapterOff, Run, data_order, decoder_owner, order_slice
+from unisd.policy import Model, Policy
+from unisd.rollout import ignored_settings
+from unisd.run import TEACHER_OBJECTIVES, Run, data_order, order_slice
 from unisd.sequences import pack, render
 
 __all__ = ["TrainError", "data_order", "forward", "make_batch", "prepare", "step", "train"]
@@ -51,7 +52,7 @@ def _autocast(run: Run) -> torch.autocast:
     return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" or run.config.bf16)
 
 
-def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
+def forward(run: Run, batch: Batch, teacher: Model | None) -> Outputs:
     """Student forward (grad) and one batched no-grad forward of every teacher view on the same completion.
 
     `teacher` None (the objective and the plugins need none, `Run.needs_teacher`): the student's forward alone.
@@ -60,10 +61,10 @@ def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
     pad = run.tokenizer.pad_token_id
     tok = lambda view: [render(run.tokenizer, p) for p in batch.prompts[view]]  # noqa: E731
     with _autocast(run):
-        student_h = _hidden(run.student_hidden, tok("student"), batch, pad)
+        student_h = _hidden(run.policy.student.hidden, tok("student"), batch, pad)
     where = batch.mask.bool()
     tokens = batch.tokens[where]
-    student_head = decoder_owner(run.student).get_output_embeddings()
+    student_head = run.policy.student.head
     c = run.config
     if teacher is None:
         lp_student = losses.logprobs_in_chunks(student_head, student_h[where], tokens)
@@ -72,10 +73,10 @@ def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
                        {"student": per_token}, {"student": student_h})
     no_grad_views = [v for v in batch.prompts if v != "student"]  # "teacher" first, then plugin views
     with torch.no_grad(), _autocast(run):
-        stacked = _hidden(run.encoder(teacher), sum((tok(v) for v in no_grad_views), []), batch, pad)
+        stacked = _hidden(teacher.hidden, sum((tok(v) for v in no_grad_views), []), batch, pad)
     B = batch.tokens.shape[0]
     view_h = {v: stacked[i * B:(i + 1) * B] for i, v in enumerate(no_grad_views)}
-    teacher_head = decoder_owner(teacher).get_output_embeddings()
+    teacher_head = teacher.head
     # ce and none need no divergence; the chunked pass still gives the log-probs (forward KL, then unused)
     divergence = losses.pick(c.divergence if c.divergence in TEACHER_OBJECTIVES else "fkl", c.alpha)
     D, lp_student, lp_teacher = losses.distill_in_chunks(
@@ -89,10 +90,16 @@ def forward(run: Run, batch: Batch, teacher: Any) -> Outputs:
                    per_view, {"student": student_h, "teacher": view_h["teacher"]})
 
 
+def _teacher(run: Run) -> Model:
+    """The primary teacher: a plugin's (ema), or the frozen initial model."""
+    chosen = run.hooks.teacher(run)
+    return run.policy.initial if chosen is None else run.policy.as_model(chosen)
+
+
 def _zero_through_student(run: Run, out: Outputs) -> torch.Tensor:
     """A zero that depends on every student weight the loss uses (decoder and head): its backward gives
     zero gradients, so DDP's all-reduce and FSDP's reduce-scatter happen on this rank as on the others."""
-    head = decoder_owner(run.student).get_output_embeddings()
+    head = run.policy.student.head
     with _autocast(run):
         return 0.0 * head(out.hidden["student"][:, :1]).float().sum()
 
@@ -126,8 +133,7 @@ def step(run: Run) -> dict[str, float]:
         rollout = hooks.completions(batch, run)
         if rollout is None:  # on-policy: the student samples
             prompt_ids = [render(run.tokenizer, p) for p in batch.prompts["student"]]
-            rollout = sample(run.sampler(run.student), run.tokenizer, prompt_ids, c.max_new_tokens, c.temperature, c.top_p,
-                             dtype=torch.bfloat16 if c.bf16 else None, engine=run.engine, top_k=c.top_k)
+            rollout = run.policy.sample(prompt_ids, c.max_new_tokens, c.temperature, c.top_p, top_k=c.top_k)
         device = run.world.device
         batch.tokens, batch.truncated = rollout.tokens.to(device), rollout.truncated
         batch.mask = rollout.mask.to(device)
@@ -138,8 +144,8 @@ def step(run: Run) -> dict[str, float]:
         t1 = time.perf_counter()
         batch.prompts.update(hooks.views(batch))
         # gradients are reduced over the ranks once per step: DDP's no_sync must hold the forward too
-        with distributed.accumulating(run.student_hidden, skip_sync=micro < c.grad_accum - 1):
-            out = forward(run, batch, (hooks.teacher(run) or run.teacher) if run.needs_teacher else None)
+        with run.policy.accumulating(skip_sync=micro < c.grad_accum - 1):
+            out = forward(run, batch, _teacher(run) if run.needs_teacher else None)
             if micro == 0 and run.world.main and c.log_samples and (run.step + 1) % c.log_samples == 0:
                 run.samples = monitor.sample_records(run.step + 1, batch.prompts["student"], rollout, out, run.tokenizer)
             D = hooks.token_loss(out.divergence, out)
@@ -168,7 +174,7 @@ def step(run: Run) -> dict[str, float]:
     totals = distributed.mean(totals, run.world)
     t4 = time.perf_counter()
     grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(
-        [p for p in run.student.parameters() if p.requires_grad], c.max_grad_norm))
+        [p for _, p in run.policy.trainable()], c.max_grad_norm))
     finite = math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm))
     if finite:
         run.optimizer.step()
@@ -202,28 +208,16 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     if config.fsdp and world.size == 1:
         raise ConfigError("--fsdp shards over several processes: launch with torchrun --nproc_per_node N")
     torch.manual_seed(config.seed + world.rank)  # ranks sample different completions
-    student = models.load_model(config.model).to(world.device)
-    _say_what_differs(config, student, world, echo)
-    # recompute each layer's activations in backward: a step's memory then barely grows with length
-    # (measured on CPU: -0.5 GB peak, +8% step time at batch 4 x 192 tokens); on CUDA activations dominate
-    if hasattr(student, "activation_checkpointing_enable"):  # the name since transformers 5.x deprecated the old one
-        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.lora:
-        student = models.add_lora(student, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
-    student.train()
-    run = Run(config, student, tokenizer, examples, hooks, world, Path(config.out),
-              initial=AdapterOff(student) if config.lora else None)
+    policy = Policy(config, world, tokenizer)
+    _say_what_differs(config, policy.model, world, echo)
+    run = Run(config, policy, tokenizer, examples, hooks, world, Path(config.out))
     run.kept = _fitting(run, echo)
     per_step = config.batch_size * config.grad_accum * world.size
     run.total_steps = config.max_steps or math.ceil(len(run.kept) / per_step)
     if world.size > 1:  # every rank joins the engines' start together, not only a rank that samples first
-        run.engine  # noqa: B018
-    hooks.setup(run)  # before sharding: setup may copy the student or sample from it
-    # with no per-token objective (--divergence none) only the auxiliary terms decide which weights get a gradient
-    run.student_hidden = distributed.wrap(run.encoder(student), world, all_used=config.divergence != "none")
-    params = [p for p in student.parameters() if p.requires_grad]
+        policy.engine  # noqa: B018
+    hooks.setup(run)
+    params = [p for _, p in policy.trainable()]
     # fused: one kernel over all tensors, no foreach temporaries (6x faster on CPU for 135M weights)
     run.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     run.scheduler = get_cosine_schedule_with_warmup(run.optimizer, int(config.warmup_ratio * run.total_steps),

@@ -1,0 +1,138 @@
+"""unisd.policy: the one owner of the weights. Each form (student, initial model, follower, bf16 sampler,
+engine) computes with the weights it should, LoRA merged or switched off, without a whole merged copy."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unisd import config as cfg
+from unisd import models, rollout
+from unisd import train as tr
+from unisd.sequences import render
+
+pytestmark = pytest.mark.integration
+
+
+def _run(tiny_model: Path, tiny_data: Path, out: Path, **overrides):
+    config = cfg.resolve("", (), {}, model=str(tiny_model), data=str(tiny_data), out=str(out), batch_size=2,
+                         max_new_tokens=6, max_steps=2, **overrides)
+    return tr.prepare(config, echo=lambda m: None)
+
+
+@torch.no_grad()
+def _perturb_adapter(model: torch.nn.Module) -> None:
+    """LoRA's B starts at 0 (adapter off = on); give every adapter weight a value so the forms differ."""
+    generator = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+def test_lora_weights_are_the_merged_ones_and_the_initial_model_the_base(tiny_model, tiny_data, tmp_path):
+    run = _run(tiny_model, tiny_data, tmp_path / "out", lora=True, lora_r=4, lora_alpha=8)
+    _perturb_adapter(run.policy.model)
+    merged = copy.deepcopy(run.policy.model).merge_and_unload().state_dict()
+    base = models.load_model(str(tiny_model)).state_dict()
+    student, initial = dict(run.policy.student.weights()), dict(run.policy.initial.weights())
+    assert student.keys() == initial.keys() == {n for n in base if n != "lm_head.weight"} | (
+        {"lm_head.weight"} & set(dict(run.policy.model.named_parameters())))
+    for name, w in student.items():
+        torch.testing.assert_close(w, merged[name], rtol=0, atol=1e-6)
+        assert torch.equal(initial[name], base[name])  # adapter off: the base weights exactly
+    assert any(not torch.equal(student[n], base[n]) for n in student)
+
+
+def test_lora_initial_model_samples_what_the_base_model_samples(tiny_model, tiny_data, tmp_path):
+    run = _run(tiny_model, tiny_data, tmp_path / "out", lora=True, lora_r=4, lora_alpha=8)
+    _perturb_adapter(run.policy.model)
+    prompts = [render(run.tokenizer, p) for p in ("What is two plus two?", "Name a colour.")]
+    base = models.load_model(str(tiny_model))
+    drawn = {}
+    for name, draw in {"initial": lambda: run.policy.sample(prompts, 8, 1.0, 1.0, initial=True),
+                       "student": lambda: run.policy.sample(prompts, 8, 1.0, 1.0),
+                       "base": lambda: rollout.sample(base, run.tokenizer, prompts, 8, 1.0, 1.0)}.items():
+        torch.manual_seed(3)
+        drawn[name] = draw().tokens
+    assert torch.equal(drawn["initial"], drawn["base"])
+    assert not torch.equal(drawn["student"], drawn["base"])  # the adapter is on for the student's own samples
+
+
+def test_bf16_sampler_follows_the_current_weights(tiny_model, tiny_data, tmp_path):
+    run = _run(tiny_model, tiny_data, tmp_path / "out", bf16=True)
+    prompts = [render(run.tokenizer, "What is two plus two?")]
+    run.policy.sample(prompts, 2, 1.0, 1.0)
+    shadow = run.policy._shadow
+    with torch.no_grad():  # an optimizer step changes the student; the next rollout must see it
+        for p in run.policy.model.parameters():
+            p.add_(0.01)
+    run.policy.sample(prompts, 2, 1.0, 1.0)
+    assert run.policy._shadow is shadow  # built once, refreshed in place
+    current = dict(run.policy.model.named_parameters())
+    for name, p in shadow.model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, current[name].detach().to(torch.bfloat16)), name
+
+
+class FakeEngine:
+    """Records what the policy loads and answers every prompt with two tokens."""
+
+    def __init__(self) -> None:
+        self.loaded: list[dict[str, torch.Tensor]] = []
+
+    def load(self, weights):
+        self.loaded.append({n: w.clone() for n, w in weights})
+
+    def generate(self, prompts, max_new_tokens, temperature, top_p, stops, seeds, min_new_tokens, top_k):
+        return [[7, min(stops)] for _ in prompts]
+
+
+def test_the_engine_gets_the_forms_weights_before_each_draw(tiny_model, tiny_data, tmp_path, monkeypatch):
+    from unisd import engine as vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "require", lambda: None)
+    run = _run(tiny_model, tiny_data, tmp_path / "out", lora=True, lora_r=4, lora_alpha=8, rollout="vllm")
+    _perturb_adapter(run.policy.model)
+    run.policy._engine = engine = FakeEngine()  # as if vLLM had started
+    prompts = [render(run.tokenizer, "What is two plus two?")]
+    drawn = run.policy.sample(prompts, 4, 1.0, 1.0)
+    run.policy.sample(prompts, 4, 1.0, 1.0, initial=True)
+    assert drawn.tokens[0, 0] == 7 and not drawn.truncated[0]
+    student, initial = dict(run.policy.student.weights()), dict(run.policy.initial.weights())
+    assert [sorted(w) for w in engine.loaded] == [sorted(student)] * 2
+    assert all(torch.equal(engine.loaded[0][n], student[n]) for n in student)
+    assert all(torch.equal(engine.loaded[1][n], initial[n]) for n in initial)
+
+
+def test_a_follower_is_a_frozen_copy_of_the_current_weights(tiny_model, tiny_data, tmp_path):
+    run = _run(tiny_model, tiny_data, tmp_path / "out", lora=True, lora_r=4, lora_alpha=8)
+    _perturb_adapter(run.policy.model)
+    follower = run.policy.follower()
+    student = dict(run.policy.student.weights())
+    copied = dict(follower.model.named_parameters())
+    assert copied.keys() == student.keys() and all(torch.equal(copied[n], student[n]) for n in student)
+    assert not any(p.requires_grad for p in follower.parameters())
+    assert all(torch.equal(b, dict(models.base_model(run.policy.model).named_buffers())[n])
+               for n, b in follower.model.named_buffers())  # rotary frequencies come along
+    ids = torch.tensor([render(run.tokenizer, "What is two plus two?")])
+    positions = torch.arange(ids.shape[1])[None]
+    run.policy.model.eval()  # no LoRA dropout: the two must compute the same function
+    with torch.no_grad():
+        torch.testing.assert_close(follower.hidden(ids, torch.ones_like(ids), positions),
+                                   run.policy.student.hidden(ids, torch.ones_like(ids), positions), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_the_final_folder_holds_the_merged_weights_and_the_adapter(tiny_model, tiny_data, tmp_path):
+    run = _run(tiny_model, tiny_data, tmp_path / "out", lora=True, lora_r=4, lora_alpha=8)
+    _perturb_adapter(run.policy.model)
+    weights, adapter = run.policy.gathered()
+    out = tmp_path / "final"
+    out.mkdir()
+    models.save_final(run.policy.model, run.tokenizer, out, "card", {"x": 1}, weights, adapter)
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(saved[n], w) for n, w in weights.items() if n in saved)
+    saved_adapter = load_file(str(out / models.ADAPTER / "adapter_model.safetensors"))
+    assert len(saved_adapter) == len(adapter) > 0

@@ -1,0 +1,307 @@
+"""The student's weights and every form a run computes or samples with: one owner, `Policy`.
+
+`step`, the plugins (through `RunView.policy`) and checkpoints never handle LoRA, precision or sharding
+themselves; they ask the policy for a form:
+
+- `student`: hidden states (through DDP, or sharded by FSDP2) and the output head, for the graded forward;
+- `initial`: the frozen initial model, the LoRA student with its adapter off or a second copy loaded once;
+- `follower()`: a frozen plain copy that follows the student's weights (an EMA teacher), held the same way;
+- `sample(...)`: the model itself, a bf16 copy (--bf16) or the vLLM engine (--rollout vllm), each given the
+  current weights one shard unit at a time (LoRA merged on the fly, whole tensors gathered per layer).
+
+Under --fsdp only rank 0 reads the checkpoint: the other ranks build the model on the meta device, every
+rank shards it, and rank 0 broadcasts its weights into the shards, so no rank holds a second whole copy.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from unisd import distributed, models, rollout
+from unisd.config import TrainConfig
+
+Weights = Iterable[tuple[str, torch.Tensor]]
+
+
+class HiddenStates(torch.nn.Module):
+    """A model's final (normed) hidden states, without logits: the loss computes those in chunks.
+
+    The forwards go through this module so that DDP sees a call it can wrap, and under FSDP it is the root
+    that holds the weights outside the decoder layers (embeddings, final norm, head); `generate` is registered
+    as a second forward there, so sampling gathers the root's weights as a forward does.
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.train(getattr(model, "training", False))
+
+    @property
+    def generation_config(self) -> Any:
+        return self.model.generation_config
+
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        return self.model.generate(**kwargs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        decoder = models.base_model(self.model).get_decoder()
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state  # one pass over whole sequences: no KV cache to build
+
+
+class Model:
+    """One model as a step uses it: `hidden(...)` gives final hidden states, `head` the output layer.
+
+    `adapter_off`: the LoRA student computing with its base weights alone, i.e. the initial model, no copy.
+    `graded`: what a forward with gradient goes through (the student's DDP wrapper); else the root itself.
+    """
+
+    def __init__(self, model: Any, root: HiddenStates, adapter_off: bool = False, graded: Any = None) -> None:
+        self.model, self.root, self.adapter_off = model, root, adapter_off
+        self.graded = root if graded is None else graded
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return models.base_model(self.model).get_output_embeddings()
+
+    @property
+    def sharded(self) -> bool:
+        return distributed.is_sharded(self.root)
+
+    def adapter(self) -> contextlib.AbstractContextManager:
+        """Inside it the model computes as this form does (the adapter switched off for the initial model)."""
+        return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        with self.adapter():
+            return self.graded(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return self.model.parameters()
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(plain name, whole tensor) of every weight this form computes with, in order; every rank must iterate
+        it to the end when sharded (each shard unit is gathered in turn)."""
+        with self.adapter():
+            yield from effective_weights(self.model, shard_units(self.root) if self.sharded else [])
+
+    @torch.no_grad()
+    def follow(self, weights: Weights, rate: float = 1.0) -> None:
+        """θ ← θ + rate·(w − θ) for each named whole weight w (rate 1: a copy); a shard takes its own slice."""
+        if self.sharded:
+            self.root.reshard()  # a forward leaves the root's weights gathered: write into the shards
+        params = dict(self.model.named_parameters())
+        for name, w in weights:
+            distributed.lerp_(params[name], w, rate)
+
+
+class Policy:
+    """The trainable student and every form of it a run needs (see the module doc)."""
+
+    def __init__(self, config: TrainConfig, world: distributed.World, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.config, self.world, self.tokenizer = config, world, tokenizer
+        model = _load(config.model, world, sharded=config.fsdp)
+        # recompute each layer's activations in backward: a step's memory then barely grows with length
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x deprecated the old
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.lora:
+            model = models.add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+        model.train()
+        root = _held(model, world, config.fsdp)
+        # with no per-token objective (--divergence none) only auxiliary terms decide which weights get a gradient
+        self.student = Model(model, root, graded=distributed.wrap(root, world, all_used=config.divergence != "none"))
+        self._initial: Model | None = None
+        self._copies: dict[int, Model] = {}   # id(module) -> a plugin teacher given as a plain module
+        self._shadow: Model | None = None     # the bf16 copy hf sampling uses under --bf16
+        self._engine: Any = None
+
+    @property
+    def model(self) -> Any:
+        """The trainable transformers model (peft-wrapped under --lora; its weights sharded under --fsdp)."""
+        return self.student.model
+
+    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The weights the optimizer steps, by name: under --fsdp the shards (a forward or a sampling call leaves
+        the root's weights gathered, and the gathered tensors are only temporary)."""
+        if self.student.sharded:
+            self.student.root.reshard()
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    @property
+    def loaded_initial(self) -> bool:
+        """Whether the initial model has been built (a run whose objective needs no teacher never builds it)."""
+        return self._initial is not None
+
+    @property
+    def initial(self) -> Model:
+        """The frozen initial model: the LoRA student with its adapter off, or a copy loaded on first use
+        (never copied from the student, which may already have trained or been restored)."""
+        if self._initial is None:
+            if models.is_peft(self.model):
+                self._initial = Model(self.model, self.student.root, adapter_off=True)
+            else:
+                model = _load(self.config.model, self.world, sharded=self.config.fsdp)
+                if self.config.bf16 and not self.config.fsdp:  # FSDP holds one dtype per unit: it stays fp32 there
+                    models.bf16_linears(model)  # frozen: bf16 matmul weights compute what autocast would
+                model.requires_grad_(False).eval()
+                self._initial = Model(model, _held(model, self.world, self.config.fsdp))
+        return self._initial
+
+    def follower(self, for_scoring: bool = False) -> Model:
+        """A frozen plain model holding the student's current weights, sharded like it under --fsdp.
+
+        `for_scoring` under --bf16 (unsharded): its linear layers in bf16, as autocast would compute them.
+        """
+        copy = self._skeleton(torch.float32)
+        if for_scoring and self.config.bf16 and not self.config.fsdp:
+            models.bf16_linears(copy.model)
+        copy.follow(self.student.weights())
+        return copy
+
+    def as_model(self, teacher: Any) -> Model:
+        """A plugin's teacher as a `Model` (plugins may return a plain transformers module)."""
+        if isinstance(teacher, Model):
+            return teacher
+        found = self._copies.get(id(teacher))
+        if found is None:
+            found = self._copies[id(teacher)] = Model(teacher, _held(teacher, self.world, self.config.fsdp))
+        return found
+
+    def _skeleton(self, dtype: torch.dtype) -> Model:
+        """The plain architecture with the student's buffers, its weights not yet set (built on the meta device)."""
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(models.resolve(self.config.model)),
+                                                     dtype=dtype)
+        model.requires_grad_(False).eval()
+        root = HiddenStates(model)
+        if self.config.fsdp:
+            distributed.shard(root, model)
+        root.to_empty(device=self.world.device)
+        source = {models.canonical_name(n): b for n, b in models.base_model(self.model).named_buffers()}
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(source[name])
+        model.tie_weights()
+        return Model(model, root)
+
+    @property
+    def engine(self) -> Any:
+        """The colocated vLLM engine under --rollout vllm (unisd.engine), started on first use, else None."""
+        if self.config.rollout != "vllm":
+            return None
+        if self._engine is None:
+            from unisd import engine
+
+            self._engine = engine.start(self.config, self.world)
+        return self._engine
+
+    def sample(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+               top_k: int = 0, min_new_tokens: int = 0, initial: bool = False) -> rollout.Rollout:
+        """One completion per prompt (token ids) from the student as it is now, or from the initial model."""
+        form = self.initial if initial else self.student
+        stops = rollout.eos_ids(self.model, self.tokenizer)
+        if self.engine is not None:
+            self.engine.load(form.weights())
+            return rollout.sample_with(self.engine, self.tokenizer, prompts, max_new_tokens, temperature, top_p, stops,
+                                       min_new_tokens, top_k)
+        bf16 = self.config.bf16 or self.world.device.type == "cuda"
+        sampler: Any = form.root if form.sharded else form.model
+        context: contextlib.AbstractContextManager = form.adapter()
+        if self.config.bf16 and not form.sharded:  # a whole bf16 copy: sampling reads every weight per token
+            if self._shadow is None:
+                self._shadow = self._skeleton(torch.bfloat16)
+            self._shadow.follow(form.weights())
+            sampler, context = self._shadow.model, contextlib.nullcontext()
+        with context:
+            return rollout.sample(sampler, self.tokenizer, prompts, max_new_tokens, temperature, top_p,
+                                  min_new_tokens=min_new_tokens, top_k=top_k, stops=stops, bf16=bf16)
+
+    def accumulating(self, skip_sync: bool) -> contextlib.AbstractContextManager:
+        """Gradients reduced over the ranks once per step (see `distributed.accumulating`)."""
+        return distributed.accumulating(self.student.graded, skip_sync)
+
+    def gathered(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """What the final folder holds, whole and on the CPU of rank 0 ({} elsewhere): the effective weights by
+        plain names (LoRA merged) and the adapter's own tensors; every rank must call it (shards are gathered)."""
+        whole = {}
+        for name, w in self.student.weights():
+            if self.world.main:
+                whole[name] = w.detach().to("cpu")
+        adapter = distributed.gathered(((n, p) for n, p in self.model.named_parameters() if "lora_" in n), self.world)
+        return whole, adapter
+
+
+def shard_units(root: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP units under `root`, decoder layers first and the root (which holds the rest) last."""
+    from torch.distributed.fsdp import FSDPModule
+
+    layers = [m for m in root.modules() if isinstance(m, FSDPModule) and m is not root]
+    return [*layers, root]
+
+
+@torch.no_grad()
+def effective_weights(model: Any, units: list[torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(plain name, tensor) of the weights the model computes with: base + scaled B @ A for a LoRA layer.
+
+    This is what an EMA teacher and the sampler must follow under LoRA; averaging only the frozen base weights
+    (as the official code does) leaves the teacher at the initial model forever. With shard `units` each unit
+    is gathered whole in turn (layer by layer: no whole copy of the model) and what it yields is a copy.
+    """
+    lora_layers = {models.canonical_name(n) + ".weight": m for n, m in model.named_modules()
+                   if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+    names = [n for n, _ in model.named_parameters() if "lora_" not in n]
+    for unit, members in _by_unit(model, names, units):
+        with distributed.unsharded(unit):
+            for name in members:
+                p = model.get_parameter(name)  # read inside: gathering registers the whole tensors in the module
+                key = models.canonical_name(name)
+                module = lora_layers.get(key)
+                if module is not None and not module.disable_adapters:  # a new tensor
+                    yield key, p.detach() + sum(module.get_delta_weight(a) for a in module.active_adapters
+                                                if a in module.lora_A)
+                else:  # a gathered tensor is freed when its unit is resharded: hand out a copy
+                    yield key, p.detach() if unit is None else p.detach().clone()
+
+
+def _by_unit(model: Any, names: list[str], units: list[torch.nn.Module]) -> list[tuple[Any, list[str]]]:
+    """Parameter names grouped by the shard unit that holds them (units in order; no units: one group)."""
+    if not units:
+        return [(None, names)]
+    prefixes = {id(m): n + "." for n, m in model.named_modules()}
+    layers = [(prefixes[id(u)], u) for u in units[:-1] if id(u) in prefixes]
+    groups: list[tuple[Any, list[str]]] = [(u, []) for _, u in layers] + [(units[-1], [])]
+    for name in names:
+        index = next((i for i, (prefix, _) in enumerate(layers) if name.startswith(prefix)), len(layers))
+        groups[index][1].append(name)
+    return groups
+
+
+def _load(spec: str, world: distributed.World, sharded: bool) -> Any:
+    """The model in fp32 on this rank's device; under --fsdp rank 0 alone reads it, the others build it on meta."""
+    if sharded and not world.main:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(models.resolve(spec)),
+                                                    dtype=torch.float32)
+    return models.load_model(spec).to(world.device)
+
+
+def _held(model: Any, world: distributed.World, sharded: bool) -> HiddenStates:
+    """The model's hidden-states root; under --fsdp sharded, rank 0's weights broadcast into every shard."""
+    root = HiddenStates(model)
+    if not sharded:
+        return root
+    whole = root.state_dict() if world.main else {}  # rank 0's tensors, before sharding replaces them
+    distributed.shard(root, models.base_model(model))
+    if not world.main:
+        root.to_empty(device=world.device)
+    set_model_state_dict(root, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del whole
+    for _, b in root.named_buffers():
+        distributed.broadcast_(b)  # buffers outside the state dict (rotary frequencies) too
+    return root
