@@ -204,8 +204,8 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     torch.manual_seed(config.seed + world.rank)  # ranks sample different completions
     student = models.load_model(config.model).to(world.device)
     _say_what_differs(config, student, world, echo)
-    # recompute each layer's activations in backward: a step's memory then barely grows with length
-    # (measured on CPU: -0.5 GB peak, +8% step time at batch 4 x 192 tokens); on CUDA activations dominate
+    # recompute each layer's activations in backward: a step's memory then barely grows with length, for
+    # some step time (docs/performance.md); on CUDA activations dominate
     if hasattr(student, "activation_checkpointing_enable"):  # the name since transformers 5.x deprecated the old one
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -224,7 +224,7 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     # with no per-token objective (--divergence none) only the auxiliary terms decide which weights get a gradient
     run.student_hidden = distributed.wrap(run.encoder(student), world, all_used=config.divergence != "none")
     params = [p for p in student.parameters() if p.requires_grad]
-    # fused: one kernel over all tensors, no foreach temporaries (6x faster on CPU for 135M weights)
+    # fused: one kernel over all tensors, no foreach temporaries
     run.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     run.scheduler = get_cosine_schedule_with_warmup(run.optimizer, int(config.warmup_ratio * run.total_steps),
                                                     run.total_steps)
