@@ -100,12 +100,15 @@ def preset_sources() -> str:
 
 
 def baselines() -> str:
-    """The settings each preset resolves to (what a run with only `--preset NAME` trains with)."""
+    """The settings each preset resolves to (what a run with only `--preset NAME` trains with), after its plugins
+    have set the objective they stand for (`unisd.plugin.settle_objective`: nll gives ce, match.mode=repr none)."""
     from unisd import config as cfg
+    from unisd.plugin import load, settle_objective
 
     rows = []
     for name in cfg.PRESETS:
         c = cfg.resolve(name, (), {}, model="m", data="d", out="o")
+        c = settle_objective(c, load(list(c.plugins), c.options), cfg.divergence_given(name, {}))
         sampling = f"{c.temperature} / {c.top_p} / {c.top_k or 'none'}"
         rows.append([f"`{name}`", c.divergence, c.loss_temperature, sampling, c.skip_first_tokens, c.max_grad_norm,
                      ", ".join(c.plugins) or "none"])
@@ -118,6 +121,12 @@ def baselines() -> str:
 
 def _first_line(obj: Any) -> str:
     return (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ")
+
+
+def _own_first_line(cls: type) -> str:
+    """The class's own docstring, else its module's (a plugin class may leave the explaining to its module)."""
+    own = cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__ or ""
+    return inspect.cleandoc(own).split("\n\n")[0].replace("\n", " ")
 
 
 def _builtin_plugins() -> Iterator[tuple[str, type]]:
@@ -133,12 +142,13 @@ def plugins() -> str:
 
     rows = []
     for name, cls in _builtin_plugins():
-        hooks = ", ".join(f"`{h}`" for h in HOOKS if overrides(cls, h))
+        hooks = ", ".join(f"`{h}`" for h in HOOKS if overrides(cls, h)) or "–"
         fields = dataclasses.fields(cls.Config)
         opts = ", ".join(f"`{f.name}` {_default(f)}" for f in fields) or "–"
-        declared = [f"objective {cls.objective}"] if cls.objective else []
+        plugin = cls(cls.Config())  # an objective may depend on the options (match: mode repr), so ask a default one
+        declared = [f"objective {plugin.objective}"] if plugin.objective else []
         declared += [] if cls.needs_teacher else ["reads no teacher"]
-        rows.append([f"`{name}`", f"`{cls.__module__}.{cls.__qualname__}`", _first_line(cls), hooks, opts,
+        rows.append([f"`{name}`", f"`{cls.__module__}.{cls.__qualname__}`", _own_first_line(cls), hooks, opts,
                      ", ".join(declared) or "–"])
     return _table(["plugin", "class", "what it does", "hooks", "options (defaults)", "declares"], rows)
 
@@ -159,6 +169,7 @@ def hooks() -> str:
     rows = []
     for name in HOOKS:
         signature = str(inspect.signature(getattr(Plugin, name))).replace("self, ", "").replace("(self)", "()")
+        signature = signature.replace("'", "")  # the annotations are strings (from __future__ import annotations)
         rule = _first_line(getattr(Hooks, name))
         rows.append([f"`{name}{signature}`", rule + (" Exclusive: one provider per run." if name in EXCLUSIVE else "")])
     return _table(["hook (signature)", "how the answers of several plugins combine"], rows)
@@ -223,8 +234,9 @@ def _provenance(result: dict[str, Any]) -> str:
     versions = result.get("versions")
     if isinstance(versions, dict):
         lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    if not (command and result.get("git_sha")):
-        lines.append("*provenance incomplete: no command and commit recorded*")
+    missing = [what for what, there in (("command", command), ("commit", result.get("git_sha"))) if not there]
+    if missing:
+        lines.append(f"*provenance incomplete: no {' and no '.join(missing)} recorded*")
     return "".join(f"- {line}\n" for line in lines) + "\n"
 
 
@@ -280,9 +292,17 @@ def _values(result: Any) -> str:
         return f"A list of {len(result)} records.\n" if isinstance(result, list) else f"{_number(result)}\n"
     body = {k: v for k, v in result.items() if k not in PROVENANCE_KEYS}
     leaves = list(_leaves(body))
-    shown = [[f"`{k}`", v] for k, v in leaves[:MAX_VALUES]]
-    more = f"\n{len(leaves) - MAX_VALUES} more values are in the file.\n" if len(leaves) > MAX_VALUES else ""
-    return (_table(["value", ""], shown) if shown else "No values.\n") + more
+    if len(leaves) > MAX_VALUES:  # too many to list: say what the file holds, key by key
+        return _table(["key", "holds"], [[f"`{k}`", _size(v)] for k, v in body.items()]) + "\n"
+    return _table(["value", ""], [[f"`{k}`", v] for k, v in leaves]) if leaves else "No values.\n"
+
+
+def _size(x: Any) -> str:
+    if isinstance(x, dict):
+        return f"{len(x)} entries"
+    if isinstance(x, list):
+        return f"{len(x)} records"
+    return _number(x)
 
 
 RENDERERS: list[tuple[Callable[[Any], bool], Callable[[dict[str, Any]], str]]] = [

@@ -83,4 +83,4 @@ def test_results_render_whatever_files_are_there(tmp_path):
     assert "| 4 × 128 × 64 | sd | 11.5 | 2.00 |" in text
     assert "not readable as JSON" in text
     assert "`n` | 3" in text
-    assert text.count("provenance incomplete") == 3  # all but the one that records command and commit
+    assert text.count("provenance incomplete: no command and no commit") == 2  # step.json, odd.json
