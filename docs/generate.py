@@ -20,9 +20,12 @@ import itertools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import click
+
+if TYPE_CHECKING:
+    from unisd.api import Plugin
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -129,7 +132,7 @@ def _own_first_line(cls: type) -> str:
     return inspect.cleandoc(own).split("\n\n")[0].replace("\n", " ")
 
 
-def _builtin_plugins() -> Iterator[tuple[str, type]]:
+def _builtin_plugins() -> Iterator[tuple[str, type[Plugin]]]:
     """The plugins the unisd distribution registers (a third party's installed plugins are not unisd's docs)."""
     for ep in sorted(importlib.metadata.entry_points(group="unisd.plugins"), key=lambda e: e.name):
         if ep.dist is not None and ep.dist.name == "unisd":
@@ -277,10 +280,18 @@ def _leaves(x: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from _leaves(v, f"{prefix}{k}." if not isinstance(v, (dict, list)) or v else f"{prefix}{k}")
     elif isinstance(x, list) and x and all(not isinstance(v, (dict, list)) for v in x):
         yield prefix.rstrip("."), ", ".join(_number(v) for v in x)
+    elif _records(x):
+        yield prefix.rstrip("."), "records: " + "; ".join(", ".join(f"{k} {_number(v)}" for k, v in r.items()) for r in x)
     elif isinstance(x, list):
         yield prefix.rstrip("."), f"a list of {len(x)} records"
     else:
         yield prefix.rstrip("."), _number(x)
+
+
+def _records(x: Any) -> bool:
+    """A short list of flat records (each a dict of plain values), small enough to show in one cell."""
+    return (isinstance(x, list) and 0 < len(x) <= 8 and
+            all(isinstance(r, dict) and r and all(not isinstance(v, (dict, list)) for v in r.values()) for r in x))
 
 
 PROVENANCE_KEYS = ("command", "argv", "git_sha", "machine", "versions")
