@@ -1,4 +1,4 @@
-"""The library API: `from unisd import TrainConfig, train, evaluate`; the README's example runs as written."""
+"""The library API: `from unisd import TrainConfig, train, evaluate`; the docs' example (docs/training.md) runs as written."""
 from __future__ import annotations
 
 import json
@@ -16,8 +16,8 @@ import unisd.train
 from unisd.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-SECTION = README[README.index("### Config files and the Python API"):]
+PAGE = (ROOT / "docs" / "training.md").read_text()
+SECTION = PAGE[PAGE.index("## Config files and the Python API"):]
 [YAML_EXAMPLE] = re.findall(r"```yaml\n(.*?)```", SECTION[:SECTION.index("\n### ", 5)], flags=re.S)
 [PYTHON_EXAMPLE] = re.findall(r"```python\n(.*?)```", SECTION[:SECTION.index("\n### ", 5)], flags=re.S)
 

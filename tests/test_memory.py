@@ -92,13 +92,3 @@ def test_planning_flags_need_dry_run(qwen_7b_config):
     result = CliRunner().invoke(main, ["train", "--model", str(qwen_7b_config), "--data", "x.jsonl", "--out", "o",
                                        "--world-size", "8"])
     assert result.exit_code == 2 and "use them with --dry-run" in result.output
-
-
-def test_the_readme_quotes_the_estimate_as_it_is(qwen_7b_config):
-    """The README's Qwen2.5-7B figures are this estimate's, so they change with it."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    shape = memory.shape_of(_config(qwen_7b_config))
-    full, lora = (sum(memory.estimate(_config(qwen_7b_config, bf16=True, **kw), shape, 1).values()) / memory.GB
-                  for kw in ({}, {"lora": True}))
-    assert f"{full:.0f} GB per device in full\nfine-tuning" in readme
-    assert f"{lora:.0f} GB with `--lora`" in readme

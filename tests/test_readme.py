@@ -1,4 +1,4 @@
-"""Every command and option the README shows exists and parses; its plugin example works."""
+"""Every command and option the README and the docs pages show exists and parses; the README's plugin example works."""
 from __future__ import annotations
 
 import configparser
@@ -18,16 +18,17 @@ from unisd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+PAGES = [README, *(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))]  # the hand-written pages
 
 
-def _blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+def _blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
-def _commands() -> list[list[str]]:
-    """Shell commands of the README's sh blocks, continuation lines joined, env assignments dropped."""
+def _commands(pages: list[str]) -> list[list[str]]:
+    """Shell commands of the pages' sh blocks, continuation lines joined, env assignments dropped."""
     out = []
-    for block in _blocks("sh"):
+    for block in (b for page in pages for b in _blocks("sh", page)):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if not line:
@@ -39,7 +40,7 @@ def _commands() -> list[list[str]]:
     return out
 
 
-COMMANDS = _commands()
+COMMANDS = _commands(PAGES)
 
 
 def _unisd_args(words: list[str]) -> list[str] | None:
@@ -54,7 +55,7 @@ UNISD = [args for w in COMMANDS if (args := _unisd_args(w)) is not None]
 
 
 def test_the_readme_shows_the_main_commands():
-    shown = {args[0] for args in UNISD}
+    shown = {args[0] for w in _commands([README]) if (args := _unisd_args(w)) is not None}
     assert {"train", "eval", "compare", "ablate"} <= shown
 
 

@@ -19,7 +19,7 @@ from unisd.train import train
 MODEL = "smollm2-135m"
 TASK = "unisd_demo"
 RUNS = ("sft", "unisd-star")
-RETENTION = 100  # documents per run for PPL_ret / PPL_fit: all 200 would cost about 45 s more per run on 2 cores
+RETENTION = 100  # documents per run for PPL_ret / PPL_fit: two full forwards per item, so half the items
 
 
 def backend() -> str:
@@ -63,7 +63,7 @@ def run(out: Path, steps: int = 12, eval_limit: int = 200, batch_size: int = 4, 
         config = cfg.resolve(preset, (), {"contrast": {"max_new_tokens": "96"}} if preset == "unisd-star" else {},
                              model=model, data="demo", out=str(folder), max_steps=steps, batch_size=batch_size,
                              max_new_tokens=96, lr=lr, bf16=bf16, rollout=engine, save_every=0,
-                             rollout_eager=True)  # 12 steps never earn back vLLM's ~95 s compilation
+                             rollout_eager=True)  # a dozen steps never earn back vLLM's compilation
         train(config, overwrite=overwrite, echo=echo)
         checkpoints[preset] = str(folder)
     echo(f"[3/3] scoring base, SFT and UniSD* on {eval_limit} held-out additions, with retention")

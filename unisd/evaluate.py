@@ -91,7 +91,7 @@ def run_lm_eval(path: str, tasks: list[str], limit: int | None, include: list[st
     cuda = torch.cuda.is_available()
     model_args = f"pretrained={models.resolve(path)},dtype={'bfloat16' if cuda else 'float32'}"
     if backend == "vllm":  # the engine's KV cache as in training (vLLM-CPU would otherwise claim 90% of memory);
-        # on CPU without graph compilation: one evaluation never earns back its ~95 s (100 demo items: 56 s vs 141 s)
+        # on CPU without graph compilation: one evaluation never earns back the compilation's time
         model_args += f",seed={SEED},kv_cache_memory_bytes={2 * 2**30},enforce_eager={not cuda}"
     manager = TaskManager(include_path=[str(tasks_path()), *include], include_defaults=False)
     missing = [t for t in tasks if t not in manager.all_tasks]

@@ -105,7 +105,8 @@ class Policy:
     def __init__(self, config: TrainConfig, world: distributed.World, tokenizer: PreTrainedTokenizerBase) -> None:
         self.config, self.world, self.tokenizer = config, world, tokenizer
         model = _load(config.model, world, sharded=config.fsdp)
-        # recompute each layer's activations in backward: a step's memory then barely grows with length
+        # recompute each layer's activations in backward: a step's memory then barely grows with length, for
+        # some step time (docs/performance.md); on CUDA activations dominate
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x deprecated the old
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:

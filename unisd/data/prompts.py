@@ -10,11 +10,8 @@ from typing import Any
 from unisd.data.examples import Example
 
 # The paper's instruction (§2.1), with the problem placed below it as its wording says, so that the teacher's
-# context ends, like the student's, with the question itself. Order and wording matter at small scale: on 40
-# demo items SmolLM2-135M's teacher, greedy, solved 90% in this order, 77.5% with the demonstration and then
-# the instruction last, 37.5% with the official string verbatim, 17.5% with "answer the task again in your own
-# words". The teacher still ends later than the student (P(end of turn) where the student's samples end: 0.60
-# here, 0.47 with the instruction last, 0.72 under the student prompt): bench/results/demo/README.md.
+# context ends, like the student's, with the question itself. Order and wording matter at small scale: the
+# probes that chose this order, and what they measured, are in docs/results.md ("The teacher prompt").
 SOLVE_YOUR_WAY = "Study the reference solution, then solve the problem with your own approach."
 
 

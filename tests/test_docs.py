@@ -1,0 +1,86 @@
+"""The docs' generated tables are up to date: a changed flag, preset, plugin or result file fails here until
+`python docs/generate.py` is run; and the generator copes with whatever bench/results/ holds."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "docs" / "generated"
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate = _generator()
+
+
+def test_the_committed_tables_are_what_the_generator_writes_now(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "docs" / "generate.py"), str(tmp_path)], check=True)
+    fresh = {p.name: p.read_text() for p in tmp_path.glob("*.md")}
+    committed = {p.name: p.read_text() for p in COMMITTED.glob("*.md")}
+    assert sorted(committed) == sorted(fresh), "run: python docs/generate.py"
+    stale = [name for name in fresh if committed[name] != fresh[name]]
+    assert not stale, f"stale generated docs {stale}; run: python docs/generate.py"
+
+
+def test_the_readme_combinations_table_is_the_generated_one():
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- combinations:begin -->" in readme
+    assert generate.readme(readme) == readme, "run: python docs/generate.py"
+
+
+def test_every_page_the_docs_include_exists_and_every_generated_page_is_included():
+    pages = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")}
+    included = {m for text in pages.values() for m in re.findall(r'--8<-- "docs/generated/([\w.-]+)"', text)}
+    assert included == {p.name for p in COMMITTED.glob("*.md")}
+
+
+def test_the_flag_table_lists_every_trainer_flag():
+    from unisd.config import TrainConfig
+
+    table = generate.flags("train")
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        if "flag" in f.metadata:
+            assert f"`--{name.replace('_', '-')}" in table, name
+
+
+def test_the_combinations_table_quotes_each_refusal():
+    from unisd.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError) as refused:
+        TrainConfig(model="m", data="d", out="o", fsdp=True, lora=True)
+    text = generate.combinations()
+    assert str(refused.value) in text
+    row = next(line for line in text.splitlines() if line.startswith("| `--fsdp`"))
+    assert "no (" in row
+    assert generate.combinations().count("yes") >= 1  # some pair combines (e.g. --lora with --bf16)
+
+
+def test_results_render_whatever_files_are_there(tmp_path):
+    assert "No result files" in generate.results(tmp_path / "absent")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps(
+        {"command": "python -m bench x", "git_sha": "abc", "scores": {"base": {"unisd_demo": 14.0}},
+         "ci95": {"base": {"unisd_demo": [9.0, 19.0]}}}))
+    (tmp_path / "step.json").write_text(json.dumps(
+        {"cells": [{"batch": 4, "prompt": 128, "completion": 64, "cases": {"sd": {"step_s": 11.5, "peak_mb": 2048}}}]}))
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "odd.json").write_text(json.dumps({"cells": "not a list", "n": 3}))
+    text = generate.results(tmp_path)
+    assert "14.0 ± 5.0" in text  # the score table, from unisd.report
+    assert "| 4 × 128 × 64 | sd | 11.5 | 2.00 |" in text
+    assert "not readable as JSON" in text
+    assert "`n` | 3" in text
+    assert text.count("provenance incomplete: no command and no commit") == 2  # step.json, odd.json
