@@ -6,17 +6,17 @@ demonstration over the student's own (wrong) greedy reply, and how much each Uni
 (from the runs' metrics.jsonl). Everything lands in --out: per task a table.md / results.json /
 scores.png from `unisd.evaluate`, and study.md with the command that produced it.
 
-    UNISD_DATA_DIR=../shared/data python bench/study.py --tasks demo,cos_e,mbpp --eval-limit 200
-    python bench/study.py --tasks demo --methods sft,sd,unisd-star --eval-limit 200   # what fits a CPU
+    UNISD_DATA_DIR=../shared/data python -m bench study --tasks demo,cos_e,mbpp --eval-limit 200
+    python -m bench study --tasks demo --methods sft,sd,unisd-star --eval-limit 200   # what fits a CPU
 
 Runs already finished in --out/runs, and evaluations of exactly the same checkpoints, are reused, so a study
-can be grown one task or method at a time.
+can be grown one task or method at a time. The tables (each arm's table.md and study.md) are then rebuilt
+from the per-item scores by `bench.study_tables`, which `python -m bench study_tables` repeats on its own.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import provenance, study_tables
 from unisd import config as cfg
 from unisd import evaluate, models, stats
 from unisd.data import Example, load_data
@@ -40,8 +41,8 @@ ACTIVITY = ("agree/removed", "clip/rate", "contrast/active", "contrast/no_negati
             "match/share", "ema/distance")
 
 
-def arguments() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench study", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tasks", default="demo", help="training tasks, comma-separated: demo, cos_e, mbpp")
     p.add_argument("--methods", default="sft,sd,gkd,sdft,unisd-star", help="presets to train from the base")
@@ -59,7 +60,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
                    help="sampling engine of the rollouts and the evaluations (vllm: uncompiled, as the demo)")
     p.add_argument("--out", type=Path, default=Path("bench/results/study"))
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def mean_logprob(model: torch.nn.Module, tokenizer: Any, prompt: str, completion: str) -> float:
@@ -158,53 +159,24 @@ def study_task(a: argparse.Namespace, task: str, methods: list[str], ood: list[s
             "teacher": probe}
 
 
-def summary(a: argparse.Namespace, tasks: dict[str, dict[str, Any]]) -> str:
-    title = "teacher-preference probe only (no training)" if a.probe_only else "base -> " + a.methods
-    lines = [f"# Study: {title}", "",
-             "Command: `" + " ".join(shlex.quote(x) for x in ["python", *sys.argv]) + "`", ""]
-    for task, found in tasks.items():
-        t = found["teacher"]
-        lines += [f"## {task}", "", f"Base model, greedy, on the first {t['items']} training items: "
-                  f"{t['base_greedy']['share']:.1f}% [{t['base_greedy']['ci95'][0]:.1f}, {t['base_greedy']['ci95'][1]:.1f}]; "
-                  f"the same model given the teacher prompt (gold demonstration), greedy: "
-                  f"{t['teacher_greedy']['share']:.1f}% [{t['teacher_greedy']['ci95'][0]:.1f}, "
-                  f"{t['teacher_greedy']['ci95'][1]:.1f}].",
-                  "", f"Teacher preference ({t['student_wrong']} of {t['items']} training items the base answers wrong, "
-                  "greedy): gold demonstration scored above the student's own reply (mean token log-prob) by the "
-                  f"teacher prompt on {t['teacher']['share']:.1f}% [{t['teacher']['ci95'][0]:.1f}, "
-                  f"{t['teacher']['ci95'][1]:.1f}], by the student prompt on {t['student']['share']:.1f}% "
-                  f"[{t['student']['ci95'][0]:.1f}, {t['student']['ci95'][1]:.1f}].", ""]
-        if a.probe_only:
-            continue
-        lines += [f"In domain ({IN_DOMAIN[task]}), from `{task}/in-domain/table.md`:", "",
-                  (a.out / task / "in-domain" / "table.md").read_text(), ""]
-        if (a.out / task / "out-of-domain" / "table.md").is_file():
-            lines += ["Out of domain:", "", (a.out / task / "out-of-domain" / "table.md").read_text(), ""]
-        distinct = set(found["orders"].values())
-        lines += [f"Data order: {'one order for every run' if len(distinct) == 1 else 'DIFFERENT orders'} "
-                  f"({', '.join(sorted(str(d)[:12] for d in distinct))}).", ""]
-        lines += ["Mechanism activity (mean over steps):", "", "| run | " + " | ".join(ACTIVITY) + " |",
-                  "|---|" + "---:|" * len(ACTIVITY)]
-        for method, acts in found["activity"].items():
-            lines.append(f"| {method} | " + " | ".join(f"{acts[k]:.4g}" if k in acts else "–" for k in ACTIVITY) + " |")
-        if found["train_s"]:
-            lines += ["", "Training wall time (s, this shared 2-core machine): "
-                      + ", ".join(f"{m} {s:.0f}" for m, s in found["train_s"].items())]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    a = arguments()
+def main(argv: list[str]) -> int:
+    a = arguments(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     ood = [t.strip() for t in a.ood.split(",") if t.strip()]
     tasks = {task: study_task(a, task, methods, ood) for task in a.tasks.split(",") if task.strip()}
-    (a.out / "study.json").write_text(json.dumps({t: {k: v for k, v in f.items() if k != "in_domain"}
-                                                  for t, f in tasks.items()}, indent=2))
-    (a.out / "study.md").write_text(summary(a, tasks))
+    command = provenance.record(["study", *argv])["command"]
+    earlier = json.loads((a.out / "study.json").read_text()).get("tasks", {}) if (a.out / "study.json").is_file() else {}
+    kept = {**earlier, **{t: {"command": command, **{k: v for k, v in f.items() if k != "in_domain"}}
+                          for t, f in tasks.items()}}
+    description = ("Teacher-preference probe of the base model" if a.probe_only else
+                   f"The study base -> {a.methods}: training time, data orders, mechanism activity and the "
+                   "teacher-preference probe") + f" ({a.model}); each task's entry names the command that made it."
+    provenance.write(a.out / "study.json", {"description": description, "tasks": kept}, ["study", *argv])
+    for task in tasks:
+        for arm in study_tables.ARMS:
+            if (a.out / task / arm / "results.json").is_file() and not a.probe_only:
+                study_tables.rebuild(a.out / task / arm / "results.json", ["study", *argv])
+    (a.out / "study.md").write_text(study_tables.summary(a.out))
     print((a.out / "study.md").read_text())
-
-
-if __name__ == "__main__":
-    main()
+    return 0
