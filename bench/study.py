@@ -3,13 +3,14 @@ scored in domain and out of domain with 95% intervals, paired tests and retentio
 
 Also measures, per training task, whether the demonstration-conditioned teacher prefers the gold
 demonstration over the student's own (wrong) greedy reply, and how much each UniSD* mechanism acted
-(from the runs' metrics.jsonl). Everything lands in --out: per task a table.md / results.json /
-scores.png from `unisd.evaluate`, and study.md with the command that produced it.
+(from the runs' metrics.jsonl). The trained models land in --runs; the results in --out: per task and arm
+a results.json (per-item scores) / table.md / scores.png from `unisd.evaluate`, study.json (probe, activity,
+data orders, training time) and study.md (every table).
 
     UNISD_DATA_DIR=../shared/data python -m bench study --tasks demo,cos_e,mbpp --eval-limit 200
     python -m bench study --tasks demo --methods sft,sd,unisd-star --eval-limit 200   # what fits a CPU
 
-Runs already finished in --out/runs, and evaluations of exactly the same checkpoints, are reused, so a study
+Runs already finished in --runs, and evaluations of exactly the same checkpoints, are reused, so a study
 can be grown one task or method at a time. The tables (each arm's table.md and study.md) are then rebuilt
 from the per-item scores by `bench.study_tables`, which `python -m bench study_tables` repeats on its own.
 """
@@ -59,7 +60,8 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
                    help="sampling engine of the rollouts and the evaluations (vllm: uncompiled, as the demo)")
-    p.add_argument("--out", type=Path, default=Path("bench/results/study"))
+    p.add_argument("--out", type=Path, default=Path("bench/results/study"), help="results folder")
+    p.add_argument("--runs", type=Path, default=Path("runs/study"), help="folder of the trained models")
     return p.parse_args(argv)
 
 
@@ -119,24 +121,30 @@ def trained(folder: Path) -> bool:
     return (folder / "unisd.json").is_file() and (folder / "model.safetensors").is_file()
 
 
-def scored(a: argparse.Namespace, checkpoints: dict[str, str], tasks: list[str], out: Path, limit: int,
+def scored(a: argparse.Namespace, checkpoints: dict[str, str], tasks: list[str], out: Path, work: Path, limit: int,
            retention: bool) -> dict[str, Any]:
-    """`unisd.evaluate` of these checkpoints, or its results.json when an earlier call scored exactly them."""
+    """`unisd.evaluate` of these checkpoints, or out/results.json when an earlier call scored exactly them.
+
+    lm-eval's raw outputs and samples stay in `work`; `out` gets only the combined results (per-item scores).
+    """
     done = out / "results.json"
     if done.is_file():
         found = json.loads(done.read_text())
         if (set(found["scores"]) == set(checkpoints) and found["tasks"] == tasks and found["limit"] == limit
                 and found["max_gen_toks"] == a.max_gen_toks):
             return found
-    return evaluate.evaluate(checkpoints, tasks, out, limit, base=a.model if retention else None, batch_size=16,
-                             max_gen_toks=a.max_gen_toks, backend=a.backend)
+    found = evaluate.evaluate(checkpoints, tasks, work, limit, base=a.model if retention else None, batch_size=16,
+                              max_gen_toks=a.max_gen_toks, backend=a.backend)
+    out.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(found, indent=2))
+    return found
 
 
 def study_task(a: argparse.Namespace, task: str, methods: list[str], ood: list[str]) -> dict[str, Any]:
     probe = teacher_preference(a.model, load_data(task)[:a.probe_items], a.max_new_tokens)
     if a.probe_only:
         return {"teacher": probe}
-    runs = a.out / "runs" / task
+    runs = a.runs / task
     checkpoints = {"base": a.model}
     timings: dict[str, float] = {}
     for method in methods:
@@ -150,9 +158,11 @@ def study_task(a: argparse.Namespace, task: str, methods: list[str], ood: list[s
             train(config, overwrite=True, echo=lambda m: print(m, file=sys.stderr))
             timings[method] = time.time() - started
         checkpoints[method] = str(folder)
-    found = scored(a, checkpoints, [IN_DOMAIN[task]], a.out / task / "in-domain", a.eval_limit, retention=True)
+    found = scored(a, checkpoints, [IN_DOMAIN[task]], a.out / task / "in-domain", runs / "eval" / "in-domain",
+                   a.eval_limit, retention=True)
     if ood:  # retention is an in-domain measure: out of domain only the scores
-        scored(a, checkpoints, ood, a.out / task / "out-of-domain", a.ood_limit, retention=False)
+        scored(a, checkpoints, ood, a.out / task / "out-of-domain", runs / "eval" / "out-of-domain", a.ood_limit,
+               retention=False)
     orders = {m: json.loads((runs / m / "unisd.json").read_text()).get("data", {}).get("order_sha256") for m in methods}
     return {"train_s": timings, "orders": orders, "in_domain": found,
             "activity": {m: activity(runs / m / "metrics.jsonl") for m in methods},
