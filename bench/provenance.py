@@ -18,12 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_sha() -> str:
-    """The commit the code ran at, with `-dirty` when the working tree had uncommitted changes."""
+    """The commit the code ran at, with `-dirty` when tracked files outside bench/results/ had uncommitted changes."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
     sha = git("rev-parse", "HEAD") or "unknown"
-    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # results are not code: a benchmark that rewrites several result files must not call its own later ones dirty
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    return sha + ("-dirty" if changed else "")
 
 
 def versions() -> dict[str, str]:
