@@ -33,7 +33,7 @@ from unisd.data import Example, load_data
 from unisd.data import scoring as S
 from unisd.data.prompts import demonstration, teacher_prompt
 from unisd.rollout import eos_ids
-from unisd.sequences import left_pad, render
+from unisd.sequences import Prompt, left_pad, render
 from unisd.train import train
 
 IN_DOMAIN = {"demo": "unisd_demo", "cos_e": "unisd_cose", "mbpp": "unisd_mbpp"}
@@ -65,7 +65,7 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def mean_logprob(model: torch.nn.Module, tokenizer: Any, prompt: str, completion: str) -> float:
+def mean_logprob(model: Any, tokenizer: Any, prompt: Prompt, completion: str) -> float:
     """Mean per-token log-probability of `completion` (then end of turn) after the chat-rendered `prompt`."""
     context = render(tokenizer, prompt)
     target = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -75,7 +75,7 @@ def mean_logprob(model: torch.nn.Module, tokenizer: Any, prompt: str, completion
     return float(logits.gather(-1, torch.tensor(target)[:, None]).mean())
 
 
-def greedy(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, chunk: int = 20) -> list[str]:
+def greedy(model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int, chunk: int = 20) -> list[str]:
     """Greedy replies, as the evaluation decodes them."""
     texts: list[str] = []
     for i in range(0, len(prompts), chunk):
@@ -91,7 +91,8 @@ def teacher_preference(model_name: str, examples: list[Example], max_new_tokens:
     """On items the student gets wrong (greedy): how often the teacher prompt, and the student prompt, give
     the gold demonstration a higher mean token log-probability than the student's own reply."""
     tokenizer, model = models.load_tokenizer(model_name), models.load_model(model_name).eval()
-    def solves(prompts: list[str]) -> tuple[list[str], list[bool]]:
+
+    def solves(prompts: list[Prompt]) -> tuple[list[str], list[bool]]:
         texts = greedy(model, tokenizer, prompts, max_new_tokens)
         return texts, [next(iter(S.score(t, e.meta).values())) == 1.0 for e, t in zip(examples, texts)]
 
@@ -106,9 +107,11 @@ def teacher_preference(model_name: str, examples: list[Example], max_new_tokens:
                     "ci95": [100.0 * x for x in stats.proportion_ci(sum(v), n)] if n else [float("nan")] * 2}
              for name, v in (("teacher", teacher), ("student", student))}
     _, solved = solves([teacher_prompt(e) for e in examples])
-    base, teacher = ({"share": 100.0 * sum(v) / len(v), "ci95": [100.0 * x for x in stats.proportion_ci(sum(v), len(v))]}
-                     for v in (right, solved))
-    return {"items": len(examples), "student_wrong": n, "base_greedy": base, "teacher_greedy": teacher, **share}
+    base_greedy, teacher_greedy = ({"share": 100.0 * sum(v) / len(v),
+                                    "ci95": [100.0 * x for x in stats.proportion_ci(sum(v), len(v))]}
+                                   for v in (right, solved))
+    return {"items": len(examples), "student_wrong": n, "base_greedy": base_greedy, "teacher_greedy": teacher_greedy,
+            **share}
 
 
 def activity(metrics: Path) -> dict[str, float]:

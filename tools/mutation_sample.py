@@ -42,7 +42,7 @@ def _alarm(*_: object) -> None:
     raise Timeout
 
 
-INTERRUPTED = []  # pytest turns Ctrl-C into an exit code, as it does a collection error: this tells them apart
+INTERRUPTED: list[bool] = []  # pytest turns Ctrl-C into an exit code, as it does a collection error: this tells them apart
 
 
 def _interrupt(*_: object) -> None:

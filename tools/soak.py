@@ -67,7 +67,9 @@ class Watcher(threading.Thread):
 
     def __init__(self, root: Path) -> None:
         super().__init__(daemon=True)
-        self.root, self.seen, self.checks, self.violations = root, set(), 0, []
+        self.root, self.checks = root, 0
+        self.seen: set[str] = set()
+        self.violations: list[str] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
