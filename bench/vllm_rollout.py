@@ -29,12 +29,15 @@ def prompts(tokenizer: Any, batch: int, length: int) -> list[list[int]]:
     """`batch` different chat-rendered prompts of about `length` tokens each."""
     from unisd.sequences import render
 
+    words = SENTENCE.split()
     rows = []
     for i in range(batch):
-        text = f"Context {i}: "
-        while len(render(tokenizer, text + f"What is {i} plus {i + 3}?")) < length:
-            text += SENTENCE
-        rows.append(render(tokenizer, text + f"What is {i} plus {i + 3}?"))
+        context, question = f"Context {i}:", f"\nWhat is {i} plus {i + 3}?"
+        n = 0
+        while len(render(tokenizer, context + question)) < length:
+            context += " " + words[n % len(words)]
+            n += 1
+        rows.append(render(tokenizer, context + question))
     return rows
 
 
