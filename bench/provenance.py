@@ -28,6 +28,10 @@ def git_sha() -> str:
     return sha + ("-dirty" if changed else "")
 
 
+# the commit of the code this process loaded: a long benchmark must not record a commit made while it ran
+LOADED_AT = git_sha()
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -47,7 +51,7 @@ def machine() -> dict[str, Any]:
 
 def record(argv: list[str]) -> dict[str, Any]:
     """The provenance of `python -m bench NAME ARGS...`, `argv` being [NAME, ARGS...]."""
-    return {"command": shlex.join(["python", "-m", "bench", *argv]), "git_sha": git_sha(), "versions": versions(),
+    return {"command": shlex.join(["python", "-m", "bench", *argv]), "git_sha": LOADED_AT, "versions": versions(),
             "machine": machine()}
 
 
