@@ -18,12 +18,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_sha() -> str:
-    """The commit the code ran at, with `-dirty` when the working tree had uncommitted changes."""
+    """The commit the code ran at, with `-dirty` when tracked files outside bench/results/ had uncommitted changes."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
     sha = git("rev-parse", "HEAD") or "unknown"
-    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # results are not code: a benchmark that rewrites several result files must not call its own later ones dirty
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    return sha + ("-dirty" if changed else "")
+
+
+# the commit of the code this process loaded: a long benchmark must not record a commit made while it ran
+LOADED_AT = git_sha()
 
 
 def versions() -> dict[str, str]:
@@ -45,7 +51,7 @@ def machine() -> dict[str, Any]:
 
 def record(argv: list[str]) -> dict[str, Any]:
     """The provenance of `python -m bench NAME ARGS...`, `argv` being [NAME, ARGS...]."""
-    return {"command": shlex.join(["python", "-m", "bench", *argv]), "git_sha": git_sha(), "versions": versions(),
+    return {"command": shlex.join(["python", "-m", "bench", *argv]), "git_sha": LOADED_AT, "versions": versions(),
             "machine": machine()}
 
 

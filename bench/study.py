@@ -3,20 +3,21 @@ scored in domain and out of domain with 95% intervals, paired tests and retentio
 
 Also measures, per training task, whether the demonstration-conditioned teacher prefers the gold
 demonstration over the student's own (wrong) greedy reply, and how much each UniSD* mechanism acted
-(from the runs' metrics.jsonl). Everything lands in --out: per task a table.md / results.json /
-scores.png from `unisd.evaluate`, and study.md with the command that produced it.
+(from the runs' metrics.jsonl). The trained models land in --runs; the results in --out: per task and arm
+a results.json (per-item scores) / table.md / scores.png from `unisd.evaluate`, study.json (probe, activity,
+data orders, training time) and study.md (every table).
 
-    UNISD_DATA_DIR=../shared/data python bench/study.py --tasks demo,cos_e,mbpp --eval-limit 200
-    python bench/study.py --tasks demo --methods sft,sd,unisd-star --eval-limit 200   # what fits a CPU
+    UNISD_DATA_DIR=../shared/data python -m bench study --tasks demo,cos_e,mbpp --eval-limit 200
+    python -m bench study --tasks demo --methods sft,sd,unisd-star --eval-limit 200   # what fits a CPU
 
-Runs already finished in --out/runs, and evaluations of exactly the same checkpoints, are reused, so a study
-can be grown one task or method at a time.
+Runs already finished in --runs, and evaluations of exactly the same checkpoints, are reused, so a study
+can be grown one task or method at a time. The tables (each arm's table.md and study.md) are then rebuilt
+from the per-item scores by `bench.study_tables`, which `python -m bench study_tables` repeats on its own.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,13 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import provenance, study_tables
 from unisd import config as cfg
 from unisd import evaluate, models, stats
 from unisd.data import Example, load_data
 from unisd.data import scoring as S
 from unisd.data.prompts import demonstration, teacher_prompt
 from unisd.rollout import eos_ids
-from unisd.sequences import left_pad, render
+from unisd.sequences import Prompt, left_pad, render
 from unisd.train import train
 
 IN_DOMAIN = {"demo": "unisd_demo", "cos_e": "unisd_cose", "mbpp": "unisd_mbpp"}
@@ -40,8 +42,8 @@ ACTIVITY = ("agree/removed", "clip/rate", "contrast/active", "contrast/no_negati
             "match/share", "ema/distance")
 
 
-def arguments() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench study", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tasks", default="demo", help="training tasks, comma-separated: demo, cos_e, mbpp")
     p.add_argument("--methods", default="sft,sd,gkd,sdft,unisd-star", help="presets to train from the base")
@@ -58,11 +60,12 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
                    help="sampling engine of the rollouts and the evaluations (vllm: uncompiled, as the demo)")
-    p.add_argument("--out", type=Path, default=Path("bench/results/study"))
-    return p.parse_args()
+    p.add_argument("--out", type=Path, default=Path("bench/results/study"), help="results folder")
+    p.add_argument("--runs", type=Path, default=Path("runs/study"), help="folder of the trained models")
+    return p.parse_args(argv)
 
 
-def mean_logprob(model: torch.nn.Module, tokenizer: Any, prompt: str, completion: str) -> float:
+def mean_logprob(model: Any, tokenizer: Any, prompt: Prompt, completion: str) -> float:
     """Mean per-token log-probability of `completion` (then end of turn) after the chat-rendered `prompt`."""
     context = render(tokenizer, prompt)
     target = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -72,7 +75,7 @@ def mean_logprob(model: torch.nn.Module, tokenizer: Any, prompt: str, completion
     return float(logits.gather(-1, torch.tensor(target)[:, None]).mean())
 
 
-def greedy(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, chunk: int = 20) -> list[str]:
+def greedy(model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int, chunk: int = 20) -> list[str]:
     """Greedy replies, as the evaluation decodes them."""
     texts: list[str] = []
     for i in range(0, len(prompts), chunk):
@@ -88,7 +91,8 @@ def teacher_preference(model_name: str, examples: list[Example], max_new_tokens:
     """On items the student gets wrong (greedy): how often the teacher prompt, and the student prompt, give
     the gold demonstration a higher mean token log-probability than the student's own reply."""
     tokenizer, model = models.load_tokenizer(model_name), models.load_model(model_name).eval()
-    def solves(prompts: list[str]) -> tuple[list[str], list[bool]]:
+
+    def solves(prompts: list[Prompt]) -> tuple[list[str], list[bool]]:
         texts = greedy(model, tokenizer, prompts, max_new_tokens)
         return texts, [next(iter(S.score(t, e.meta).values())) == 1.0 for e, t in zip(examples, texts)]
 
@@ -103,9 +107,11 @@ def teacher_preference(model_name: str, examples: list[Example], max_new_tokens:
                     "ci95": [100.0 * x for x in stats.proportion_ci(sum(v), n)] if n else [float("nan")] * 2}
              for name, v in (("teacher", teacher), ("student", student))}
     _, solved = solves([teacher_prompt(e) for e in examples])
-    base, teacher = ({"share": 100.0 * sum(v) / len(v), "ci95": [100.0 * x for x in stats.proportion_ci(sum(v), len(v))]}
-                     for v in (right, solved))
-    return {"items": len(examples), "student_wrong": n, "base_greedy": base, "teacher_greedy": teacher, **share}
+    base_greedy, teacher_greedy = ({"share": 100.0 * sum(v) / len(v),
+                                    "ci95": [100.0 * x for x in stats.proportion_ci(sum(v), len(v))]}
+                                   for v in (right, solved))
+    return {"items": len(examples), "student_wrong": n, "base_greedy": base_greedy, "teacher_greedy": teacher_greedy,
+            **share}
 
 
 def activity(metrics: Path) -> dict[str, float]:
@@ -118,24 +124,30 @@ def trained(folder: Path) -> bool:
     return (folder / "unisd.json").is_file() and (folder / "model.safetensors").is_file()
 
 
-def scored(a: argparse.Namespace, checkpoints: dict[str, str], tasks: list[str], out: Path, limit: int,
+def scored(a: argparse.Namespace, checkpoints: dict[str, str], tasks: list[str], out: Path, work: Path, limit: int,
            retention: bool) -> dict[str, Any]:
-    """`unisd.evaluate` of these checkpoints, or its results.json when an earlier call scored exactly them."""
+    """`unisd.evaluate` of these checkpoints, or out/results.json when an earlier call scored exactly them.
+
+    lm-eval's raw outputs and samples stay in `work`; `out` gets only the combined results (per-item scores).
+    """
     done = out / "results.json"
     if done.is_file():
         found = json.loads(done.read_text())
         if (set(found["scores"]) == set(checkpoints) and found["tasks"] == tasks and found["limit"] == limit
                 and found["max_gen_toks"] == a.max_gen_toks):
             return found
-    return evaluate.evaluate(checkpoints, tasks, out, limit, base=a.model if retention else None, batch_size=16,
-                             max_gen_toks=a.max_gen_toks, backend=a.backend)
+    found = evaluate.evaluate(checkpoints, tasks, work, limit, base=a.model if retention else None, batch_size=16,
+                              max_gen_toks=a.max_gen_toks, backend=a.backend)
+    out.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(found, indent=2))
+    return found
 
 
 def study_task(a: argparse.Namespace, task: str, methods: list[str], ood: list[str]) -> dict[str, Any]:
     probe = teacher_preference(a.model, load_data(task)[:a.probe_items], a.max_new_tokens)
     if a.probe_only:
         return {"teacher": probe}
-    runs = a.out / "runs" / task
+    runs = a.runs / task
     checkpoints = {"base": a.model}
     timings: dict[str, float] = {}
     for method in methods:
@@ -149,62 +161,35 @@ def study_task(a: argparse.Namespace, task: str, methods: list[str], ood: list[s
             train(config, overwrite=True, echo=lambda m: print(m, file=sys.stderr))
             timings[method] = time.time() - started
         checkpoints[method] = str(folder)
-    found = scored(a, checkpoints, [IN_DOMAIN[task]], a.out / task / "in-domain", a.eval_limit, retention=True)
+    found = scored(a, checkpoints, [IN_DOMAIN[task]], a.out / task / "in-domain", runs / "eval" / "in-domain",
+                   a.eval_limit, retention=True)
     if ood:  # retention is an in-domain measure: out of domain only the scores
-        scored(a, checkpoints, ood, a.out / task / "out-of-domain", a.ood_limit, retention=False)
+        scored(a, checkpoints, ood, a.out / task / "out-of-domain", runs / "eval" / "out-of-domain", a.ood_limit,
+               retention=False)
     orders = {m: json.loads((runs / m / "unisd.json").read_text()).get("data", {}).get("order_sha256") for m in methods}
     return {"train_s": timings, "orders": orders, "in_domain": found,
             "activity": {m: activity(runs / m / "metrics.jsonl") for m in methods},
             "teacher": probe}
 
 
-def summary(a: argparse.Namespace, tasks: dict[str, dict[str, Any]]) -> str:
-    title = "teacher-preference probe only (no training)" if a.probe_only else "base -> " + a.methods
-    lines = [f"# Study: {title}", "",
-             "Command: `" + " ".join(shlex.quote(x) for x in ["python", *sys.argv]) + "`", ""]
-    for task, found in tasks.items():
-        t = found["teacher"]
-        lines += [f"## {task}", "", f"Base model, greedy, on the first {t['items']} training items: "
-                  f"{t['base_greedy']['share']:.1f}% [{t['base_greedy']['ci95'][0]:.1f}, {t['base_greedy']['ci95'][1]:.1f}]; "
-                  f"the same model given the teacher prompt (gold demonstration), greedy: "
-                  f"{t['teacher_greedy']['share']:.1f}% [{t['teacher_greedy']['ci95'][0]:.1f}, "
-                  f"{t['teacher_greedy']['ci95'][1]:.1f}].",
-                  "", f"Teacher preference ({t['student_wrong']} of {t['items']} training items the base answers wrong, "
-                  "greedy): gold demonstration scored above the student's own reply (mean token log-prob) by the "
-                  f"teacher prompt on {t['teacher']['share']:.1f}% [{t['teacher']['ci95'][0]:.1f}, "
-                  f"{t['teacher']['ci95'][1]:.1f}], by the student prompt on {t['student']['share']:.1f}% "
-                  f"[{t['student']['ci95'][0]:.1f}, {t['student']['ci95'][1]:.1f}].", ""]
-        if a.probe_only:
-            continue
-        lines += [f"In domain ({IN_DOMAIN[task]}), from `{task}/in-domain/table.md`:", "",
-                  (a.out / task / "in-domain" / "table.md").read_text(), ""]
-        if (a.out / task / "out-of-domain" / "table.md").is_file():
-            lines += ["Out of domain:", "", (a.out / task / "out-of-domain" / "table.md").read_text(), ""]
-        distinct = set(found["orders"].values())
-        lines += [f"Data order: {'one order for every run' if len(distinct) == 1 else 'DIFFERENT orders'} "
-                  f"({', '.join(sorted(str(d)[:12] for d in distinct))}).", ""]
-        lines += ["Mechanism activity (mean over steps):", "", "| run | " + " | ".join(ACTIVITY) + " |",
-                  "|---|" + "---:|" * len(ACTIVITY)]
-        for method, acts in found["activity"].items():
-            lines.append(f"| {method} | " + " | ".join(f"{acts[k]:.4g}" if k in acts else "–" for k in ACTIVITY) + " |")
-        if found["train_s"]:
-            lines += ["", "Training wall time (s, this shared 2-core machine): "
-                      + ", ".join(f"{m} {s:.0f}" for m, s in found["train_s"].items())]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    a = arguments()
+def main(argv: list[str]) -> int:
+    a = arguments(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     ood = [t.strip() for t in a.ood.split(",") if t.strip()]
     tasks = {task: study_task(a, task, methods, ood) for task in a.tasks.split(",") if task.strip()}
-    (a.out / "study.json").write_text(json.dumps({t: {k: v for k, v in f.items() if k != "in_domain"}
-                                                  for t, f in tasks.items()}, indent=2))
-    (a.out / "study.md").write_text(summary(a, tasks))
+    command = provenance.record(["study", *argv])["command"]
+    earlier = json.loads((a.out / "study.json").read_text()).get("tasks", {}) if (a.out / "study.json").is_file() else {}
+    kept = {**earlier, **{t: {"command": command, **{k: v for k, v in f.items() if k != "in_domain"}}
+                          for t, f in tasks.items()}}
+    description = ("Teacher-preference probe of the base model" if a.probe_only else
+                   f"The study base -> {a.methods}: training time, data orders, mechanism activity and the "
+                   "teacher-preference probe") + f" ({a.model}); each task's entry names the command that made it."
+    provenance.write(a.out / "study.json", {"description": description, "tasks": kept}, ["study", *argv])
+    for task in tasks:
+        for arm in study_tables.ARMS:
+            if (a.out / task / arm / "results.json").is_file() and not a.probe_only:
+                study_tables.rebuild(a.out / task / arm / "results.json", ["study", *argv])
+    (a.out / "study.md").write_text(study_tables.summary(a.out))
     print((a.out / "study.md").read_text())
-
-
-if __name__ == "__main__":
-    main()
+    return 0

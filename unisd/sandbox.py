@@ -37,7 +37,7 @@ _run_ids = itertools.count()
 
 
 # `pragma: no mutate` marks the five lines whose mutants would harm the machine running the tests (uid 0, SIGKILL
-# to every process, root without RLIMIT_NPROC, a tmpfs over the host's /tmp): bench/results/mutation.md
+# to every process, root without RLIMIT_NPROC, a tmpfs over the host's /tmp): tools/results/mutation.md
 def _fresh_uid() -> int:
     return SANDBOX_UID_BASE + (os.getpid() % 1000) * 1000 + next(_run_ids) % 1000  # pragma: no mutate
 _CLONE_NEWNET, _CLONE_NEWNS = 0x40000000, 0x00020000

@@ -4,10 +4,12 @@ mutmut itself runs a file's mutants in source order, so a run stopped early has 
 functions. This runs them in a seeded random order instead (stop it at any time: what it has done is a
 random sample, and it resumes where it stopped), one after another in a single pytest process, each
 against the tests mutmut's stats pass found reaching the mutated function, fastest first, stopping at the
-first failure. First let mutmut create mutants/ and its stats (running one mutant does both):
+first failure. First let mutmut create mutants/ and its stats (running one mutant does both; pyproject's
+`also_copy` puts tools/ there too), then run this from inside mutants/, so that `python -m` finds the mutated
+`unisd` before the installed one:
 
     OMP_NUM_THREADS=1 mutmut run "unisd.train.x_prepare__mutmut_1"
-    OMP_NUM_THREADS=1 python bench/mutation_sample.py unisd/train.py --out train.json
+    cd mutants && OMP_NUM_THREADS=1 python -m tools.mutation_sample unisd/train.py --out ../train.json
 
 It prints one line per mutant (its name, pytest's exit code, the first failing test) and, at the end or
 on Ctrl-C, the share killed with its exact 95% interval. Tests that start another process (torchrun,
@@ -40,7 +42,7 @@ def _alarm(*_: object) -> None:
     raise Timeout
 
 
-INTERRUPTED = []  # pytest turns Ctrl-C into an exit code, as it does a collection error: this tells them apart
+INTERRUPTED: list[bool] = []  # pytest turns Ctrl-C into an exit code, as it does a collection error: this tells them apart
 
 
 def _interrupt(*_: object) -> None:
@@ -65,16 +67,16 @@ def run_one(name: str, tests: list[str], limit_s: int) -> list:
     return [code, failed[0][:160] if failed else ""]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.mutation_sample", description=__doc__.splitlines()[0])
     parser.add_argument("file", help="the mutated source file, e.g. unisd/train.py")
     parser.add_argument("--out", type=Path, required=True, help="results JSON (resumed if it exists)")
-    parser.add_argument("--mutants", type=Path, default=Path("mutants"), help="mutmut's mutants/ folder")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = args.out.absolute()
-    os.chdir(args.mutants)
-    sys.path.insert(0, os.getcwd())
+    if not Path("mutmut-stats.json").is_file():
+        print("error: no mutmut-stats.json here: run this from inside mutmut's mutants/ folder", file=sys.stderr)
+        return 2
     names = sorted(json.loads(Path(f"{args.file}.meta").read_text())["exit_code_by_key"])
     random.Random(args.seed).shuffle(names)
     recorded = json.loads(Path("mutmut-stats.json").read_text())
@@ -96,12 +98,13 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     if not done:
-        return
+        return 0
     killed = sum(1 for code, *_ in done.values() if code not in (0, None))
     low, high = stats.proportion_ci(killed, len(done))
     print(f"{args.file}: {killed} of {len(done)} run ({len(names)} in all) killed: {100 * killed / len(done):.1f}% "
           f"[{100 * low:.1f}, {100 * high:.1f}]")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

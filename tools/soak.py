@@ -1,9 +1,10 @@
 """Soak: a long run killed with SIGKILL at random moments and resumed, against an uninterrupted run.
 
-    python bench/soak.py [--steps 1000] [--save-every 20] [--kill-within 250] [--seed 0] [--workdir DIR]
+    python -m tools.soak [--steps 1000] [--save-every 20] [--kill-within 250] [--seed 0] [--workdir DIR]
 
-Trains the tiny test model (2-layer Llama, built from a config) with `unisd train --save-every N`
-and the ema and clip plugins; a second copy of the same run is SIGKILLed after a random number of
+Trains a tiny random model (a 2-layer Llama built from a config, with SmolLM2's tokenizer, so that each
+step takes milliseconds) on the bundled demo data with `unisd train --save-every N` and the ema and clip
+plugins; a second copy of the same run is SIGKILLed after a random number of
 steps (and a random fraction of a step, so kills land inside steps and inside checkpoint writes) and
 restarted with --resume until it finishes. Meanwhile a watcher lists DIR/checkpoints every few
 milliseconds and verifies every visible step-* folder against its manifest. At the end it prints the
@@ -27,15 +28,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-from conftest import TINY_ROWS, build_tiny_model  # noqa: E402  (the test suite's tiny model and data)
-
-from unisd import checkpoint  # noqa: E402
+from unisd import checkpoint, models
 
 
-def command(model: Path, data: Path, out: Path, steps: int, save_every: int) -> list[str]:
-    return [sys.executable, "-m", "unisd", "train", "--model", str(model), "--data", str(data), "--out", str(out),
+def tiny_model(folder: Path) -> Path:
+    """A 2-layer Llama of width 32 with SmolLM2's tokenizer and chat template, random weights."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def command(model: Path, out: Path, steps: int, save_every: int) -> list[str]:
+    return [sys.executable, "-m", "unisd", "train", "--model", str(model), "--data", "demo", "--out", str(out),
             "--max-steps", str(steps), "--batch-size", "2", "--max-new-tokens", "4", "--lr", "1e-3",
             "--save-every", str(save_every), "--plugins", "ema,clip", "-o", "ema.every=5", "-o", "clip.max=0.5"]
 
@@ -55,7 +67,9 @@ class Watcher(threading.Thread):
 
     def __init__(self, root: Path) -> None:
         super().__init__(daemon=True)
-        self.root, self.seen, self.checks, self.violations = root, set(), 0, []
+        self.root, self.checks = root, 0
+        self.seen: set[str] = set()
+        self.violations: list[str] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -70,21 +84,20 @@ class Watcher(threading.Thread):
             time.sleep(0.005)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--save-every", type=int, default=20)
     parser.add_argument("--kill-within", type=int, default=250, help="most steps a process runs before its kill")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="unisd-soak-"))
-    model, data = build_tiny_model(work / "tiny"), work / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
+    model = tiny_model(work / "tiny")
     reference, killed = work / "reference", work / "killed"
     started = time.time()
-    ref = subprocess.Popen(command(model, data, reference, args.steps, args.save_every), env=ENV,
+    ref = subprocess.Popen(command(model, reference, args.steps, args.save_every), env=ENV,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     watcher = Watcher(killed / "checkpoints")
@@ -94,7 +107,7 @@ def main() -> int:
     while True:
         resume = ["--resume"] if kills else []
         restarts += bool(kills)
-        proc = subprocess.Popen(command(model, data, killed, args.steps, args.save_every) + resume, env=ENV,
+        proc = subprocess.Popen(command(model, killed, args.steps, args.save_every) + resume, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         at = lines(metrics) + rng.randint(1, args.kill_within)  # metrics are truncated to the resumed step
         while proc.poll() is None and lines(metrics) < at:
@@ -129,4 +142,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
