@@ -304,7 +304,7 @@ def test_induction_draws_k_instructions_induced_from_disjoint_sets_of_solved_exa
     few = SimpleNamespace(**{**vars(run), "examples": examples[:1]})
     agree._induced(few, lambda text: True)
     assert len(calls[-1][0]) == 1 and calls[-1][0][0].count("### Example") == 1   # fewer than a set: one set of all
-    monkeypatch.setattr(generation, "generate", lambda *a, **kw: [(" ", True)] * len(a[2]))
+    monkeypatch.setattr(generation, "generate", lambda *a, **kw: [(" ", True)] * len(a[1]))
     run.config.seed = 5
     with pytest.raises(ValueError, match="^agree: the model induced no usable instruction"):
         agree._induced(run, lambda text: True)

@@ -174,7 +174,7 @@ def test_ema_state_dict_round_trip(tiny_model: Path, tiny_data: Path, tmp_path: 
     saved = {k: v.clone() for k, v in state["weights"].items()}
     fresh = prepare(_config(tiny_model, tiny_data, tmp_path / "f", ("ema",), options={"ema": {"every": "1"}}))
     fresh.plugins[0].load_state_dict(state)
-    for n, p in fresh.plugins[0].model.named_parameters():
+    for n, p in fresh.plugins[0].average.model.named_parameters():
         assert torch.equal(p, saved[n])
     assert fresh.plugins[0].updates == 2
     step(run)   # the saved state is a copy, not a view of the live teacher
@@ -188,9 +188,9 @@ def test_ema_resume_restores_the_teacher(tiny_model: Path, tiny_data: Path, tmp_
     from unisd import checkpoint
 
     run = prepare(_config(tiny_model, tiny_data, out, ("ema",), options=options, max_steps=2))
-    teacher_before = {n: p.clone() for n, p in run.plugins[0].model.named_parameters()}
+    teacher_before = {n: p.clone() for n, p in run.plugins[0].average.model.named_parameters()}
     assert checkpoint.restore(run, lambda m: None, extend=True)  # the schedule grows from 1 to 2 steps
-    assert any(not torch.equal(p, teacher_before[n]) for n, p in run.plugins[0].model.named_parameters())
+    assert any(not torch.equal(p, teacher_before[n]) for n, p in run.plugins[0].average.model.named_parameters())
 
 
 def test_contrast_counts_examples_without_negative(tiny_model: Path, tiny_data: Path, tmp_path: Path,
