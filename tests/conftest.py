@@ -73,7 +73,7 @@ def build_tiny_model(folder: Path, seed: int = 0, hidden: int = 32, heads: int =
     return folder
 
 
-def torchrun_train(model: Path, data: Path, out: Path, *extra: str) -> None:
+def _torchrun_train(model: Path, data: Path, out: Path, *extra: str) -> None:
     """`unisd train --fsdp` under torchrun with 2 processes, 3 steps, a checkpoint per step; fails the test on error."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unisd", "train",
             "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "1", "--max-steps", "3",
@@ -83,7 +83,7 @@ def torchrun_train(model: Path, data: Path, out: Path, *extra: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def cut_back(run: Path, copy: Path) -> None:
+def _cut_back(run: Path, copy: Path) -> None:
     """`copy` is a finished `run` as it was after its first kept checkpoint: the later one and the final model gone,
     the final folder's other files (an adapter/) left as a final write cut short would leave them."""
     shutil.copytree(run, copy)
@@ -220,3 +220,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if {"tiny_model", "other_tiny_model"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def sharded_run() -> Any:
+    """`sharded_run(model, data, out, *flags)`: a 3-step `unisd train --fsdp` under torchrun x2."""
+    return _torchrun_train
+
+
+@pytest.fixture(scope="session")
+def cut_back() -> Any:
+    """`cut_back(run, copy)`: a copy of a finished run as it was after its first kept checkpoint."""
+    return _cut_back

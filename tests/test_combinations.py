@@ -10,8 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cut_back, torchrun_train
-
 pytestmark = pytest.mark.torchrun
 
 COMBINATIONS = {  # (--rollout vllm with --fsdp: tests/test_vllm.py, in the engine's environment)
@@ -40,12 +38,13 @@ def _lm_eval_loads(folder: Path, tmp_path: Path, **extra: str) -> dict:
 
 
 @pytest.mark.parametrize("combination", list(COMBINATIONS))
-def test_sharded_combination_trains_resumes_exactly_and_loads_in_lm_eval(tiny_model, tiny_data, tmp_path, combination):
+def test_sharded_combination_trains_resumes_exactly_and_loads_in_lm_eval(tiny_model, tiny_data, tmp_path, combination,
+                                                                         sharded_run, cut_back):
     extra = COMBINATIONS[combination]
     run, resumed = tmp_path / "run", tmp_path / "resumed"
-    torchrun_train(tiny_model, tiny_data, run, *extra)
+    sharded_run(tiny_model, tiny_data, run, *extra)
     cut_back(run, resumed)
-    torchrun_train(tiny_model, tiny_data, resumed, *extra, "--resume")
+    sharded_run(tiny_model, tiny_data, resumed, *extra, "--resume")
     trained, again, initial = (load_file(str(f / "model.safetensors")) for f in (run, resumed, tiny_model))
     assert sorted(trained) == sorted(initial)
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)   # it trained

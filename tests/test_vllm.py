@@ -264,15 +264,14 @@ def test_rollout_eager_reaches_the_engine_and_is_not_part_of_the_run_identity(ti
 
 
 @vllm_only
-def test_fsdp_with_vllm_rollouts_trains_resumes_exactly_and_saves(model_dir, tiny_data, tmp_path):
+def test_fsdp_with_vllm_rollouts_trains_resumes_exactly_and_saves(model_dir, tiny_data, tmp_path, sharded_run,
+                                                                  cut_back):
     """torchrun x2 with --fsdp: each rank's engine gets the whole weights, gathered from the shards layer by layer."""
-    from conftest import cut_back, torchrun_train
-
     extra = ["--rollout", "vllm", "--rollout-kv-cache-gb", "0.25", "--rollout-eager"]
     run, resumed = tmp_path / "run", tmp_path / "resumed"
-    torchrun_train(model_dir, tiny_data, run, *extra)
+    sharded_run(model_dir, tiny_data, run, *extra)
     cut_back(run, resumed)
-    torchrun_train(model_dir, tiny_data, resumed, *extra, "--resume")
+    sharded_run(model_dir, tiny_data, resumed, *extra, "--resume")
     a, b = load_file(str(run / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()

@@ -265,7 +265,6 @@ def save_final(run: Run) -> None:
 
     Every rank calls it: a sharded student's whole weights are gathered to rank 0, which writes.
     """
-    from unisd import distributed
     from unisd.plugin import discover
 
     weights, adapter = run.policy.gathered()
