@@ -24,7 +24,7 @@ from typing import Any
 
 from bench import provenance
 from unisd import config as cfg
-from unisd import demo, evaluate, models
+from unisd import demo, evaluate, models, stats
 from unisd.data.prompts import TEACHER_TEMPLATE, demonstration
 from unisd.train import prepare, train
 
@@ -37,6 +37,8 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling and loss temperature of both")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--eval-limit", type=int, default=200)
+    p.add_argument("--base-eval", default="", help="a results.json of the base on the same items and settings "
+                                                     "(e.g. the recipe study's) to reuse instead of scoring it again")
     p.add_argument("--work", default="runs/peer")
     p.add_argument("--out", default="bench/results/peer")
     return p.parse_args(argv)
@@ -102,9 +104,11 @@ def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     config = ours(args, work / "unisd-sd", args.steps, top_k=0)
     train(config, overwrite=True, echo=lambda m: print(m, flush=True))
     trl_log = trl_sdft(args, rows_in_order(config), work / "trl-sdft", args.steps, top_k=0)
-    combined = evaluate.evaluate({"base": demo.MODEL, "unisd-sd": str(work / "unisd-sd"),
-                                  "trl-sdft": str(work / "trl-sdft")}, [demo.TASK], work / "eval",
-                                 args.eval_limit, batch_size=16)
+    trained = {"unisd-sd": str(work / "unisd-sd"), "trl-sdft": str(work / "trl-sdft")}
+    base = json.loads(Path(args.base_eval).read_text()) if args.base_eval else None
+    scored = evaluate.evaluate(trained if base else {"base": demo.MODEL, **trained}, [demo.TASK], work / "eval",
+                               args.eval_limit, batch_size=16)
+    combined = evaluate.merge([base, scored]) if base else scored
     mine = our_log(work / "unisd-sd")
     task = demo.TASK
     runs = {}
@@ -119,8 +123,10 @@ def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     runs["base"] = {"score": combined["scores"]["base"][task], "ci95": combined["ci95"]["base"][task],
                     "n": len(combined["items"]["base"][task]),
                     "identical_share": combined["answers"]["base"][task]["top_share"]}
-    versus = combined["paired"].get("trl-sdft", {})
-    return {"runs": runs, "trl_vs_unisd": versus.get("unisd-sd", {}).get(task)}
+    theirs, mine_items = combined["items"]["trl-sdft"][task], combined["items"]["unisd-sd"][task]
+    shared = [doc for doc in theirs if doc in mine_items]
+    versus = stats.paired([theirs[d] for d in shared], [mine_items[d] for d in shared]).as_json(scale=100.0)
+    return {"runs": runs, "trl_vs_unisd": versus}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -143,6 +149,9 @@ def table(result: dict[str, Any]) -> str:
         truncated = " ".join("-" if t is None or math.isnan(t) else f"{t:.2f}" for t in row.get("truncated_per_step", []))
         lines.append(f"| {name} | {row['score']:.1f} [{low:.1f}, {high:.1f}] (n={row['n']}) | {paired} | "
                      f"{row['identical_share']:.0f}% | {truncated} |")
+    v = result["after_training"]["trl_vs_unisd"]
+    lines += ["", f"TRL - unisd after training, paired on {v['n']} items: {v['difference']:+.1f} points "
+                  f"[{v['ci95'][0]:+.1f}, {v['ci95'][1]:+.1f}], p={v['p_value']:.2g}"]
     return "\n".join(lines) + "\n"
 
 

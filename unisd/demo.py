@@ -57,11 +57,11 @@ def verdict(combined: dict[str, Any], task: str = TASK) -> str:
             f"(on {n} held-out items of this task only; it says nothing about other tasks or larger models).")
 
 
-def recipe(preset: str) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
+def recipe(preset: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """(plugin options, settings) of one demo run: UniSD* takes SOURCE_RECIPE's teacher and sampling; SFT never samples."""
     if preset != "unisd-star":
         return {}, {}
-    options = {name: {k: str(v) for k, v in values.items()} for name, values in SOURCE_RECIPE.options.items()}
+    options = {name: dict(values) for name, values in SOURCE_RECIPE.options.items()}
     # negatives are short worked sums: 96 new tokens let them finish, so each is checked, not cut off
     return options | {"contrast": {"max_new_tokens": "96"}}, dict(SOURCE_RECIPE.settings)
 
