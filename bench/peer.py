@@ -31,7 +31,8 @@ from unisd.train import prepare, train
 
 def arguments(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench peer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=12, help="training steps of the side-by-side runs (0: only the "
+                                                         "first-step comparison)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--temperature", type=float, default=0.7, help="sampling and loss temperature of both")
@@ -139,8 +140,10 @@ def table(result: dict[str, Any]) -> str:
     for name in ("unisd_sd", "trl_sdft"):
         row = first[name]
         lines.append(f"| {name} | {row['loss']:.5f} | {row['completion_length']} | {row['truncated']} |")
-    lines += ["", f"TRL - unisd: {first['loss_difference']:+.2e}", "",
-              f"After {result['steps']} steps at temperature {result['temperature']}:", "",
+    lines += ["", f"TRL - unisd: {first['loss_difference']:+.2e}", ""]
+    if result["after_training"] is None:
+        return "\n".join(lines + ["Not trained further (--steps 0)."]) + "\n"
+    lines += [f"After {result['steps']} steps at temperature {result['temperature']}:", "",
               "| run | score | vs base | identical | truncated per step |", "|---|---|---|---|---|"]
     for name, row in result["after_training"]["runs"].items():
         low, high = row["ci95"]
@@ -164,7 +167,8 @@ def main(argv: list[str]) -> int:
                            f"max {args.max_new_tokens} new tokens, temperature {args.temperature:g} (sampling and "
                            "loss), forward KL over the full vocabulary, frozen teacher, unisd's teacher wording, "
                            "transformers sampling, fp32"),
-              "first_step": first_step(args, work), "after_training": side_by_side(args, work)}
+              "first_step": first_step(args, work),
+              "after_training": side_by_side(args, work) if args.steps else None}
     out = Path(args.out)
     written = provenance.write(out / "results.json", result, ["peer", *argv])
     (out / "table.md").write_text(table(json.loads(written.read_text())))
