@@ -157,7 +157,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
               "backend": args.backend, "eval_limit": args.eval_limit,
               "retention_documents": args.retention_documents, "same_data_order": len(orders) <= 1,
               "recipes": {n: {"why": RECIPES[n].why, "config": saved[n]} for n in names},
-              "not_reproduced": NOT_REPRODUCED, "runs": rows}
+              "not_reproduced": NOT_REPRODUCED, "not_run": [n for n in RECIPES if n not in names], "runs": rows}
     provenance.write(out / "results.json", result, ["recipes", *argv])
     (out / "table.md").write_text(table(json.loads((out / "results.json").read_text())))
     return result
@@ -212,6 +212,8 @@ def table(result: dict[str, Any]) -> str:
                      f"{row['score']:.1f} [{low:.1f}, {high:.1f}] (n={row['n']}) | {paired} | "
                      f"{row['identical_share']:.0f}% | {ppl} | {truncated} | {seconds} |")
     lines += ["", f"Not reproduced: {result['not_reproduced']}", ""]
+    if result.get("not_run"):
+        lines += [f"Not run: {', '.join(result['not_run'])}.", ""]
     return "\n".join(lines)
 
 

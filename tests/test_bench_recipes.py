@@ -49,6 +49,7 @@ def test_table_is_rendered_from_the_json_with_one_digit_per_step():
     result = {"command": "python -m bench recipes", "git_sha": "0123456789abcdef", "machine": {"cpu": "EPYC"},
               "model": "smollm2-135m", "precision": "fp32", "backend": "hf", "eval_limit": 50,
               "retention_documents": 25, "same_data_order": True, "not_reproduced": "OPSD's point-wise clip",
+              "not_run": ["opsd-5e-6"],
               "recipes": {"sdft-2e-5": {"why": "", "config": config}},
               "runs": {"base": _row(14.0, []),
                        "sdft-2e-5": _row(12.0, [0.0, 0.25, 0.5, 1.0],
@@ -59,4 +60,4 @@ def test_table_is_rendered_from_the_json_with_one_digit_per_step():
     assert "teacher EMA 0.99/1" in sdft and "skip 3" in sdft and "lr 2e-05" in sdft
     base = next(line for line in lines if line.startswith("| base |"))
     assert "untrained" in base and "14.0 [9.0, 19.0] (n=50)" in base
-    assert "OPSD's point-wise clip" in recipes.table(result)
+    assert "OPSD's point-wise clip" in recipes.table(result) and "Not run: opsd-5e-6." in lines
