@@ -7,6 +7,7 @@ from collections import Counter
 
 import matplotlib.image
 
+from unisd import config as cfg
 from unisd import demo
 from unisd.data import benchmarks, scoring
 from unisd.data import demo as demo_data
@@ -45,6 +46,12 @@ def _paired(diff, low, high, p):
     return {"unisd_demo": {"difference": diff, "ci95": [low, high], "p_value": p, "n": 200, "test": "exact McNemar"}}
 
 
+def test_scale_finding_is_one_line_that_cites_its_sources():
+    line = demo.SCALE_FINDING
+    assert "\n" not in line and "1B" in line
+    assert "2601.19897, Figure 5" in line and "2601.18734" in line  # SDFT behind SFT at 3B; OPSD at 1.7B-8B
+
+
 def test_verdict_claims_only_what_the_intervals_allow():
     combined = {"paired": {"sft": {"base": _paired(12.0, 5.5, 18.5, 0.001)},
                            "unisd-star": {"base": _paired(3.0, -2.0, 8.0, 0.25), "sft": _paired(-9.0, -16.0, -2.0, 0.01)}}}
@@ -65,6 +72,11 @@ def test_demo_trains_both_runs_and_writes_intervals_retention_and_charts(tiny_mo
     for run in ("sft", "unisd-star"):
         saved = json.loads((paths[run] / "unisd.json").read_text())
         assert saved["config"]["preset"] == run and (paths[run] / "model.safetensors").is_file()
+        assert saved["config"]["lr"] == demo.LR
+    star = json.loads((paths["unisd-star"] / "unisd.json").read_text())["config"]
+    sdft = cfg.PRESETS["sdft"]
+    assert {key: star[key] for key in sdft.settings} == dict(sdft.settings)  # SDFT's divergence, sampling, skip
+    assert star["options"]["ema"] == dict(sdft.options["ema"])  # its EMA teacher: rate 0.01 after every step
     assert json.loads(paths["metrics"].read_text().splitlines()[0])["step"] == 1
     table = paths["table"].read_text()
     rows = table.splitlines()
@@ -78,4 +90,5 @@ def test_demo_trains_both_runs_and_writes_intervals_retention_and_charts(tiny_mo
     assert f"bootstrap over the first {demo.RETENTION} documents of each task" in table
     for png in (paths["chart"], paths["curves"]):
         assert matplotlib.image.imread(png).ndim == 3
-    assert messages[-len(paths) - 2] == demo.verdict(results)
+    assert messages[-len(paths) - 3] == demo.verdict(results)
+    assert messages[-len(paths) - 2] == demo.SCALE_FINDING

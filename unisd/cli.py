@@ -169,17 +169,18 @@ def eval_cmd(model_specs: tuple[str, ...], tasks: str, limit: int | None, out: s
 @click.option("--steps", type=AT_LEAST_1, default=12, show_default=True,
               help="Optimizer steps of each trained run (SFT, UniSD*).")
 @click.option("--batch-size", type=AT_LEAST_1, default=4, show_default=True, help="Prompts per step.")
-@click.option("--lr", type=POSITIVE, default=2e-4, show_default=True, help="Peak learning rate of both runs.")
+@click.option("--lr", type=POSITIVE, default=None,
+              help="Peak learning rate of both runs (default: the demo's recipe, SDFT's 2e-5).")
 @click.option("--eval-limit", type=AT_LEAST_1, default=200, show_default=True,
               help="Held-out additions scored per model (200 give a 95% interval of about ±7 points).")
 @click.option("--overwrite", is_flag=True, help="Replace a previous demo in --out.")
 @errors_are_one_line
-def demo(out: str, steps: int, batch_size: int, lr: float, eval_limit: int, overwrite: bool) -> None:
+def demo(out: str, steps: int, batch_size: int, lr: float | None, eval_limit: int, overwrite: bool) -> None:
     """Train SmolLM2-135M with SFT and with UniSD* on a bundled addition task, then score base / SFT / UniSD*
     with 95% intervals, paired tests and retention."""
     from unisd import demo as demo_run
 
-    demo_run.run(Path(out), steps, eval_limit, batch_size, lr, overwrite=overwrite,
+    demo_run.run(Path(out), steps, eval_limit, batch_size, demo_run.LR if lr is None else lr, overwrite=overwrite,
                  echo=lambda m: click.echo(m, err=True))
 
 
