@@ -76,6 +76,7 @@ class EMA(Plugin):
         self._refresh()
 
     def _refresh(self) -> None:
+        assert self.scorer is not None
         if self.scorer is not self.average:
             self.scorer.follow(self._average().weights())
 

@@ -15,7 +15,7 @@ rank shards it, and rank 0 broadcasts its weights into the shards, so no rank ho
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, cast
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -93,7 +93,7 @@ class Model:
     def follow(self, weights: Weights, rate: float = 1.0) -> None:
         """θ ← θ + rate·(w − θ) for each named whole weight w (rate 1: a copy); a shard takes its own slice."""
         if self.sharded:
-            self.root.reshard()  # a forward leaves the root's weights gathered: write into the shards
+            cast(Any, self.root).reshard()  # a forward leaves the root's weights gathered: write into the shards
         params = dict(self.model.named_parameters())
         for name, w in weights:
             distributed.lerp_(params[name], w, rate)
@@ -131,7 +131,7 @@ class Policy:
         """The weights the optimizer steps, by name: under --fsdp the shards (a forward or a sampling call leaves
         the root's weights gathered, and the gathered tensors are only temporary)."""
         if self.student.sharded:
-            self.student.root.reshard()
+            cast(Any, self.student.root).reshard()
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     @property
@@ -276,7 +276,7 @@ def _by_unit(model: Any, names: list[str], units: list[torch.nn.Module]) -> list
         return [(None, names)]
     prefixes = {id(m): n + "." for n, m in model.named_modules()}
     layers = [(prefixes[id(u)], u) for u in units[:-1] if id(u) in prefixes]
-    groups: list[tuple[Any, list[str]]] = [(u, []) for _, u in layers] + [(units[-1], [])]
+    groups: list[tuple[Any, list[str]]] = [(u, []) for u in [*(u for _, u in layers), units[-1]]]
     for name in names:
         index = next((i for i, (prefix, _) in enumerate(layers) if name.startswith(prefix)), len(layers))
         groups[index][1].append(name)
