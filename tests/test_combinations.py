@@ -3,7 +3,6 @@ teacher (with --bf16 together). Each trains, checkpoints, resumes exactly (a cop
 checkpoint continues to the same weights) and writes a folder that `lm_eval --model hf` loads."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,28 +17,22 @@ COMBINATIONS = {  # (--rollout vllm with --fsdp: tests/test_vllm.py, in the engi
 }
 
 
-def _lm_eval_loads(folder: Path, tmp_path: Path, **extra: str) -> dict:
+ROWS = [{"question": "Which animal barks?", "choices": ["cat", "dog"], "label": 1},
+        {"question": "Where do fish live?", "choices": ["water", "trees"], "label": 0}]
+
+
+def _lm_eval_loads(folder: Path, tasks: Path, **extra: str) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    tasks = tmp_path / "tasks"
-    tasks.mkdir(exist_ok=True)
-    rows = [{"question": "Which animal barks?", "choices": ["cat", "dog"], "label": 1},
-            {"question": "Where do fish live?", "choices": ["water", "trees"], "label": 0}]
-    (tasks / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tasks / "tiny.yaml").write_text(
-        "task: unisd_tiny\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {tasks / 'tiny.jsonl'}\n"
-        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
     args = ",".join([f"pretrained={folder}", "dtype=float32", *(f"{k}={v}" for k, v in extra.items())])
-    return simple_evaluate(model="hf", model_args=args, tasks=["unisd_tiny"], device="cpu", batch_size=2,
+    return simple_evaluate(model="hf", model_args=args, tasks=["combo_mc"], device="cpu", batch_size=2,
                            task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
 
 
 @pytest.mark.parametrize("combination", list(COMBINATIONS))
 def test_sharded_combination_trains_resumes_exactly_and_loads_in_lm_eval(tiny_model, tiny_data, tmp_path, combination,
-                                                                         sharded_run, cut_back):
+                                                                         sharded_run, cut_back, tiny_task_writer):
     extra = COMBINATIONS[combination]
     run, resumed = tmp_path / "run", tmp_path / "resumed"
     sharded_run(tiny_model, tiny_data, run, *extra)
@@ -51,8 +44,10 @@ def test_sharded_combination_trains_resumes_exactly_and_loads_in_lm_eval(tiny_mo
     for k in trained:
         assert torch.equal(again[k], trained[k]), k                        # and resumed exactly
     assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 3
-    result = _lm_eval_loads(run, tmp_path)
-    assert result["n-samples"]["unisd_tiny"]["effective"] == 2
+    (tmp_path / "tasks").mkdir()
+    tasks = tiny_task_writer(tmp_path / "tasks", ROWS, "combo")
+    result = _lm_eval_loads(run, tasks)
+    assert result["n-samples"]["combo_mc"]["effective"] == 2
     if "--lora" in extra:  # the adapter on the base model scores as the merged model does
-        adapter = _lm_eval_loads(tiny_model, tmp_path, peft=str(run / "adapter"))
-        assert adapter["results"]["unisd_tiny"]["acc,none"] == result["results"]["unisd_tiny"]["acc,none"]
+        adapter = _lm_eval_loads(tiny_model, tasks, peft=str(run / "adapter"))
+        assert adapter["results"]["combo_mc"]["acc,none"] == result["results"]["combo_mc"]["acc,none"]
