@@ -58,3 +58,14 @@ def test_every_result_records_its_provenance_and_a_listed_command(path):
     command = shlex.split(result["command"])
     assert command[:3] == ["python", "-m", "bench"], result["command"]
     assert command[3] in listed(), f"{result['command']}: not a benchmark python -m bench --list knows"
+
+
+def test_gpu_check_runs_the_sharded_combinations_only_with_two_gpus_and_vllm_only_where_installed():
+    from bench.gpu_check import combinations
+
+    one = combinations(1, vllm=False)
+    assert {processes for processes, _ in one.values()} == {1} and not any("vllm" in f for _, f in one.values())
+    two = combinations(2, vllm=True)
+    assert {n for n, (processes, _) in two.items() if processes == 2} >= {"ddp", "fsdp-lora", "fsdp-bf16", "fsdp-vllm",
+                                                                          "fsdp-ema"}
+    assert all("--fsdp" in flags for name, (_, flags) in two.items() if name.startswith("fsdp"))
