@@ -162,7 +162,8 @@ def main(argv: list[str]) -> int:
     args = arguments(argv)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    result = {"description": "TRL 1.16's SDFTTrainer against unisd's sd preset on the same demo rows and settings: first-step loss on identical (greedy) completions, and scores after training where run.",
+    result = {"description": ("TRL 1.16's SDFTTrainer against unisd's sd preset on the same demo rows and settings: first-step "
+                             "loss on identical (greedy) completions, and scores after training where run."),
               "task": demo.TASK, "model": demo.MODEL, "steps": args.steps, "temperature": args.temperature,
               "settings": (f"{args.steps} steps of {args.batch_size} prompts, lr {args.lr:g}, 1 sample per prompt, "
                            f"max {args.max_new_tokens} new tokens, temperature {args.temperature:g} (sampling and "

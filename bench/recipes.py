@@ -152,7 +152,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     rows |= {n: summary(n, combined, steps_of(Path(args.work) / n)) for n in names}
     saved = {n: json.loads((Path(args.work) / n / "unisd.json").read_text())["config"] for n in names}
     orders = {json.loads((Path(args.work) / n / "unisd.json").read_text())["data"]["order_sha256"] for n in names}
-    result = {"description": "The demo task trained at each source's own recipe (SDFT, OPSD, the paper's UniSD*) and SFT: scores with 95% intervals, paired tests against the base, truncated share per step, identical outputs, PPL_ret.",
+    result = {"description": ("The demo task trained at each source's own recipe (SDFT, OPSD, the paper's UniSD*) and SFT: "
+                             "scores with 95% intervals, paired tests against the base, truncated share per step, identical "
+                             "outputs, PPL_ret."),
               "task": demo.TASK, "model": demo.MODEL, "model_path": str(models.resolve(demo.MODEL)),
               "precision": "bf16 mixed" if hardware.fast_bf16_cpu() else "fp32 (no native bf16 on this CPU)",
               "backend": args.backend, "eval_limit": args.eval_limit,
