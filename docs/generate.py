@@ -213,6 +213,20 @@ def combinations() -> str:
     return text
 
 
+def rank_memory(path: Path = RESULTS / "rank-memory.json") -> str:
+    """Peak host memory per rank, from `python -m bench rank_memory`'s result (said so when there is none)."""
+    if not path.is_file():
+        return "No measurement is stored: `python -m bench rank_memory` makes one.\n"
+    result = json.loads(path.read_text())
+    found = result["peak_rss_gib_per_rank"]
+    rows = [[layout, *(f"{gib:.2f}" for gib in ranks), *[""] * (2 - len(ranks))] for layout, ranks in found.items()]
+    machine = result.get("machine", {})
+    return (_table(["layout", "rank 0 (GiB)", "rank 1 (GiB)"], rows) +
+            f"\nPeak RSS of each process of a one-step `unisd train` on {result.get('model', '?')} "
+            f"({machine.get('cpu', '?')}, {machine.get('cores', '?')} cores; `{result.get('command', '?')}` at "
+            f"{str(result.get('git_sha', '?'))[:10]}).\n")
+
+
 # --- results ----------------------------------------------------------------------------------------------------
 
 def _number(x: Any) -> str:
@@ -389,7 +403,7 @@ def write(out: Path = OUT) -> list[Path]:
 
 
 README = ROOT / "README.md"
-README_REGIONS = {"combinations": combinations}
+README_REGIONS = {"combinations": combinations, "rank-memory": rank_memory}
 
 
 def readme(text: str) -> str:

@@ -16,8 +16,8 @@ moved from its teacher, i.e. how much the EMA held it back.
 
 The policy holds the teacher like the student (sharded under `--fsdp`: each rank averages only its own
 shards). The average itself is always kept in fp32 (a bf16 average would round away most updates); with
-`--bf16` the teacher's forwards run on a second follower made for scoring (bf16 linear layers where the
-student is not sharded), refreshed after every update.
+`--bf16` the teacher's forwards run on what the policy scores with (`run.policy.for_scoring`: a copy with bf16
+linear layers where the student is not sharded), refreshed after every update.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class EMA(Plugin):
 
     def setup(self, run: RunView) -> None:
         self.average = run.policy.follower()  # θ̄ ← θ exactly
-        self.scorer = run.policy.follower(for_scoring=True) if run.config.bf16 else self.average
+        self.scorer = run.policy.for_scoring(self.average)
 
     def _average(self) -> Model:
         assert self.average is not None and self.scorer is not None, "ema: setup was not called"

@@ -73,18 +73,20 @@ def estimate(config: TrainConfig, shape: Shape, world_size: int) -> dict[str, fl
     trainable = config.lora_r * shape.lora if config.lora else P
     frozen_copy, ema = _needs(config)
     bf16_copy = 2 * shape.linear + 4 * (P - shape.linear)  # models.bf16_linears
+    bf16_copies = config.bf16 and not config.fsdp
     parts = {
-        "student weights (fp32)": 4 * P / shard + (4 * trainable if config.lora else 0),
+        "student weights (fp32)": (4 * P + (4 * trainable if config.lora else 0)) / shard,
         "gradients (fp32)": 4 * trainable / shard,
         "AdamW state (fp32)": 8 * trainable / shard,
-        # under LoRA the frozen teacher is the student with its adapter off: no copy
-        "frozen teacher": (bf16_copy if config.bf16 else 4 * P) / shard if frozen_copy and not config.lora else 0,
-        "EMA teacher": (4 * P + (bf16_copy if config.bf16 else 0)) / shard if ema else 0,
+        # under LoRA the frozen teacher is the student with its adapter off: no copy; FSDP keeps one dtype per
+        # unit, so a sharded teacher stays fp32 and needs no bf16 scoring copy
+        "frozen teacher": (bf16_copy if bf16_copies else 4 * P) / shard if frozen_copy and not config.lora else 0,
+        "EMA teacher": (4 * P + (bf16_copy if bf16_copies else 0)) / shard if ema else 0,
     }
     if config.rollout == "vllm":
         dtype_bytes = 2 if config.bf16 or torch.cuda.is_available() else 4
         parts["vLLM engine (weights + KV cache)"] = dtype_bytes * P + config.rollout_kv_cache_gb * 2**30
-    elif config.bf16:
+    elif bf16_copies:  # sharded weights are sampled where they are, under autocast
         parts["bf16 sampling copy"] = 2 * P
     length = config.max_prompt_tokens + config.max_new_tokens
     tokens = config.batch_size * length
@@ -119,7 +121,7 @@ def _advice(config: TrainConfig, shape: Shape, world_size: int, device_gb: float
     tries: list[tuple[str, dict[str, Any]]] = []
     if not config.lora:
         tries.append(("add --lora", {"lora": True}))
-    if world_size > 1 and not config.fsdp and not config.lora:
+    if world_size > 1 and not config.fsdp:
         tries.append(("add --fsdp", {"fsdp": True}))
     if config.batch_size > 1:
         tries.append((f"use --batch-size 1 with --grad-accum {config.grad_accum * config.batch_size}",

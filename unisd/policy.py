@@ -5,7 +5,8 @@ themselves; they ask the policy for a form:
 
 - `student`: hidden states (through DDP, or sharded by FSDP2) and the output head, for the graded forward;
 - `initial`: the frozen initial model, the LoRA student with its adapter off or a second copy loaded once;
-- `follower()`: a frozen plain copy that follows the student's weights (an EMA teacher), held the same way;
+- `follower()`: a frozen plain copy that follows the student's weights (an EMA teacher), held the same way,
+  and `for_scoring(model)`, what such a copy scores with (bf16 linear layers under --bf16);
 - `sample(...)`: the model itself, a bf16 copy (--bf16) or the vLLM engine (--rollout vllm), each given the
   current weights one shard unit at a time (LoRA merged on the fly, whole tensors gathered per layer).
 
@@ -154,15 +155,20 @@ class Policy:
                 self._initial = Model(model, _held(model, self.world, self.config.fsdp))
         return self._initial
 
-    def follower(self, for_scoring: bool = False) -> Model:
-        """A frozen plain model holding the student's current weights, sharded like it under --fsdp.
-
-        `for_scoring` under --bf16 (unsharded): its linear layers in bf16, as autocast would compute them.
-        """
+    def follower(self) -> Model:
+        """A frozen plain fp32 model holding the student's current weights, sharded like it under --fsdp."""
         copy = self._skeleton(torch.float32)
-        if for_scoring and self.config.bf16 and not self.config.fsdp:
-            models.bf16_linears(copy.model)
         copy.follow(self.student.weights())
+        return copy
+
+    def for_scoring(self, model: Model) -> Model:
+        """What a frozen model scores with: under --bf16 (unsharded) a copy whose linear layers are bf16, as autocast
+        computes them (the caller refreshes it with `follow` when the model changes); else the model itself."""
+        if not self.config.bf16 or self.config.fsdp:  # FSDP holds one dtype per unit
+            return model
+        copy = self._skeleton(torch.float32)
+        models.bf16_linears(copy.model)
+        copy.follow(model.weights())
         return copy
 
     def as_model(self, teacher: Any) -> Model:
