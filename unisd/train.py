@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from unisd import checkpoint, distributed, hardware, losses, models, monitor, report, tracking
+from unisd import checkpoint, distributed, hardware, losses, models, monitor, report, tracking, views
 from unisd.api import Batch, Outputs, TrainError
 from unisd.callable_module import make_callable
 from unisd.config import ConfigError, TrainConfig
@@ -29,21 +29,9 @@ from unisd.rng import rng_state, set_rng_state
 from unisd.policy import Model, Policy
 from unisd.rollout import ignored_settings
 from unisd.run import TEACHER_OBJECTIVES, Run, data_order, order_slice
-from unisd.sequences import pack, render
+from unisd.sequences import render
 
 __all__ = ["TrainError", "data_order", "forward", "make_batch", "prepare", "step", "train"]
-
-
-def _hidden(encode: Callable[..., torch.Tensor], prompts: list[list[int]], batch: Batch, pad_id: int) -> torch.Tensor:
-    """Final hidden states [R, T, H] at the positions that predict each completion token."""
-    assert batch.tokens is not None and batch.mask is not None
-    repeat = len(prompts) // batch.tokens.shape[0]
-    packed = pack(prompts, batch.tokens.repeat(repeat, 1), batch.mask.repeat(repeat, 1), pad_id)
-    device = batch.tokens.device
-    hidden = encode(input_ids=packed.ids.to(device), attention_mask=packed.attention.to(device),
-                    position_ids=packed.positions.to(device))
-    T = batch.tokens.shape[1]
-    return hidden[:, packed.start - 1: packed.start - 1 + T]
 
 
 def _autocast(run: Run) -> torch.autocast:
@@ -61,7 +49,8 @@ def forward(run: Run, batch: Batch, teacher: Model | None) -> Outputs:
     pad = run.tokenizer.pad_token_id
     tok = lambda view: [render(run.tokenizer, p) for p in batch.prompts[view]]  # noqa: E731
     with _autocast(run):
-        student_h = _hidden(run.policy.student.hidden, tok("student"), batch, pad)
+        student_h = views.hidden(run.policy.student.hidden, tok("student"), batch.tokens, batch.mask, pad,
+                                 views.one_batch(batch.tokens.shape[0]))
     where = batch.mask.bool()
     tokens = batch.tokens[where]
     student_head = run.policy.student.head
@@ -72,9 +61,13 @@ def forward(run: Run, batch: Batch, teacher: Model | None) -> Outputs:
         return Outputs(batch, batch.mask, losses.objective(c.divergence, torch.zeros_like(per_token), per_token),
                        {"student": per_token}, {"student": student_h})
     no_grad_views = [v for v in batch.prompts if v != "student"]  # "teacher" first, then plugin views
+    rows = sum((tok(v) for v in no_grad_views), [])
+    B, T = batch.tokens.shape
+    # rows of similar length run together, a repeated row once; under FSDP every rank must run the same
+    # forwards (their all-gathers pair up), so there all rows run as one batch
+    plan = views.one_batch(len(rows)) if c.fsdp else views.by_length(rows, B, T)
     with torch.no_grad(), _autocast(run):
-        stacked = _hidden(teacher.hidden, sum((tok(v) for v in no_grad_views), []), batch, pad)
-    B = batch.tokens.shape[0]
+        stacked = views.hidden(teacher.hidden, rows, batch.tokens, batch.mask, pad, plan)
     view_h = {v: stacked[i * B:(i + 1) * B] for i, v in enumerate(no_grad_views)}
     teacher_head = teacher.head
     # ce and none need no divergence; the chunked pass still gives the log-probs (forward KL, then unused)
