@@ -88,7 +88,6 @@ def make_rows(n: int, prompt_tokens: int, tokenizer: Any) -> list[dict[str, str]
 
 def fixed_length_plugin(tokens: int) -> Any:
     """A plugin whose `completions` hook samples like the trainer, with EOS suppressed until `tokens`."""
-    from unisd import rollout
     from unisd.api import Plugin
     from unisd.sequences import render
 
@@ -98,9 +97,8 @@ def fixed_length_plugin(tokens: int) -> Any:
         def completions(self, batch: Any, run: Any) -> Any:
             c = run.config
             prompts = [render(run.tokenizer, p) for p in batch.prompts["student"]]
-            return rollout.sample(run.sampler(run.student), run.tokenizer, prompts, c.max_new_tokens, c.temperature,
-                                  c.top_p, dtype=torch.bfloat16 if c.bf16 else None, engine=run.engine,
-                                  top_k=c.top_k, min_new_tokens=tokens)
+            return run.policy.sample(prompts, c.max_new_tokens, c.temperature, c.top_p, top_k=c.top_k,
+                                     min_new_tokens=tokens)
 
     return FixedLength()
 
