@@ -252,7 +252,10 @@ def main(argv: list[str]) -> int:
                 for completion in args.completion:
                     cells.append(cell(precision, batch, completion, cases, args.rounds, args.model, Path(tmp), tokenizer))
                     print(json.dumps(cells[-1]["ratios"]), flush=True)
-    result = {"model": args.model, "prompt_tokens": 128, "rounds": args.rounds, "threads": torch.get_num_threads(),
+    result = {"description": ("One optimizer step of plain SD, UniSD* (K 3), SFT and TRL's SDFT trainer on the same "
+                              "work, round-robin in one process: median step time, its phases and peak memory per "
+                              "cell."),
+              "model": args.model, "prompt_tokens": 128, "rounds": args.rounds, "threads": torch.get_num_threads(),
               "cells": cells, "table": table(cells)}
     path = provenance.write(args.out, result, ["step", *argv])
     print(result["table"])

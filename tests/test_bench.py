@@ -13,9 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = sorted((ROOT / "bench" / "results").rglob("*.json"))
 PROVENANCE = ("command", "git_sha", "versions", "machine")
-# step-time results of the harness that predates bench.provenance; issue 30's step benchmark replaces them
-PREDATES_PROVENANCE = {"bf16-b4-p128.json", "bf16-b4-p512-t64.json", "bf16-b8-p128-t256.json",
-                       "fp32-b4-p128-t64.json", "trl-bf16-vllm.json", "trl-fp32-vllm.json"}
 
 
 @functools.cache
@@ -45,10 +42,7 @@ def test_there_are_results_to_check():
     assert RESULTS
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, id=str(p.relative_to(ROOT)), marks=[pytest.mark.xfail(
-        strict=True, reason="recorded before bench.provenance; drop it from PREDATES_PROVENANCE once rerun")]
-        if p.name in PREDATES_PROVENANCE else []) for p in RESULTS])
+@pytest.mark.parametrize("path", [pytest.param(p, id=str(p.relative_to(ROOT))) for p in RESULTS])
 def test_every_result_records_its_provenance_and_a_listed_command(path):
     result = json.loads(path.read_text())
     assert [k for k in PROVENANCE if k not in result] == []
