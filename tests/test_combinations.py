@@ -1,5 +1,5 @@
-"""Every sharded combination under torchrun x2 (gloo, the tiny model): --fsdp with --lora, with --bf16, with an EMA
-teacher (with --bf16 together). Each trains, checkpoints, resumes exactly (a copy of the run cut back to an earlier
+"""The sharded combinations under torchrun x2 (gloo, the tiny model): --fsdp with --lora, --bf16, an EMA teacher and
+base-model samples (`mix source=base`, the LoRA student with its adapter off), all in one run. Each trains, checkpoints, resumes exactly (a copy of the run cut back to an earlier
 checkpoint continues to the same weights) and writes a folder that `lm_eval --model hf` loads."""
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.torchrun
 
-COMBINATIONS = {  # (--rollout vllm with --fsdp: tests/test_vllm.py, in the engine's environment)
-    "fsdp-lora": ["--lora", "--lora-r", "4", "--plugins", "mix", "-o", "mix.source=base", "-o", "mix.prob=0.5"],
-    "fsdp-bf16-ema": ["--bf16", "--plugins", "ema", "-o", "ema.every=1", "-o", "ema.beta=0.5"],
+COMBINATIONS = {  # one run holds them all (each torchrun launch costs most of the test); --rollout vllm with --fsdp:
+    # tests/test_vllm.py, in the engine's environment
+    "fsdp-lora-bf16-ema": ["--lora", "--lora-r", "4", "--bf16", "--plugins", "ema,mix", "-o", "ema.every=1",
+                           "-o", "ema.beta=0.5", "-o", "mix.source=base", "-o", "mix.prob=0.5"],
 }
 
 

@@ -32,7 +32,8 @@ def test_grouped_views_give_the_log_probs_of_one_padded_batch(tiny_model, tiny_d
     rows = [render(run.tokenizer, p) for p in prompts]
     tokens = torch.tensor([[40, 41, 42, 43, 44, 45], [50, 51, 52, 0, 0, 0]])
     mask = torch.tensor([[1.0] * 6, [1.0] * 3 + [0.0] * 3])
-    encode, head, pad = run.encoder(run.teacher), run.teacher.get_output_embeddings(), run.tokenizer.pad_token_id
+    teacher = run.policy.initial
+    encode, head, pad = teacher.hidden, teacher.head, run.tokenizer.pad_token_id
     plan = views.by_length(rows, 2, 6)
     assert len(plan.groups) > 1 and len(set(plan.source)) < len(rows)   # the test exercises both savings
     with torch.no_grad():
