@@ -1,6 +1,7 @@
-"""The sharded combinations under torchrun x2 (gloo, the tiny model): --fsdp with --lora, --bf16, an EMA teacher and
-base-model samples (`mix source=base`, the LoRA student with its adapter off), all in one run. Each trains, checkpoints, resumes exactly (a copy of the run cut back to an earlier
-checkpoint continues to the same weights) and writes a folder that `lm_eval --model hf` loads."""
+"""The sharded combinations under torchrun x2 (gloo, the tiny model): --fsdp with --lora, --bf16, an EMA teacher
+and base-model samples (`mix source=base`: the LoRA student with its adapter off), all in one run. It trains,
+checkpoints, resumes exactly (a copy of the run cut back to an earlier checkpoint continues to the same weights)
+and writes a folder that `lm_eval --model hf` loads."""
 from __future__ import annotations
 
 from pathlib import Path
