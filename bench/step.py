@@ -245,19 +245,20 @@ def main(argv: list[str]) -> int:
 
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer(args.model)
-    cells = []
+    cells: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for precision in args.precision:
             for batch in args.batch:
                 for completion in args.completion:
                     cells.append(cell(precision, batch, completion, cases, args.rounds, args.model, Path(tmp), tokenizer))
                     print(json.dumps(cells[-1]["ratios"]), flush=True)
-    result = {"description": ("One optimizer step of plain SD, UniSD* (K 3), SFT and TRL's SDFT trainer on the same "
-                              "work, round-robin in one process: median step time, its phases and peak memory per "
-                              "cell."),
-              "model": args.model, "prompt_tokens": 128, "rounds": args.rounds, "threads": torch.get_num_threads(),
-              "cells": cells, "table": table(cells)}
-    path = provenance.write(args.out, result, ["step", *argv])
+                    # written after every cell: a grid cut short by the session still keeps what it measured
+                    result = {"description": ("One optimizer step of plain SD, UniSD* (K 3), SFT and TRL's SDFT "
+                                              "trainer on the same work, round-robin in one process: median step "
+                                              "time, its phases and peak memory per cell."),
+                              "model": args.model, "prompt_tokens": 128, "rounds": args.rounds,
+                              "threads": torch.get_num_threads(), "cells": cells, "table": table(cells)}
+                    path = provenance.write(args.out, result, ["step", *argv])
     print(result["table"])
     print(f"wrote {path}")
     return 0

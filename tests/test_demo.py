@@ -74,9 +74,10 @@ def test_demo_trains_both_runs_and_writes_intervals_retention_and_charts(tiny_mo
         assert saved["config"]["preset"] == run and (paths[run] / "model.safetensors").is_file()
         assert saved["config"]["lr"] == demo.LR
     star = json.loads((paths["unisd-star"] / "unisd.json").read_text())["config"]
-    sdft = cfg.PRESETS["sdft"]
-    assert {key: star[key] for key in sdft.settings} == dict(sdft.settings)  # SDFT's divergence, sampling, skip
-    assert star["options"]["ema"] == dict(sdft.options["ema"])  # its EMA teacher: rate 0.01 after every step
+    paper = cfg.PRESETS["unisd-star"]
+    assert star["lora"] and not json.loads((paths["sft"] / "unisd.json").read_text())["config"]["lora"]
+    assert {key: star[key] for key in paper.settings} == dict(paper.settings)  # the paper's values, not SDFT's
+    assert star["options"]["ema"] == {k: v for k, v in paper.options["ema"].items()}
     assert json.loads(paths["metrics"].read_text().splitlines()[0])["step"] == 1
     table = paths["table"].read_text()
     rows = table.splitlines()
