@@ -18,6 +18,7 @@ import importlib.metadata
 import inspect
 import itertools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -273,21 +274,35 @@ def _scores(result: dict[str, Any]) -> str:
             text += "\nPaired differences:\n\n" + report.paired_table(result["paired"])
         except (KeyError, TypeError, ValueError):
             pass
-    return text
+    return text + _settings(result, SCORE_KEYS)
 
 
 def _step_cells(result: dict[str, Any]) -> str:
-    """Step-time results: one row per shape and case (seconds per optimizer step, peak memory, phases)."""
+    """Step-time results (`python -m bench step`): the table of medians it wrote, then each cell's ratios."""
+    cells = result["cells"]
+    names = sorted({name for c in cells for name in c["ratios"]})
+    rows = [[c["precision"], c["batch"], c["completion"], *(_number(c["ratios"].get(n, "")) for n in names)]
+            for c in cells]
+    return (result["table"] + "\n\nRatios (medians of the same cell):\n\n"
+            + _table(["precision", "batch", "completion", *names], rows) + _settings(result, ("cells", "table")))
+
+
+def _flat(x: Any) -> bool:
+    return isinstance(x, (str, int, float, bool)) or x is None
+
+
+def _settings(result: dict[str, Any], shown: tuple[str, ...]) -> str:
+    """What else the file records in one line each: plain values, lists of them, and dicts of either."""
     rows = []
-    for cell in result["cells"]:
-        shape = " × ".join(str(cell.get(k, "?")) for k in ("batch", "prompt", "completion"))
-        for case, m in cell.get("cases", {}).items():
-            phases = m.get("phases_s") or {}
-            top = sorted(phases.items(), key=lambda kv: -kv[1])[:3]
-            peak = m.get("peak_mb")
-            rows.append([shape, case, _number(m.get("step_s")), "–" if peak is None else f"{peak / 1024:.2f}",
-                         ", ".join(f"{k} {v:.2f}" for k, v in top)])
-    return _table(["batch × prompt × completion", "case", "step s", "peak GiB", "largest phases (s)"], rows)
+    for k, v in result.items():
+        if k in PROVENANCE_KEYS or k in shown:
+            continue
+        values = v.items() if isinstance(v, dict) else [("", v)]
+        for sub, x in values:
+            if _flat(x) or (isinstance(x, list) and x and all(_flat(y) for y in x)):
+                shown_x = ", ".join(_number(y) for y in x) if isinstance(x, list) else _number(x)
+                rows.append([f"`{k}.{sub}`" if sub else f"`{k}`", shown_x])
+    return "\nAlso recorded:\n\n" + _table(["value", ""], rows) if rows else ""
 
 
 def _leaves(x: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -311,6 +326,7 @@ def _records(x: Any) -> bool:
 
 
 PROVENANCE_KEYS = ("command", "argv", "git_sha", "machine", "versions")
+SCORE_KEYS = ("scores", "ci95", "overall_ci95", "paired")  # shown by the score table, not listed again
 MAX_VALUES = 40
 
 
@@ -335,7 +351,7 @@ def _size(x: Any) -> str:
 RENDERERS: list[tuple[Callable[[Any], bool], Callable[[dict[str, Any]], str]]] = [
     (lambda r: isinstance(r, dict) and _is_score_table(r.get("scores")), _scores),
     (lambda r: isinstance(r, dict) and isinstance(r.get("cells"), list) and
-        all(isinstance(c, dict) and "cases" in c for c in r["cells"]), _step_cells),
+        isinstance(r.get("table"), str) and all(isinstance(c, dict) and "ratios" in c for c in r["cells"]), _step_cells),
 ]
 
 
@@ -347,6 +363,11 @@ def render_result(path: Path, root: Path) -> str:
     except (OSError, ValueError) as e:
         return f"### `{name}`\n\n*not readable as JSON: {type(e).__name__}*\n\n"
     text = f"### `{name}`\n\n" + (_provenance(result) if isinstance(result, dict) else "")
+    report_md = path.with_name("table.md")
+    if isinstance(result, dict) and report_md.is_file():
+        # the benchmark's own report of these numbers; its headings sit below this section's
+        body = re.sub(r"^#", "####", report_md.read_text(), flags=re.M).strip()
+        return text + body + "\n" + _settings(result, SCORE_KEYS) + "\n"
     for fits, render in RENDERERS:
         if fits(result):
             try:

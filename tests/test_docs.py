@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "docs" / "generated"
@@ -80,13 +79,23 @@ def test_results_render_whatever_files_are_there(tmp_path):
     (tmp_path / "a" / "results.json").write_text(json.dumps(
         {"command": "python -m bench x", "git_sha": "abc", "scores": {"base": {"unisd_demo": 14.0}},
          "ci95": {"base": {"unisd_demo": [9.0, 19.0]}}}))
-    (tmp_path / "step.json").write_text(json.dumps(
-        {"cells": [{"batch": 4, "prompt": 128, "completion": 64, "cases": {"sd": {"step_s": 11.5, "peak_mb": 2048}}}]}))
+    (tmp_path / "step.json").write_text(json.dumps(  # the shape `python -m bench step` writes
+        {"cells": [{"precision": "fp32", "batch": 4, "completion": 64, "medians": {"sd": {"step_time_s": 11.5}},
+                    "ratios": {"unisd-star/sd step": 1.25}}], "table": "| case | step s |\n|---|---|\n| sd | 11.50 |",
+         "rounds": 2}))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps(
+        {"command": "python -m bench y", "git_sha": "def", "runs": {"x": {"deep": [1]}}, "seconds": 731.0,
+         "training_s": {"sft": 58.7}, "truncated": [0.25, 0.5]}))
+    (tmp_path / "b" / "table.md").write_text("# The report\n\n| run | score |\n|---|---|\n| x | 35.0 |\n")
     (tmp_path / "broken.json").write_text("{")
     (tmp_path / "odd.json").write_text(json.dumps({"cells": "not a list", "n": 3}))
     text = generate.results(tmp_path)
     assert "14.0 ± 5.0" in text  # the score table, from unisd.report
-    assert "| 4 × 128 × 64 | sd | 11.5 | 2.00 |" in text
+    assert "| sd | 11.50 |" in text and "| fp32 | 4 | 64 | 1.25 |" in text and "| `rounds` | 2 |" in text
+    assert "#### The report" in text and "| x | 35.0 |" in text  # the benchmark's own report, under the section
+    assert "| `seconds` | 731 |" in text and "| `training_s.sft` | 58.7 |" in text and "| `truncated` | 0.25, 0.5 |" in text
+    assert "deep" not in text
     assert "not readable as JSON" in text
     assert "`n` | 3" in text
     assert text.count("provenance incomplete: no command and no commit") == 2  # step.json, odd.json
