@@ -288,21 +288,20 @@ def _step_cells(result: dict[str, Any]) -> str:
 
 
 def _flat(x: Any) -> bool:
-    return isinstance(x, (str, int, float, bool)) or x is None
+    return isinstance(x, (str, int, float, bool)) or x is None or (
+        isinstance(x, list) and bool(x) and all(isinstance(y, (str, int, float, bool)) or y is None for y in x))
 
 
 def _settings(result: dict[str, Any], shown: tuple[str, ...]) -> str:
-    """What else the file records in one line each: plain values, lists of them, and dicts of either."""
-    rows = []
+    """What else the file records, one line each: plain values, lists of them, and the plain entries of a dict."""
+    body: dict[str, Any] = {}
     for k, v in result.items():
-        if k in PROVENANCE_KEYS or k in shown:
-            continue
-        values = v.items() if isinstance(v, dict) else [("", v)]
-        for sub, x in values:
-            if _flat(x) or (isinstance(x, list) and x and all(_flat(y) for y in x)):
-                shown_x = ", ".join(_number(y) for y in x) if isinstance(x, list) else _number(x)
-                rows.append([f"`{k}.{sub}`" if sub else f"`{k}`", shown_x])
-    return "\nAlso recorded:\n\n" + _table(["value", ""], rows) if rows else ""
+        if k not in PROVENANCE_KEYS and k not in shown:
+            v = {sub: x for sub, x in v.items() if _flat(x)} if isinstance(v, dict) else v
+            if (isinstance(v, dict) and v) or _flat(v):
+                body[k] = v
+    leaves = list(_leaves(body))
+    return "\nAlso recorded:\n\n" + _table(["value", ""], [[f"`{k}`", x] for k, x in leaves]) if leaves else ""
 
 
 def _leaves(x: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
