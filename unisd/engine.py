@@ -60,13 +60,16 @@ def batch_limits(batch: int, max_model_len: int, cuda: bool) -> dict[str, Any]:
 
     vLLM's defaults on a large GPU (1024 sequences, 16384 tokens a step, CUDA graphs captured up to 512
     sequences, the sampler warmed up at 1024 x vocabulary) cost start time and memory a run never uses.
+    A step holds a whole prompt and completion (TRL's 4096 tokens when they are shorter).
     """
     seqs = max(batch, SETUP_BATCH)
     limits: dict[str, Any] = {"max_num_seqs": seqs, "max_num_batched_tokens": max(max_model_len, 4096)}
     if cuda:
         limits["compilation_config"] = {"max_cudagraph_capture_size": seqs}  # decode batches hold at most seqs
-    else:  # vLLM on CPU fails a seeded request whose prompt it splits over two steps ("CPU Generator does not
-        limits["enable_chunked_prefill"] = False  # use offset"); scheduling whole prompts only avoids the split
+    else:
+        # vLLM on CPU fails a seeded request whose prompt it splits over two steps ("CPU Generator does not use
+        # offset"); scheduling whole prompts only avoids the split
+        limits["enable_chunked_prefill"] = False
     return limits
 
 
