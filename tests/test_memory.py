@@ -99,9 +99,9 @@ def test_bad_dry_run_values_are_one_line(qwen_7b_config, args, message):
     assert result.output.startswith(message) and result.output.count("\n") == 1
 
 
-def test_planning_flags_need_dry_run(qwen_7b_config):
-    result = CliRunner().invoke(main, ["train", "--model", str(qwen_7b_config), "--data", "x.jsonl", "--out", "o",
-                                       "--world-size", "8"])
+@pytest.mark.parametrize("flag", [["--world-size", "8"], ["--device", "cpu"]])
+def test_planning_flags_need_dry_run(qwen_7b_config, flag):
+    result = CliRunner().invoke(main, ["train", "--model", str(qwen_7b_config), "--data", "x.jsonl", "--out", "o", *flag])
     assert result.exit_code == 2 and "use them with --dry-run" in result.output
 
 
