@@ -90,7 +90,8 @@ def main(argv: list[str]) -> int:
     cells = tokens_per_second(model, tokenizer, {"hf_fp32": {}, "hf_bf16": {"dtype": torch.bfloat16}}, shapes,
                               args.prompt, args.reps)
     started = time.perf_counter()
-    vllm = engine.Engine(models.resolve(args.model), torch.bfloat16, args.kv_cache_gb, 4096, seed=0)
+    vllm = engine.Engine(models.resolve(args.model), torch.bfloat16, args.kv_cache_gb, 4096, seed=0,
+                         batch=max(args.batch))  # every measured batch runs at once
     engine_start_s = time.perf_counter() - started
     for shape, found in tokens_per_second(model, tokenizer, {"vllm_bf16": {"engine": vllm}}, shapes, args.prompt,
                                           args.reps).items():

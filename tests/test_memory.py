@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -9,13 +11,22 @@ import torch
 from click.testing import CliRunner
 
 from unisd import config as cfg
-from unisd import memory
+from unisd import engine, memory
 from unisd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Qwen2.5-7B-Instruct's config.json sizes (no weights: the estimate reads the config only)
 QWEN_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
            "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
            "max_position_embeddings": 32768, "tie_word_embeddings": False, "rms_norm_eps": 1e-6}
+
+# Qwen2.5-1.5B-Instruct's (tied head)
+QWEN_1_5B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
+             "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+             "max_position_embeddings": 32768, "tie_word_embeddings": True, "rms_norm_eps": 1e-6}
+SHAPES = {"Qwen/Qwen2.5-7B-Instruct": QWEN_7B, "Qwen/Qwen2.5-1.5B-Instruct": QWEN_1_5B}
+GPU_GB = 80  # the GPUs the docs' commands are sized for (docs/distributed.md)
 
 
 @pytest.fixture
@@ -88,7 +99,99 @@ def test_bad_dry_run_values_are_one_line(qwen_7b_config, args, message):
     assert result.output.startswith(message) and result.output.count("\n") == 1
 
 
-def test_planning_flags_need_dry_run(qwen_7b_config):
-    result = CliRunner().invoke(main, ["train", "--model", str(qwen_7b_config), "--data", "x.jsonl", "--out", "o",
-                                       "--world-size", "8"])
+@pytest.mark.parametrize("flag", [["--world-size", "8"], ["--device", "cpu"]])
+def test_planning_flags_need_dry_run(qwen_7b_config, flag):
+    result = CliRunner().invoke(main, ["train", "--model", str(qwen_7b_config), "--data", "x.jsonl", "--out", "o", *flag])
     assert result.exit_code == 2 and "use them with --dry-run" in result.output
+
+
+def test_the_dry_run_assumes_the_stated_device_not_the_planning_machines(tiny_model, monkeypatch):
+    config = _config(tiny_model, rollout="vllm", rollout_kv_cache_gb=1.0)
+    shape = memory.shape_of(config)
+    P, kv = shape.params, engine.GiB
+    part = "vLLM engine (weights, KV cache, buffers)"
+    for planner_has_cuda in (False, True):  # the planning machine's devices change nothing
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: planner_has_cuda)
+        assert memory.estimate(config, shape, 1, "cuda")[part] == 2 * P + kv + engine.BUFFERS  # bf16 engine
+        assert memory.estimate(config, shape, 1, "cpu")[part] == 4 * P + kv + engine.BUFFERS   # fp32 engine
+    assert memory.estimate(_config(tiny_model, rollout="vllm", bf16=True), shape, 1, "cpu")[part] == \
+        2 * P + 2 * engine.GiB + engine.BUFFERS
+    result = CliRunner().invoke(main, ["train", "--model", str(tiny_model), "--data", "x.jsonl", "--out", "o",
+                                       "--dry-run", "--device", "cpu"])
+    assert result.exit_code == 0 and "per cpu device" in result.output
+
+
+def test_every_teacher_view_of_the_no_grad_forward_is_counted(tiny_model):
+    shape = memory.shape_of(_config(tiny_model))
+    B, length, H = 4, 1024 + 256, shape.hidden
+    states = "teacher views' hidden states"
+    assert memory.estimate(_config(tiny_model, preset="sd"), shape, 1)[states] == 4 * 1 * B * length * H
+    # agree adds k contexts (3 by default) and contrast one wrong demonstration, all scored with the teacher's
+    star = _config(tiny_model, preset="unisd-star")
+    assert memory.estimate(star, shape, 1)[states] == 4 * (1 + 3 + 1) * B * length * H
+    more = cfg.resolve("unisd-star", (), {"agree": {"k": 5}}, model=str(tiny_model), data="x.jsonl", out="unused")
+    assert memory.estimate(more, shape, 1)[states] == 4 * (1 + 5 + 1) * B * length * H
+    assert states not in memory.estimate(_config(tiny_model, preset="sft"), shape, 1)  # no teacher forward
+    # the largest layer: the no-grad forward over 5 x B rows, bf16 projections under autocast on CUDA
+    one_layer = 2 * 5 * B * length * (6 * H + 3 * shape.intermediate)
+    kept = 4 * B * length * H * shape.layers
+    assert memory.estimate(star, shape, 1)["activations (estimate)"] == kept + one_layer + 3 * 4 * 512 * shape.vocab
+
+
+def test_autocast_keeps_a_bf16_copy_of_what_trains_unless_sharded(tiny_model):
+    shape = memory.shape_of(_config(tiny_model))
+    cache = "autocast weight cache (bf16)"
+    assert memory.estimate(_config(tiny_model), shape, 1, "cuda")[cache] == 2 * shape.linear
+    assert memory.estimate(_config(tiny_model, lora=True, lora_r=8), shape, 1, "cuda")[cache] == 2 * 8 * shape.lora
+    assert cache not in memory.estimate(_config(tiny_model), shape, 1, "cpu")           # fp32 on CPU: no autocast
+    assert cache not in memory.estimate(_config(tiny_model, fsdp=True), shape, 2, "cuda")  # the cache is off there
+
+
+def test_the_peak_is_the_step_or_the_setup_transient_whichever_is_larger(tiny_model):
+    shape = memory.shape_of(_config(tiny_model))
+    parts = memory.estimate(_config(tiny_model, bf16=True), shape, 1, "cuda")
+    assert parts[memory.SETUP] == 2 * shape.linear  # the initial model loaded in fp32, then its linears in bf16
+    resident = parts["student weights (fp32)"] + parts["frozen teacher"] + parts["bf16 sampling copy"]
+    step = sum(parts[k] for k in memory.STEP_ONLY if k in parts)
+    assert memory.peak(parts) == resident + max(step, parts[memory.SETUP])
+    assert memory.peak({"student weights (fp32)": 10.0, "gradients (fp32)": 1.0, memory.SETUP: 5.0}) == 15.0
+    assert memory.peak({"student weights (fp32)": 10.0, "gradients (fp32)": 7.0, memory.SETUP: 5.0}) == 17.0
+
+
+def _documented_gpu_commands() -> list[tuple[int, list[str]]]:
+    """(processes, `unisd train` arguments) of every command in the README's and the docs' sh blocks that trains one
+    of SHAPES' models; a command that is itself a --dry-run (the planning example) shows a plan, not a run."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    found = []
+    for block in (b for page in pages for b in re.findall(r"```sh\n(.*?)```", page.read_text(), flags=re.S)):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split(" #")[0])
+            if "train" not in words or "--dry-run" in words or "--model" not in words:
+                continue
+            if words[words.index("--model") + 1] not in SHAPES:
+                continue
+            processes = 1
+            if words[0] == "torchrun":
+                processes = int(words[words.index("--nproc_per_node") + 1])
+            found.append((processes, words[words.index("train") + 1:]))
+    return found
+
+
+GPU_COMMANDS = _documented_gpu_commands()
+
+
+def test_the_docs_show_gpu_commands():
+    assert len(GPU_COMMANDS) >= 6  # README and training: 1.5B; distributed: DDP, FSDP, vLLM; training: the paper's
+
+
+@pytest.mark.parametrize("processes, args", GPU_COMMANDS, ids=[f"{n}x " + " ".join(a)[:70] for n, a in GPU_COMMANDS])
+def test_every_documented_gpu_command_fits_its_gpus(processes, args, tmp_path):
+    model = args[args.index("--model") + 1]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(SHAPES[model]))
+    args = [str(folder) if a == model else a for a in args]
+    result = CliRunner().invoke(main, ["train", *args, "--dry-run", "--device", "cuda", "--device-memory-gb",
+                                       str(GPU_GB), "--world-size", str(processes)])
+    assert result.exit_code == 0, result.output
+    assert f"fits in {GPU_GB} GB per device" in result.output, result.output

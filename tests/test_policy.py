@@ -79,11 +79,14 @@ def test_bf16_sampler_follows_the_current_weights(tiny_model, tiny_data, tmp_pat
 class FakeEngine:
     """Records what the policy loads and answers every prompt with two tokens."""
 
+    held = None
+
     def __init__(self) -> None:
         self.loaded: list[dict[str, torch.Tensor]] = []
 
-    def load(self, weights):
+    def load(self, weights, label=None):
         self.loaded.append({n: w.clone() for n, w in weights})
+        self.held = label
 
     def generate(self, prompts, max_new_tokens, temperature, top_p, stops, seeds, min_new_tokens, top_k):
         return [[7, min(stops)] for _ in prompts]

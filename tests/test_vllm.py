@@ -252,7 +252,7 @@ def test_rollout_eager_reaches_the_engine_and_is_not_part_of_the_run_identity(ti
     from unisd.checkpoint import NOT_IDENTITY
 
     seen: list[bool] = []
-    monkeypatch.setattr(engine_module, "Engine", lambda *a, eager, external: seen.append(eager))
+    monkeypatch.setattr(engine_module, "Engine", lambda *a, eager, **rest: seen.append(eager))
     world = SimpleNamespace(rank=0, size=1, device=torch.device("cpu"))
     for eager in (False, True):
         config = cfg.resolve("sd", (), {}, model=str(tiny_model), data=str(tiny_data), out=str(tmp_path),

@@ -55,15 +55,19 @@ def main() -> None:
               help="With --dry-run: say whether the run fits devices of this size, and which flag would make it fit.")
 @click.option("--world-size", type=AT_LEAST_1, default=None,
               help="With --dry-run: the number of processes to estimate for [$WORLD_SIZE or 1].")
+@click.option("--device", type=click.Choice(("cuda", "cpu")), default=None,
+              help="With --dry-run: the device the run will use (CUDA computes in bf16 and holds the vLLM engine "
+                   "in bf16) [cuda].")
 @errors_are_one_line
 def train(config_file: str | None, model: str | None, data: str | None, out: str | None, plugins: str, preset: str,
           options: tuple[str, ...], resume: bool, extend: bool, overwrite: bool, report_to: str, dry_run: bool,
-          device_memory_gb: float | None, world_size: int | None, **settings: Any) -> None:
+          device_memory_gb: float | None, world_size: int | None, device: str | None, **settings: Any) -> None:
     """Train a student by on-policy self-distillation and write the final model to --out."""
     if extend and not resume:
         raise cfg.ConfigError("--extend continues a run: use it with --resume")
-    if (device_memory_gb is not None or world_size is not None) and not dry_run:
-        raise cfg.ConfigError("--device-memory-gb and --world-size describe a planned run: use them with --dry-run")
+    if (device_memory_gb is not None or world_size is not None or device is not None) and not dry_run:
+        raise cfg.ConfigError("--device-memory-gb, --world-size and --device describe a planned run: use them with "
+                              "--dry-run")
     names = tuple(n.strip() for n in plugins.split(",") if n.strip())
     file = config_files.load(config_file) if config_file else {}
     config = cfg.resolve(preset, names, parse_overrides(options), file, model=model, data=data, out=out, **settings)
@@ -73,7 +77,8 @@ def train(config_file: str | None, model: str | None, data: str | None, out: str
     if dry_run:
         from unisd import memory
 
-        click.echo(memory.report(config, world_size or int(os.environ.get("WORLD_SIZE", "1")), device_memory_gb))
+        click.echo(memory.report(config, world_size or int(os.environ.get("WORLD_SIZE", "1")), device_memory_gb,
+                                 device or "cuda"))
         return
     trackers = tracking.parse(report_to)
     from unisd.train import train as run_training  # torch and transformers: only once the flags are sound

@@ -72,6 +72,8 @@ class TrainConfig:
     rollout_kv_cache_gb: float = flag(2.0, "KV cache memory of the vLLM engine.", low=0, low_open=True)
     rollout_eager: bool = flag(False, "Start the vLLM engine without graph compilation: it starts sooner and "
                                       "samples more slowly; pays for runs of a few dozen steps.")
+    rollout_sleep: bool = flag(False, "Free the vLLM engine's weights and KV cache between rollouts (vLLM's sleep "
+                                      "mode, CUDA only): more memory for training, a weight load every rollout.")
     seed: int = flag(42, "Seed for data order, sampling and plugins.", low=0)
     max_bad_steps: int = flag(3, "Stop after this many non-finite steps in a row.", low=1)
     save_every: int = flag(0, "Checkpoint every N steps (0: only at the end).", low=0)

@@ -1,10 +1,16 @@
 """How much memory a run needs on each device, estimated from the model's config alone (`unisd train --dry-run`).
 
 The model is built on the meta device, so its parameters are counted exactly without loading a weight;
-what each part of a run holds then follows from the flags: fp32 master weights, gradients and AdamW state
-for what trains (sharded over the ranks under --fsdp), the frozen teacher, the EMA average and its bf16
-scorer, the sampling copy or the vLLM engine with its KV cache, and activations (an estimate: each layer's
-input is kept for the recomputation that gradient checkpointing does in backward).
+what each part of a run holds then follows from the flags and the device the run will use (`--device`, CUDA
+unless told: the planning machine's own devices say nothing about the run's): fp32 master weights, gradients
+and AdamW state for what trains (sharded over the ranks under --fsdp; DDP's buckets hold the gradients
+themselves, `gradient_as_bucket_view`), the frozen teacher, the EMA average and its bf16 scorer, the sampling
+copy or the vLLM engine with its KV cache and its own buffers, autocast's bf16 copies of the weights that
+train, and activations (an estimate: each layer's input is kept for the recomputation that gradient
+checkpointing does in backward; the no-grad forward scores every teacher view of the batch at once).
+
+The total is the peak: a step's gradients, optimizer state and activations, or, before the first step, a
+frozen copy loaded in fp32 on the device and converted to bf16 there (`peak`).
 """
 from __future__ import annotations
 
@@ -14,10 +20,13 @@ from typing import Any
 
 import torch
 
-from unisd import models
+from unisd import engine, models
 from unisd.config import ConfigError, TrainConfig
 
 GB = 1e9
+SETUP = "fp32 copy before bf16 conversion (setup)"
+STEP_ONLY = ("gradients (fp32)", "AdamW state (fp32)", "autocast weight cache (bf16)", "activations (estimate)",
+             "teacher views' hidden states")
 
 
 @dataclass(frozen=True)
@@ -66,9 +75,10 @@ def _needs(config: TrainConfig) -> tuple[bool, bool]:
     return (reads or samples_base) and not ema, ema
 
 
-def estimate(config: TrainConfig, shape: Shape, world_size: int) -> dict[str, float]:
-    """Bytes per device of each part of the run, by name (zero-sized parts left out)."""
+def estimate(config: TrainConfig, shape: Shape, world_size: int, device: str = "cuda") -> dict[str, float]:
+    """Bytes per device of each part of the run, by name (zero-sized parts left out); `peak` adds them up."""
     shard = world_size if config.fsdp else 1
+    bf16_compute = device == "cuda" or config.bf16  # train._autocast, engine.start
     P = shape.params
     trainable = config.lora_r * shape.lora if config.lora else P
     frozen_copy, ema = _needs(config)
@@ -84,39 +94,86 @@ def estimate(config: TrainConfig, shape: Shape, world_size: int) -> dict[str, fl
         "EMA teacher": (4 * P + (bf16_copy if bf16_copies else 0)) / shard if ema else 0,
     }
     if config.rollout == "vllm":
-        dtype_bytes = 2 if config.bf16 or torch.cuda.is_available() else 4
-        parts["vLLM engine (weights + KV cache)"] = dtype_bytes * P + config.rollout_kv_cache_gb * 2**30
+        dtype_bytes = 2 if bf16_compute else 4
+        parts["vLLM engine (weights, KV cache, buffers)"] = (dtype_bytes * P + config.rollout_kv_cache_gb * engine.GiB
+                                                             + engine.BUFFERS)
     elif bf16_copies:  # sharded weights are sampled where they are, under autocast
         parts["bf16 sampling copy"] = 2 * P
-    length = config.max_prompt_tokens + config.max_new_tokens
-    tokens = config.batch_size * length
-    kept = 4 * tokens * shape.hidden * shape.layers              # each layer's input, for the recomputation
-    one_layer = 4 * tokens * (6 * shape.hidden + 3 * shape.intermediate)
-    vocab_chunks = 3 * 4 * 512 * shape.vocab                     # losses.distill_in_chunks: 512 positions at a time
-    parts["activations (estimate)"] = kept + one_layer + vocab_chunks
+    parts[SETUP] = _setup_transient(config, shape, frozen_copy, ema)
+    # autocast keeps the bf16 cast of each weight that trains until the student's forward ends (not under --fsdp:
+    # there the cache is off, or a whole bf16 student would gather on every rank)
+    trained_linear = config.lora_r * shape.lora if config.lora else shape.linear
+    parts["autocast weight cache (bf16)"] = 2 * trained_linear if bf16_compute and not config.fsdp else 0
+    parts |= _activations(config, shape, bf16_compute, _teacher_rows(config))
     return {k: float(v) for k, v in parts.items() if v}
 
 
-def report(config: TrainConfig, world_size: int, device_gb: float | None) -> str:
+def _setup_transient(config: TrainConfig, shape: Shape, frozen_copy: bool, ema: bool) -> float:
+    """What a frozen bf16 copy costs while it is made, beyond what it keeps: it is loaded (the initial model) or
+    built (the EMA scorer) in fp32 on the device, then its linear layers are converted (`Policy.initial`,
+    `Policy.for_scoring`); before the first step, when no gradient or optimizer state exists yet."""
+    if not config.bf16 or config.fsdp or not (ema or (frozen_copy and not config.lora)):
+        return 0.0
+    return float(2 * shape.linear)  # 4 bytes per weight, less the 2 the bf16 linear layers keep
+
+
+def _teacher_rows(config: TrainConfig) -> int:
+    """Prompts scored per completion in the no-grad forward (`train.forward`): the teacher's, and the views the
+    plugins add (agree: k contexts; contrast: the wrong demonstration); 0 when no teacher is read."""
+    from unisd.plugin import load, settle_objective
+    from unisd.run import needs_teacher
+
+    plugins = load(list(config.plugins), config.options)
+    if not needs_teacher(settle_objective(config, plugins), plugins):
+        return 0
+    views = {"agree": lambda p: p.config.k, "contrast": lambda p: 1}
+    return 1 + sum(views[p.name](p) for p in plugins if p.name in views)
+
+
+def _activations(config: TrainConfig, shape: Shape, bf16_compute: bool, teacher_rows: int) -> dict[str, float]:
+    """A step's activations: each layer's input kept for the recomputation (the fp32 residual stream), the largest
+    single layer's working set (the backward's recomputation over B rows, or the no-grad forward over every
+    teacher view's rows at once), the vocabulary chunks of the loss, and the teacher views' final hidden states."""
+    length = config.max_prompt_tokens + config.max_new_tokens
+    B = config.batch_size
+    rows = max(B, teacher_rows * B)
+    inner = 2 if bf16_compute else 4                             # a layer's projections come out in bf16 under autocast
+    kept = 4 * B * length * shape.hidden * shape.layers
+    one_layer = inner * rows * length * (6 * shape.hidden + 3 * shape.intermediate)
+    vocab_chunks = 3 * 4 * 512 * shape.vocab                     # losses.distill_in_chunks: 512 positions at a time
+    return {"activations (estimate)": float(kept + one_layer + vocab_chunks),
+            "teacher views' hidden states": float(4 * teacher_rows * B * length * shape.hidden)}
+
+
+def peak(parts: dict[str, float]) -> float:
+    """The most the run holds at once: what stays resident, plus a step's working memory or, before the first
+    step, the transient of a bf16 conversion, whichever is larger."""
+    step = sum(v for k, v in parts.items() if k in STEP_ONLY)
+    resident = sum(v for k, v in parts.items() if k not in STEP_ONLY and k != SETUP)
+    return resident + max(step, parts.get(SETUP, 0.0))
+
+
+def report(config: TrainConfig, world_size: int, device_gb: float | None, device: str = "cuda") -> str:
     """The table `--dry-run` prints; with `device_gb`, whether it fits and which flag would make it fit."""
     shape = shape_of(config)
-    parts = estimate(config, shape, world_size)
-    total = sum(parts.values())
+    parts = estimate(config, shape, world_size, device)
+    total = peak(parts)
     lines = [f"{config.model}: {shape.params / 1e9:.3g} B parameters ({shape.layers} layers, hidden {shape.hidden}, "
              f"vocabulary {shape.vocab}); {world_size} process{'es' if world_size > 1 else ''}"
-             f"{', sharded (--fsdp)' if config.fsdp else ''}; per device:"]
+             f"{', sharded (--fsdp)' if config.fsdp else ''}; per {device} device (--device):"]
     width = max(len(k) for k in parts)
     lines += [f"  {k:<{width}}  {v / GB:8.2f} GB" for k, v in parts.items()]
-    lines.append(f"  {'total':<{width}}  {total / GB:8.2f} GB")
+    lines.append(f"  {'peak':<{width}}  {total / GB:8.2f} GB")
     if device_gb is not None:
         if total <= device_gb * GB:
             lines.append(f"fits in {device_gb:g} GB per device")
         else:
-            lines.append(f"does not fit in {device_gb:g} GB per device: {_advice(config, shape, world_size, device_gb)}")
+            lines.append(f"does not fit in {device_gb:g} GB per device: "
+                         f"{_advice(config, shape, world_size, device_gb, device)}")
     return "\n".join(lines)
 
 
-def _advice(config: TrainConfig, shape: Shape, world_size: int, device_gb: float) -> str:
+def _advice(config: TrainConfig, shape: Shape, world_size: int, device_gb: float, device: str) -> str:
     """The first change of flags (in the order a user would try them) whose estimate fits."""
     tries: list[tuple[str, dict[str, Any]]] = []
     if not config.lora:
@@ -131,6 +188,6 @@ def _advice(config: TrainConfig, shape: Shape, world_size: int, device_gb: float
             changed = dataclasses.replace(config, **change)
         except ConfigError:  # a combination this unisd refuses is no advice
             continue
-        if sum(estimate(changed, shape, world_size).values()) <= device_gb * GB:
+        if peak(estimate(changed, shape, world_size, device)) <= device_gb * GB:
             return advice
     return "no single flag makes it fit: use more devices with --fsdp, or a smaller model"

@@ -122,6 +122,7 @@ class Policy:
         self._copies: dict[int, Model] = {}   # id(module) -> a plugin teacher given as a plain module
         self._shadow: Model | None = None     # the bf16 copy hf sampling uses under --bf16
         self._engine: Any = None
+        self._version = 0                     # bumped whenever the trainable weights are handed out to be written
 
     @property
     def model(self) -> Any:
@@ -130,7 +131,11 @@ class Policy:
 
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The weights the optimizer steps, by name: under --fsdp the shards (a forward or a sampling call leaves
-        the root's weights gathered, and the gathered tensors are only temporary)."""
+        the root's weights gathered, and the gathered tensors are only temporary).
+
+        Whoever gets them may write them (the optimizer once a step, a checkpoint restore), so the student counts
+        as changed: the engine loads it again before its next rollout, and not before (`sample`)."""
+        self._version += 1
         if self.student.sharded:
             cast(Any, self.student.root).reshard()
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -214,7 +219,9 @@ class Policy:
         form = self.initial if initial else self.student
         stops = rollout.eos_ids(self.model, self.tokenizer)
         if self.engine is not None:
-            self.engine.load(form.weights())
+            label = "initial" if initial else self._version
+            if self.engine.held != label:  # once per optimizer step, not per micro-batch (same on every rank)
+                self.engine.load(form.weights(), label)
             return rollout.sample_with(self.engine, self.tokenizer, prompts, max_new_tokens, temperature, top_p, stops,
                                        min_new_tokens, top_k)
         bf16 = self.config.bf16 or self.world.device.type == "cuda"
