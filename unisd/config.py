@@ -269,6 +269,17 @@ PRESETS: dict[str, Preset] = {
          "contrast": {"weight": 0.01, "margin": 0.1},
          "match": {"weight": 0.01, "mode": "joint"},
          "clip": {"max": 10.0}}),
+    "other-demo": Preset(
+        "the other-demonstration control: plain SD whose teacher is shown a random other example's demonstration "
+        "instead of the gold one (never a duplicate of it); donor.pick=retrieval shows the nearest other task's",
+        "OP2SD, arXiv 2608.09228 (a teacher shown a different solved problem is competitive with the gold one); "
+        "the control the 2026 critiques ask every on-policy self-distillation claim to report (arXiv 2608.31046)",
+        ("donor",), {"donor": {"pick": "random"}},
+        sources={"teacher": "the frozen initial model shown another example's demonstration in the run's teacher "
+                            "template (plugins/donor.py); everything else as the sd preset",
+                 "divergence": "as sd: forward KL at logit temperature 0.7",
+                 "sampling": "as sd: temperature 0.7, top-p 1, no top-k",
+                 "on-policy fraction": "1"}),
     # one mechanism each, at the official per-mechanism values, which are the plugins' own defaults;
     # a preset names only what differs from them
     "agree-tok": Preset("token-level agreement weights, K = 3 retrieval contexts",
