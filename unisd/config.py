@@ -72,7 +72,9 @@ class TrainConfig:
     rollout_kv_cache_gb: float = flag(2.0, "KV cache memory of the vLLM engine.", low=0, low_open=True)
     rollout_eager: bool = flag(False, "Start the vLLM engine without graph compilation: it starts sooner and "
                                       "samples more slowly; pays for runs of a few dozen steps.")
-    seed: int = flag(42, "Seed for data order, sampling and plugins.", low=0)
+    seed: int = flag(42, "Seed for sampling, plugins and the data order (unless --data-seed).", low=0)
+    data_seed: int = flag(-1, "Seed of the data order alone (-1: --seed): runs with other --seed values and the same "
+                              "--data-seed train on the same order (unisd ablate --seeds).", low=-1, show_default=False)
     max_bad_steps: int = flag(3, "Stop after this many non-finite steps in a row.", low=1)
     save_every: int = flag(0, "Checkpoint every N steps (0: only at the end).", low=0)
     keep_checkpoints: int = 2
@@ -124,6 +126,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the data order: --data-seed when given, else --seed."""
+        return self.seed if self.data_seed < 0 else self.data_seed
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
