@@ -11,12 +11,12 @@ from unisd.seeds import combine, estimate
 
 def test_the_variance_is_the_crossed_designs_by_hand() -> None:
     x = np.array([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])  # 3 seeds x 4 items
-    S, I = x.shape
+    seeds, items = x.shape
     seed_means, item_means, grand = x.mean(1), x.mean(0), x.mean()
-    ms_seed = I * ((seed_means - grand) ** 2).sum() / (S - 1)
-    ms_item = S * ((item_means - grand) ** 2).sum() / (I - 1)
-    ms_res = ((x - seed_means[:, None] - item_means[None, :] + grand) ** 2).sum() / ((S - 1) * (I - 1))
-    variance = (ms_seed + max(ms_item - ms_res, 0.0)) / (S * I)
+    ms_seed = items * ((seed_means - grand) ** 2).sum() / (seeds - 1)
+    ms_item = seeds * ((item_means - grand) ** 2).sum() / (items - 1)
+    ms_res = ((x - seed_means[:, None] - item_means[None, :] + grand) ** 2).sum() / ((seeds - 1) * (items - 1))
+    variance = (ms_seed + max(ms_item - ms_res, 0.0)) / (seeds * items)
     e = estimate([x])
     assert e.mean == pytest.approx(grand)
     half = e.ci95[1] - e.mean
@@ -109,3 +109,32 @@ def test_ablate_trains_each_run_with_every_seed_on_one_data_order(tiny_model, ti
     assert test["seeds"] == 2 and test["test"].startswith("crossed")
     assert test["ci95"][0] <= test["difference"] <= test["ci95"][1]
     assert "Mean over 2 seeds" in (out / "table.md").read_text()
+
+
+def test_compare_shows_the_seeds_of_one_configuration_as_one_row(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from unisd.cli import main
+
+    rng = np.random.default_rng(3)
+    docs = [str(d) for d in range(40)]
+    runs = {"base": 0.3, "sd-s1": 0.4, "sd-s2": 0.5, "st-s1": 0.6, "st-s2": 0.55}
+    items = {r: {"t": {d: float(rng.random() < p) for d in docs}} for r, p in runs.items()}
+    result = {"tasks": ["t"], "items": items,
+              "scores": {r: {"t": 100.0 * float(np.mean(list(v["t"].values())))} for r, v in items.items()}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(result))
+    out = tmp_path / "cmp"
+    shown = CliRunner().invoke(main, ["compare", str(path), "--seeds", "sd=sd-s1,sd-s2", "--seeds", "star=st-s1,st-s2",
+                                      "--out", str(out)])
+    assert shown.exit_code == 0, shown.output
+    rows = [line.split("|")[1].strip() for line in shown.output.splitlines() if line.startswith("| ")]
+    assert {"base", "sd", "star"} <= set(rows) and not {"sd-s1", "st-s2"} & set(rows)
+    expected = estimate(combine({"star": [np.array([[items[r]["t"][d] for d in docs] for r in ("st-s1", "st-s2")])],
+                                 "base": [np.array([[items["base"]["t"][d] for d in docs]])]}, {"star": 1.0, "base": -1.0}))
+    assert f"{100 * expected.mean:+.1f}" in shown.output
+    assert "star = mean of st-s1, st-s2" in shown.output
+    bad = CliRunner().invoke(main, ["compare", str(path), "--seeds", "sd=sd-s1,nope", "--out", str(out)])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "nope" in bad.output

@@ -114,7 +114,6 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
     for seed_configs in per_seed:
         train_all(runs, seed_configs, echo, report_to)
     include = list(include)
-    folder = {r.name: r.folder for r in runs} | {"base": "base"}
     warning = order_warning({r.name: run_info(per_seed[0][r.name].out) for r in runs})
     if warning:
         echo(warning)

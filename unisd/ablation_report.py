@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from unisd.ablation_plan import PLAIN_SD, Planned
 
@@ -57,47 +57,26 @@ def effect_intervals(items: Mapping[str, Mapping[str, Mapping[str, float]]],
             for kind in ("gains", "interactions")}
 
 
-def seeded_uncertainty(seeded: Mapping[str, list[Mapping[str, Mapping[str, float]]]],
+def seeded_uncertainty(seeded: Mapping[str, Sequence[Mapping[str, Mapping[str, float]]]],
                        plugins: tuple[str, ...]) -> dict[str, Any]:
     """Every interval of an ablation trained with several seeds (`unisd.seeds`: seeds and items both counted).
 
     seeded: run -> one task -> doc -> score mapping per seed (the untrained base has one, the same for every seed).
-    Returns the shapes `write_outputs` reports: ci95, overall_ci95, gains, interactions (points) and paired
-    (run -> reference -> task or Overall -> difference, ci95, p_value, n, test, seeds) against plain SD and the base.
+    Returns what `write_outputs` reports: ci95, overall_ci95, paired (against plain SD and the base), gains and
+    interactions, in points.
     """
-    from unisd import seeds as S
+    from unisd.seeds import Seeded
 
-    tasks = list(dict.fromkeys(t for runs in seeded.values() for seed in runs for t in seed))
-    docs = S.common_docs(seeded, tasks)
-    tasks = [t for t in tasks if docs[t]]
-    arrays = {run: S.aligned(per_seed, tasks, docs) for run, per_seed in seeded.items()}
-    points = lambda e: [100.0 * e.ci95[0], 100.0 * e.ci95[1]]  # noqa: E731
-
-    def effect(coefficients: Mapping[str, float], which: list[int] | None = None) -> Any:
-        combined = S.combine(arrays, coefficients)
-        return S.estimate([combined[i] for i in (range(len(tasks)) if which is None else which)])
-
-    ci95 = {run: {t: points(effect({run: 1.0}, [i])) for i, t in enumerate(tasks)} for run in arrays}
-    overall_ci95 = {run: points(effect({run: 1.0})) for run in arrays}
-    gain_ci, pair_ci, paired = {}, {}, {}
-    for run in arrays:
-        for reference in (PLAIN_SD, "base"):
-            if reference in arrays and run != reference:
-                tests = {t: effect({run: 1.0, reference: -1.0}, [i]) for i, t in enumerate(tasks)}
-                tests["Overall"] = effect({run: 1.0, reference: -1.0})
-                paired.setdefault(run, {})[reference] = {
-                    t: {"difference": 100.0 * e.mean, "ci95": points(e), "p_value": e.p_value,
-                        "n": len(docs[t]) if t in docs else sum(len(d) for d in docs.values()),
-                        "test": "crossed seeds x items, Satterthwaite t", "seeds": e.seeds}
-                    for t, e in tests.items()}
-        if run != PLAIN_SD and PLAIN_SD in arrays:
-            gain_ci[run] = points(effect({run: 1.0, PLAIN_SD: -1.0}))
-    for a, b in itertools.combinations(plugins, 2):
-        names = (f"{a}+{b}", a, b, PLAIN_SD)
-        if all(n in arrays for n in names):
-            pair_ci[f"{a}+{b}"] = points(effect(dict(zip(names, (1.0, -1.0, -1.0, 1.0)))))
-    return {"ci95": ci95, "overall_ci95": overall_ci95, "gains": gain_ci, "interactions": pair_ci, "paired": paired,
-            "seeds": {run: len(per_seed) for run, per_seed in seeded.items()}}
+    scores = Seeded(seeded)
+    runs = list(seeded)
+    pairs = [(run, ref) for run in runs for ref in (PLAIN_SD, "base") if ref in seeded and run != ref]
+    found = scores.intervals(pairs)
+    points = lambda coefficients: [100.0 * x for x in scores.estimate(coefficients).ci95]  # noqa: E731
+    found["gains"] = {run: points({run: 1.0, PLAIN_SD: -1.0}) for run in runs if run != PLAIN_SD and PLAIN_SD in seeded}
+    found["interactions"] = {f"{a}+{b}": points({f"{a}+{b}": 1.0, a: -1.0, b: -1.0, PLAIN_SD: 1.0})
+                             for a, b in itertools.combinations(plugins, 2)
+                             if all(n in seeded for n in (f"{a}+{b}", a, b, PLAIN_SD))}
+    return found
 
 
 def _with_ci(x: float, ci: list[float] | None) -> str:

@@ -20,7 +20,7 @@ same data order). `tests/test_seeds.py` checks the coverage on simulated scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as sps
@@ -45,16 +45,16 @@ class Estimate:
 
 def _item_term(x: np.ndarray) -> tuple[float, float]:
     """(σ_b²/I estimate, its degrees of freedom) of one task's [S, I] scores."""
-    S, I = x.shape
-    if I < 2:
+    seeds, items = x.shape
+    if items < 2:
         return 0.0, 1.0
     grand = x.mean()
-    ms_items = S * ((x.mean(0) - grand) ** 2).sum() / (I - 1)
-    if S == 1:
-        return ms_items / I, I - 1.0
+    ms_items = seeds * ((x.mean(0) - grand) ** 2).sum() / (items - 1)
+    if seeds == 1:
+        return ms_items / items, items - 1.0
     residual = x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + grand
-    ms_residual = (residual ** 2).sum() / ((S - 1) * (I - 1))
-    return max(ms_items - ms_residual, 0.0) / (S * I), I - 1.0
+    ms_residual = (residual ** 2).sum() / ((seeds - 1) * (items - 1))
+    return max(ms_items - ms_residual, 0.0) / (seeds * items), items - 1.0
 
 
 def estimate(tasks: Sequence[np.ndarray]) -> Estimate:
@@ -80,24 +80,51 @@ def estimate(tasks: Sequence[np.ndarray]) -> Estimate:
     return Estimate(mean, (mean - half, mean + half), float(df), p, S)
 
 
-def aligned(per_seed: Sequence[Mapping[str, Mapping[str, float]]], tasks: Sequence[str],
-            docs: Mapping[str, Sequence[str]]) -> list[np.ndarray]:
-    """[S, I_t] arrays of one configuration's per-item scores (seed -> task -> doc -> score) on `docs`."""
-    return [np.array([[run[t][d] for d in docs[t]] for run in per_seed]) for t in tasks]
-
-
-def common_docs(runs: Mapping[str, Sequence[Mapping[str, Mapping[str, float]]]], tasks: Sequence[str]) -> dict[str, list[str]]:
-    """The documents of each task that every seed of every run scored (the only fair comparison)."""
-    out = {}
-    for t in tasks:
-        sets = [set(seed.get(t, {})) for seeds in runs.values() for seed in seeds]
-        first = next((list(seed[t]) for seeds in runs.values() for seed in seeds if t in seed), [])
-        out[t] = [d for d in first if all(d in s for s in sets)]
-    return out
-
-
 def combine(arrays: Mapping[str, list[np.ndarray]], coefficients: Mapping[str, float]) -> list[np.ndarray]:
     """Σ coef·scores per task, seed by seed; a run with one seed (the untrained base) is the same for every seed."""
     S = max(arrays[r][0].shape[0] for r in coefficients)
-    return [sum(c * np.broadcast_to(arrays[r][t], (S, arrays[r][t].shape[1])) for r, c in coefficients.items())
-            for t in range(len(next(iter(arrays.values()))))]
+    tasks = len(next(iter(arrays.values())))
+    return [np.sum([c * np.broadcast_to(arrays[r][t], (S, arrays[r][t].shape[1])) for r, c in coefficients.items()],
+                   axis=0) for t in range(tasks)]
+
+
+PerItem = Mapping[str, Mapping[str, float]]  # task -> doc -> score (0-1) of one trained model
+
+
+class Seeded:
+    """Several runs' per-item scores, each run over its seeds, aligned on the documents every one of them scored."""
+
+    def __init__(self, seeded: Mapping[str, Sequence[PerItem]]) -> None:
+        tasks = list(dict.fromkeys(t for runs in seeded.values() for seed in runs for t in seed))
+        self.docs = {t: self._common(seeded, t) for t in tasks}
+        self.tasks = [t for t in tasks if self.docs[t]]
+        self.arrays = {run: [np.array([[seed[t][d] for d in self.docs[t]] for seed in per_seed]) for t in self.tasks]
+                       for run, per_seed in seeded.items()}
+
+    @staticmethod
+    def _common(seeded: Mapping[str, Sequence[PerItem]], task: str) -> list[str]:
+        found = [seed.get(task, {}) for runs in seeded.values() for seed in runs]
+        first = next((list(f) for f in found if f), [])
+        return [d for d in first if all(d in f for f in found)]
+
+    def estimate(self, coefficients: Mapping[str, float], task: str | None = None) -> Estimate:
+        """Σ coef·run's score (one run: its score; run minus reference: their difference), on one task or Overall."""
+        combined = combine(self.arrays, coefficients)
+        return estimate(combined if task is None else [combined[self.tasks.index(task)]])
+
+    def intervals(self, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        """ci95 (run -> task -> [low, high]), overall_ci95 and paired (run -> reference -> task or Overall ->
+        difference, ci95, p_value, n, test, seeds), in points, as `unisd.evaluate.add_uncertainty` reports them."""
+        points = lambda e: [100.0 * e.ci95[0], 100.0 * e.ci95[1]]  # noqa: E731
+        ci95 = {run: {t: points(self.estimate({run: 1.0}, t)) for t in self.tasks} for run in self.arrays}
+        overall = {run: points(self.estimate({run: 1.0})) for run in self.arrays}
+        paired: dict[str, dict[str, dict[str, Any]]] = {}
+        for run, reference in pairs:
+            tests = {t: self.estimate({run: 1.0, reference: -1.0}, t) for t in [*self.tasks, None]}
+            paired.setdefault(run, {})[reference] = {
+                t or "Overall": {"difference": 100.0 * e.mean, "ci95": points(e), "p_value": e.p_value,
+                                 "n": len(self.docs[t]) if t else sum(len(self.docs[x]) for x in self.tasks),
+                                 "test": "crossed seeds x items, Satterthwaite t", "seeds": e.seeds}
+                for t, e in tests.items()}
+        return {"ci95": ci95, "overall_ci95": overall, "paired": paired,
+                "seeds": {run: a[0].shape[0] for run, a in self.arrays.items()}}
