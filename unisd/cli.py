@@ -235,4 +235,17 @@ def plot(run_dir: str) -> None:
     click.echo(f"{Path(run_dir) / 'curves.png'}: {', '.join(keys)}")
 
 
+@main.command(epilog=EXAMPLE.format("unisd inspect runs/star"))
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def inspect(run_dir: str) -> None:
+    """Which tokens carry the divergence and how much each mechanism acted, from RUN_DIR's metrics.jsonl and
+    samples.jsonl: RUN_DIR/inspect.md (printed) and inspect.png."""
+    from unisd.divergence_report import InspectError, inspect as report
+
+    try:
+        click.echo(report(Path(run_dir)))
+    except InspectError as e:
+        fail(str(e))
+
+
 main.add_command(ablate_command)
