@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-POSITIONS = ((0, 4), (4, 16), (16, 64), (64, 256), (256, None))  # completion positions, grouped
+POSITIONS: tuple[tuple[int, int | None], ...] = ((0, 4), (4, 16), (16, 64), (64, 256), (256, None))  # grouped positions
 TOP_TOKENS = 15
 BARELY = 0.01  # a mechanism that removes, clips or adds less than this share acted barely
 
@@ -50,7 +50,8 @@ def read(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 def token_shares(samples: list[dict[str, Any]], top: int = TOP_TOKENS) -> list[dict[str, Any]]:
     """The tokens (by text) with the largest share of the summed divergence: share, count, mean divergence."""
-    total, count = defaultdict(float), defaultdict(int)
+    total: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
     for s in samples:
         for text, d in zip(s["tokens"], s["token_divergence"]):
             if d is not None:
@@ -64,7 +65,8 @@ def token_shares(samples: list[dict[str, Any]], top: int = TOP_TOKENS) -> list[d
 
 def by_position(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean divergence and share of the summed divergence per group of completion positions."""
-    total, count = defaultdict(float), defaultdict(int)
+    total: dict[tuple[int, int | None], float] = defaultdict(float)
+    count: dict[tuple[int, int | None], int] = defaultdict(int)
     for s in samples:
         for position, d in enumerate(s["token_divergence"]):
             if d is not None:
