@@ -62,9 +62,14 @@ def test_samples_jsonl_agrees_with_the_metrics_of_its_step(tiny_model, tiny_data
     samples, metrics = _rows(out / "samples.jsonl"), {m["step"]: m for m in _rows(out / "metrics.jsonl")}
     assert [s["step"] for s in samples] == [2, 2, 4, 4]  # every 2nd step, both prompts of the micro-batch
     for s in samples:
-        assert set(s) == {"step", "prompt", "completion", "truncated", "length", "divergence_mean", "divergence_max"}
+        assert set(s) == {"step", "prompt", "completion", "truncated", "length", "divergence_mean", "divergence_max",
+                          "tokens", "token_divergence", "logp_student", "logp_teacher"}
         assert s["prompt"] and s["completion"] and s["truncated"] is True and s["length"] == 6
         assert 0.0 <= s["divergence_mean"] <= s["divergence_max"]
+        assert len(s["tokens"]) == len(s["token_divergence"]) == len(s["logp_teacher"]) == s["length"]
+        assert sum(s["token_divergence"]) / s["length"] == pytest.approx(s["divergence_mean"], rel=1e-5)
+        assert max(s["token_divergence"]) == pytest.approx(s["divergence_max"])
+        assert all(lp <= 0 for lp in s["logp_student"] + s["logp_teacher"])
     for step in (2, 4):  # no plugin, one micro-batch of 2: the loss is the mean of the two samples' token means
         rows = [s for s in samples if s["step"] == step]
         assert sum(s["divergence_mean"] for s in rows) / 2 == pytest.approx(metrics[step]["distill"], rel=1e-5)

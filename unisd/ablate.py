@@ -22,7 +22,7 @@ import click
 from unisd import config_file as config_files
 from unisd import tracking
 from unisd.ablation_plan import (Planned, configs, describe_plan, finished, measured_sec_per_unit, parse_grid, plan,
-                                 validate)
+                                 seeded, validate)
 from unisd.ablation_report import write_outputs
 from unisd.config import ConfigError, TrainConfig
 from unisd.flags import CONFIG_HELP, errors_are_one_line, trainer_flags
@@ -88,8 +88,11 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
            limit: int | None, include: list[str], eval_batch_size: int = 4, base: bool = True,
            dry_run: bool = False, sec_per_step: float | None = None, echo: Callable[[str], None] = print,
            show: Callable[[str], None] = print, eval_max_gen_toks: int | None = None,
-           report_to: tuple[str, ...] = (), **settings: Any) -> dict[str, Any] | None:
-    """Plan, validate, print the plan; then train, evaluate and analyse (unless dry_run)."""
+           report_to: tuple[str, ...] = (), seeds: int = 1, **settings: Any) -> dict[str, Any] | None:
+    """Plan, validate, print the plan; then train, evaluate and analyse (unless dry_run).
+
+    `seeds` > 1 trains every run with --seed, --seed + 1, ... on one data order and reports means over seeds
+    with intervals that count seeds and items (`unisd.seeds`)."""
     from unisd.evaluate import order_warning, run_info
     from unisd.plugin import discover
 
@@ -101,26 +104,46 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
         raise ConfigError("--eval-tasks is empty")
     steps = next(iter(configs_.values())).max_steps
     rate = sec_per_step or measured_sec_per_unit(runs, configs_, available)
-    show(describe_plan(runs, configs_, available, steps, len(runs) + base, rate))
+    per_seed = seeded(configs_, seeds)
+    plan_text = describe_plan(runs, configs_, available, steps, len(runs) * seeds + base, rate)
+    show(plan_text + (f"\neach run trained with {seeds} seeds (--seed to --seed + {seeds - 1}): {seeds}x the steps "
+                      f"and time above" if seeds > 1 else ""))
     if dry_run:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    train_all(runs, configs_, echo, report_to)
+    for seed_configs in per_seed:
+        train_all(runs, seed_configs, echo, report_to)
     include = list(include)
-    targets = ([("base", model)] if base else []) + [(r.name, configs_[r.name].out) for r in runs]
-    folder = {r.name: r.folder for r in runs} | {"base": "base"}
-    warning = order_warning({r.name: run_info(configs_[r.name].out) for r in runs})
+    warning = order_warning({r.name: run_info(per_seed[0][r.name].out) for r in runs})
     if warning:
         echo(warning)
-    evals = {name: evaluate_one(name, path, out / "evals" / f"{folder[name]}.json", tasks, limit, include,
-                                eval_batch_size, echo, eval_max_gen_toks) for name, path in targets}
+    score = lambda name, path, record: evaluate_one(name, path, record, tasks, limit, include,  # noqa: E731
+                                                     eval_batch_size, echo, eval_max_gen_toks)
+    evals = {"base": score("base", model, out / "evals" / "base.json")} if base else {}
+    if seeds == 1:
+        evals |= {r.name: score(r.name, configs_[r.name].out, out / "evals" / f"{r.folder}.json") for r in runs}
+    else:
+        by_seed = {r.name: [score(f"{r.name} (seed {c[r.name].seed})", c[r.name].out,
+                                  out / "evals" / r.folder / f"seed-{c[r.name].seed}.json") for c in per_seed]
+                   for r in runs}
+        evals |= {name: _mean_over_seeds(found) for name, found in by_seed.items()}
     shared = {k: v for k, v in next(iter(configs_.values())).to_json().items()
               if k not in ("out", "plugins", "options", "preset")}
     gen_toks = {t: n for e in evals.values() for t, n in e["gen_toks"].items()}
     return write_outputs(out, runs, {n: e["scores"] for n, e in evals.items()}, plugins,
-                         {**shared, "eval": {"tasks": tasks, "limit": limit, "include": include,
-                                             "max_gen_toks": eval_max_gen_toks, "gen_toks": gen_toks}},
-                         {n: e["items"] for n, e in evals.items()}, {n: e["answers"] for n, e in evals.items()})
+                         {**shared, "seeds": seeds,
+                          "eval": {"tasks": tasks, "limit": limit, "include": include,
+                                   "max_gen_toks": eval_max_gen_toks, "gen_toks": gen_toks}},
+                         {n: e["items"] for n, e in evals.items()}, {n: e["answers"] for n, e in evals.items()},
+                         seeded={n: e.get("seeded", [e["items"]]) for n, e in evals.items()} if seeds > 1 else None)
+
+
+def _mean_over_seeds(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's evaluations of every seed as one: scores averaged, the first seed's items and answers (tables of
+    one seed), and every seed's items under `seeded` for the intervals."""
+    tasks = [t for t in found[0]["scores"] if all(t in f["scores"] for f in found)]
+    return {"scores": {t: sum(f["scores"][t] for f in found) / len(found) for t in tasks}, "items": found[0]["items"],
+            "answers": found[0]["answers"], "gen_toks": found[0]["gen_toks"], "seeded": [f["items"] for f in found]}
 
 
 def _required(key: str, given: str | None, in_file: str | None) -> str:
@@ -146,7 +169,11 @@ def _required(key: str, given: str | None, in_file: str | None) -> str:
               help="singles | pairs | all, or a comma list of presets and a+b combinations.")
 @click.option("--grid", multiple=True, metavar="PLUGIN.KEY=V1,V2",
               help="Sensitivity: one run of PLUGIN alone per value.")
-@click.option("--baselines", default="", help="Comma-separated presets to add as reference runs (e.g. sft,gkd).")
+@click.option("--baselines", default="", help="Comma-separated presets to add as reference runs (e.g. sft,gkd; "
+              "other-demo: the teacher shown another example's demonstration, the control).")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train every run with this many seeds (--seed, --seed + 1, ...) on the same data order; tables "
+                   "show the mean over seeds with intervals that count seeds and items.")
 @click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.KEY=VALUE",
               help="A plugin option for every run that uses the plugin.")
 @click.option("--eval-tasks", required=True, help="Comma-separated lm-eval tasks or groups.")
@@ -164,7 +191,7 @@ def _required(key: str, given: str | None, in_file: str | None) -> str:
               help="Comma-separated trackers that get every run's metrics and configuration.")
 @errors_are_one_line
 def ablate_command(config_file: str | None, model: str | None, data: str | None, out: str | None, plugins: str,
-                   combos: str, grid: tuple[str, ...], baselines: str, options: tuple[str, ...], eval_tasks: str,
+                   combos: str, grid: tuple[str, ...], baselines: str, seeds: int, options: tuple[str, ...], eval_tasks: str,
                    eval_limit: int | None, eval_batch_size: int, eval_max_gen_toks: int | None,
                    include: tuple[str, ...], no_base: bool, dry_run: bool,
                    sec_per_step: float | None, report_to: str, **settings: Any) -> None:
@@ -185,7 +212,7 @@ def ablate_command(config_file: str | None, model: str | None, data: str | None,
     result = ablate(model, data, Path(out), components, combos, grid, split(baselines),
                     overrides, list(split(eval_tasks)), eval_limit, list(include),
                     eval_batch_size, not no_base, dry_run, sec_per_step, echo, click.echo,
-                    eval_max_gen_toks=eval_max_gen_toks, report_to=tracking.parse(report_to), **settings)
+                    eval_max_gen_toks=eval_max_gen_toks, report_to=tracking.parse(report_to), seeds=seeds, **settings)
     if result is not None:
         click.echo((Path(out) / "table.md").read_text())
         click.echo(f"results: {Path(out) / 'results.json'}")

@@ -13,6 +13,7 @@ so one extra teacher forward costs TEACHER_FORWARD = 0.2. Each plugin says how m
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -129,6 +130,17 @@ def configs(runs: list[Planned], out: Path, available: Mapping[str, PluginInfo],
                                       cfg.divergence_given(r.preset, settings))
         found[r.name] = config
     return found
+
+
+def seeded(configs_: Mapping[str, TrainConfig], seeds: int) -> list[dict[str, TrainConfig]]:
+    """The configurations of each of `seeds` seeds (--seed, --seed + 1, ...): every run of every seed trains on the
+    same data order (that of --seed: --data-seed), so seeds differ in their samples and plugins' draws alone;
+    with several seeds each run's folder is DIR/runs/<run>/seed-<seed>."""
+    if seeds == 1:
+        return [dict(configs_)]
+    return [{name: dataclasses.replace(c, seed=c.seed + k, data_seed=c.order_seed,
+                                       out=str(Path(c.out) / f"seed-{c.seed + k}"))
+             for name, c in configs_.items()} for k in range(seeds)]
 
 
 def validate(configs_: Mapping[str, TrainConfig], available: Mapping[str, PluginInfo]) -> None:

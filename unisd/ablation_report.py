@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from unisd.ablation_plan import PLAIN_SD, Planned
 
@@ -57,6 +57,28 @@ def effect_intervals(items: Mapping[str, Mapping[str, Mapping[str, float]]],
             for kind in ("gains", "interactions")}
 
 
+def seeded_uncertainty(seeded: Mapping[str, Sequence[Mapping[str, Mapping[str, float]]]],
+                       plugins: tuple[str, ...]) -> dict[str, Any]:
+    """Every interval of an ablation trained with several seeds (`unisd.seeds`: seeds and items both counted).
+
+    seeded: run -> one task -> doc -> score mapping per seed (the untrained base has one, the same for every seed).
+    Returns what `write_outputs` reports: ci95, overall_ci95, paired (against plain SD and the base), gains and
+    interactions, in points.
+    """
+    from unisd.seeds import Seeded
+
+    scores = Seeded(seeded)
+    runs = list(seeded)
+    pairs = [(run, ref) for run in runs for ref in (PLAIN_SD, "base") if ref in seeded and run != ref]
+    found = scores.intervals(pairs)
+    points = lambda coefficients: [100.0 * x for x in scores.estimate(coefficients).ci95]  # noqa: E731
+    found["gains"] = {run: points({run: 1.0, PLAIN_SD: -1.0}) for run in runs if run != PLAIN_SD and PLAIN_SD in seeded}
+    found["interactions"] = {f"{a}+{b}": points({f"{a}+{b}": 1.0, a: -1.0, b: -1.0, PLAIN_SD: 1.0})
+                             for a, b in itertools.combinations(plugins, 2)
+                             if all(n in seeded for n in (f"{a}+{b}", a, b, PLAIN_SD))}
+    return found
+
+
 def _with_ci(x: float, ci: list[float] | None) -> str:
     """`+1.2 [-3.0, +5.4]`, with ↑ / ↓ when the interval excludes 0."""
     from unisd.report import signed
@@ -95,11 +117,14 @@ def markdown(table: Mapping[str, Mapping[str, float]], overall: Mapping[str, flo
 def write_outputs(out: Path, runs: list[Planned], table: dict[str, dict[str, float]],
                   plugins: tuple[str, ...], settings: dict[str, Any],
                   items: dict[str, dict[str, dict[str, float]]] | None = None,
-                  answers: dict[str, dict[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+                  answers: dict[str, dict[str, dict[str, Any]]] | None = None,
+                  seeded: dict[str, list[dict[str, dict[str, float]]]] | None = None) -> dict[str, Any]:
     """results.json, table.md, interactions.png and sensitivity_<plugin>.<key>.png.
 
     items (run -> task -> doc_id -> score) give every score, gain and interaction its 95% interval;
     answers (unisd.evaluate.answer_spread per run) add the constant-answer baseline and collapse flags.
+    seeded (run -> items of each seed), when runs were trained with several seeds: `table` holds the mean over
+    seeds, and every interval and paired test counts seeds and items (`seeded_uncertainty`).
     """
     from unisd import report
     from unisd.evaluate import add_uncertainty
@@ -108,12 +133,21 @@ def write_outputs(out: Path, runs: list[Planned], table: dict[str, dict[str, flo
     overall = overall_scores(table, tasks)
     pairs = interactions(overall, plugins)
     presets = {"runs": {r.name: {"preset": r.preset} for r in runs}}  # UniSD* is also paired with the best baseline
-    scored = add_uncertainty({"tasks": tasks, "scores": table, "items": items or {}, **presets})
-    effects = effect_intervals(items or {}, plugins)
+    if seeded:
+        scored = seeded_uncertainty(seeded, plugins)
+        effects = {"gains": scored["gains"], "interactions": scored["interactions"]}
+    else:
+        scored = add_uncertainty({"tasks": tasks, "scores": table, "items": items or {}, **presets})
+        effects = effect_intervals(items or {}, plugins)
     uncertainty = {"ci95": scored["ci95"], "overall_ci95": scored["overall_ci95"], **effects}
     evaluation = settings.get("eval", {})
     text = markdown(table, overall, pairs, plugins, uncertainty, evaluation.get("gen_toks"),
                     evaluation.get("max_gen_toks"))
+    if seeded:
+        counts = sorted({len(v) for name, v in seeded.items() if name != "base"})
+        text = (f"Mean over {' or '.join(map(str, counts))} seeds per trained run (the untrained base is scored "
+                f"once); every interval counts seeds and items (crossed random effects, Satterthwaite t; "
+                f"`unisd.seeds`).\n\n") + text
     if answers:
         text += "\nAnswer spread (⚠ collapsed: one answer in ≥ 90% of ≥ 10 items):\n\n" + report.answers_table(answers)
     (out / "table.md").write_text(text)
@@ -130,7 +164,7 @@ def write_outputs(out: Path, runs: list[Planned], table: dict[str, dict[str, flo
                "gains": gains(overall), "gains_ci95": effects["gains"],
                "interactions": {f"{a}+{b}": v for (a, b), v in pairs.items()},
                "interactions_ci95": effects["interactions"], "paired": scored["paired"], "answers": answers or {},
-               "items": items or {}}
+               "items": items or {}, "seeds": scored.get("seeds", {}), "seeded_items": seeded or {}}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 

@@ -189,21 +189,41 @@ def demo(out: str, steps: int, batch_size: int, lr: float | None, eval_limit: in
                  echo=lambda m: click.echo(m, err=True))
 
 
-@main.command(epilog=EXAMPLE.format("unisd compare eval-a/results.json eval-b/results.json --out compare/"))
+@main.command(epilog=EXAMPLE.format("unisd compare eval-a/results.json eval-b/results.json --out compare/\n    "
+                                    "unisd compare e/results.json --seeds sd=sd-s1,sd-s2,sd-s3 --seeds star=st-s1,st-s2,st-s3 "
+                                    "--out compare/"))
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, help="Folder for the rebuilt table.md and scores.png.")
-def compare(results: tuple[str, ...], out: str) -> None:
+@click.option("--seeds", "seed_groups", multiple=True, metavar="NAME=RUN,RUN,...",
+              help="Runs that are seeds of one configuration, shown as one row NAME: the mean over its seeds, with "
+                   "intervals and paired tests that count seeds and items (seed k paired with seed k).")
+@errors_are_one_line
+def compare(results: tuple[str, ...], out: str, seed_groups: tuple[str, ...]) -> None:
     """Rebuild the comparison table and chart from saved results.json files (intervals and paired tests
     are recomputed from the merged per-item scores)."""
     from unisd import report
-    from unisd.evaluate import merge, order_warning
+    from unisd.evaluate import group_seeds, merge, order_warning
 
+    groups = {}
+    for spec in seed_groups:
+        name, sep, runs = spec.partition("=")
+        listed = [r.strip() for r in runs.split(",") if r.strip()]
+        if not (sep and name.strip() and listed):
+            fail(f"--seeds {spec!r}: expected NAME=RUN,RUN,..., e.g. --seeds sd=sd-s1,sd-s2,sd-s3")
+        groups[name.strip()] = listed
     merged = merge([json.loads(Path(r).read_text()) for r in results])
+    if groups:
+        merged = group_seeds(merged, groups)
     warning = order_warning(merged["runs"])
     if warning:
         click.echo(warning, err=True)
     Path(out).mkdir(parents=True, exist_ok=True)
     report.write_comparison(merged, Path(out))
+    if groups:
+        with (Path(out) / "table.md").open("a") as table:
+            table.write("\nSeeds (intervals and paired tests count seeds and items: crossed random effects, "
+                        "Satterthwaite t; `unisd.seeds`): " + "; ".join(f"{n} = mean of {', '.join(r)}"
+                                                                         for n, r in groups.items()) + "\n")
     click.echo((Path(out) / "table.md").read_text())
 
 
@@ -218,6 +238,19 @@ def plot(run_dir: str) -> None:
         fail(f"{metrics}: no metrics to plot")
     keys = report.training_curves(metrics, Path(run_dir) / "curves.png")
     click.echo(f"{Path(run_dir) / 'curves.png'}: {', '.join(keys)}")
+
+
+@main.command(epilog=EXAMPLE.format("unisd inspect runs/star"))
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def inspect(run_dir: str) -> None:
+    """Which tokens carry the divergence and how much each mechanism acted, from RUN_DIR's metrics.jsonl and
+    samples.jsonl: RUN_DIR/inspect.md (printed) and inspect.png."""
+    from unisd.divergence_report import InspectError, inspect as report
+
+    try:
+        click.echo(report(Path(run_dir)))
+    except InspectError as e:
+        fail(str(e))
 
 
 main.add_command(ablate_command)

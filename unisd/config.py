@@ -74,7 +74,9 @@ class TrainConfig:
                                       "samples more slowly; pays for runs of a few dozen steps.")
     rollout_sleep: bool = flag(False, "Free the vLLM engine's weights and KV cache between rollouts (vLLM's sleep "
                                       "mode, CUDA only): more memory for training, a weight load every rollout.")
-    seed: int = flag(42, "Seed for data order, sampling and plugins.", low=0)
+    seed: int = flag(42, "Seed for sampling, plugins and the data order (unless --data-seed).", low=0)
+    data_seed: int = flag(-1, "Seed of the data order alone (-1: --seed): runs with other --seed values and the same "
+                              "--data-seed train on the same order (unisd ablate --seeds).", low=-1, show_default=False)
     max_bad_steps: int = flag(3, "Stop after this many non-finite steps in a row.", low=1)
     save_every: int = flag(0, "Checkpoint every N steps (0: only at the end).", low=0)
     keep_checkpoints: int = 2
@@ -126,6 +128,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the data order: --data-seed when given, else --seed."""
+        return self.seed if self.data_seed < 0 else self.data_seed
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -271,6 +278,17 @@ PRESETS: dict[str, Preset] = {
          "contrast": {"weight": 0.01, "margin": 0.1},
          "match": {"weight": 0.01, "mode": "joint"},
          "clip": {"max": 10.0}}),
+    "other-demo": Preset(
+        "the other-demonstration control: plain SD whose teacher is shown a random other example's demonstration "
+        "instead of the gold one (never a duplicate of it); donor.pick=retrieval shows the nearest other task's",
+        "OP2SD, arXiv 2608.09228 (a teacher shown a different solved problem is competitive with the gold one); "
+        "the control the 2026 critiques ask every on-policy self-distillation claim to report (arXiv 2608.31046)",
+        ("donor",), {"donor": {"pick": "random"}},
+        sources={"teacher": "the frozen initial model shown another example's demonstration in the run's teacher "
+                            "template (plugins/donor.py); everything else as the sd preset",
+                 "divergence": "as sd: forward KL at logit temperature 0.7",
+                 "sampling": "as sd: temperature 0.7, top-p 1, no top-k",
+                 "on-policy fraction": "1"}),
     # one mechanism each, at the official per-mechanism values, which are the plugins' own defaults;
     # a preset names only what differs from them
     "agree-tok": Preset("token-level agreement weights, K = 3 retrieval contexts",

@@ -343,6 +343,38 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     return add_uncertainty(merged)
 
 
+def group_seeds(combined: dict[str, Any], groups: dict[str, list[str]]) -> dict[str, Any]:
+    """Runs that are seeds of one configuration as one row: its score the mean over its seeds, and every interval
+    and paired test counting seeds and items (`unisd.seeds`); seed k of one group is paired with seed k of another.
+
+    groups: row name -> the runs (names in `combined`) that are its seeds, in seed order.
+    """
+    from unisd.seeds import Seeded
+
+    items = combined.get("items", {})
+    members = [r for runs in groups.values() for r in runs]
+    unknown = [r for r in members if r not in items]
+    if unknown:
+        raise EvalError(f"--seeds names {unknown[0]}, which no results file scored per item "
+                        f"(runs: {', '.join(items) or 'none'})")
+    repeated = sorted({r for r in members if members.count(r) > 1})
+    clash = [g for g in groups if g in items and g not in members]
+    if repeated or clash:
+        raise EvalError(f"--seeds: {(repeated or clash)[0]} is {'in two groups' if repeated else 'already a run'}")
+    rest = [r for r in combined["scores"] if r not in members]
+    grouped = dict(combined)
+    grouped["scores"] = {r: combined["scores"][r] for r in rest}
+    for name, runs in groups.items():
+        tasks = [t for t in combined["scores"][runs[0]] if all(t in combined["scores"][r] for r in runs)]
+        grouped["scores"][name] = {t: sum(combined["scores"][r][t] for r in runs) / len(runs) for t in tasks}
+    grouped["runs"] = {r: combined.get("runs", {}).get(r, {}) for r in rest} | {
+        name: combined.get("runs", {}).get(runs[0], {}) for name, runs in groups.items()}
+    seeded = {r: [items[r]] for r in rest if r in items} | {name: [items[r] for r in runs] for name, runs in groups.items()}
+    grouped |= Seeded(seeded).intervals(comparisons(grouped))
+    grouped["seed_groups"] = groups
+    return grouped
+
+
 def evaluate(checkpoints: dict[str, str], tasks: list[str], out: str | Path, limit: int | None = None,
              include: list[str] | None = None, base: str | None = None, batch_size: int = 4,
              echo: Callable[[str], None] = print, max_gen_toks: int | None = None,

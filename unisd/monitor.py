@@ -61,17 +61,26 @@ class TruncationWatch:
 def sample_records(step: int, prompts: Sequence[Prompt], rollout: Rollout, out: Outputs, tokenizer: PreTrainedTokenizerBase,
                    limit: int = SAMPLES_PER_STEP) -> list[dict[str, Any]]:
     """One samples.jsonl row per prompt (at most `limit`): prompt, completion, whether it hit the length limit,
-    its length in sampled tokens, and the per-token divergence's mean and maximum over its counted tokens
-    (None when no token of it counts, e.g. under --mask-truncated)."""
+    its length in sampled tokens, the per-token divergence's mean and maximum over its counted tokens (None when
+    no token of it counts, e.g. under --mask-truncated), and per sampled token its text, divergence (None where it
+    does not count) and log-probability under the student and the teacher, so `unisd inspect` needs no rerun."""
     records = []
     lengths = rollout.mask.sum(-1).long().tolist()
     for i in range(min(limit, len(prompts))):
-        values = out.divergence[i][out.mask[i].bool()].detach().float()
+        counted = out.mask[i].bool()
+        values = out.divergence[i][counted].detach().float()
+        n = lengths[i]
+        ids = rollout.tokens[i, :n].tolist()
+        per_token = {"tokens": [tokenizer.decode([t]) for t in ids],
+                     "token_divergence": [float(d) if c else None for d, c in
+                                          zip(out.divergence[i, :n].detach().float().tolist(), counted[:n].tolist())]}
+        per_token |= {f"logp_{view}": [round(x, 5) for x in out.logps[view][i, :n].detach().float().tolist()]
+                      for view in ("student", "teacher") if view in out.logps}
         records.append({"step": step, "prompt": prompts[i],
-                        "completion": tokenizer.decode(rollout.tokens[i, :lengths[i]].tolist(), skip_special_tokens=True),
-                        "truncated": bool(rollout.truncated[i]), "length": lengths[i],
+                        "completion": tokenizer.decode(ids, skip_special_tokens=True),
+                        "truncated": bool(rollout.truncated[i]), "length": n,
                         "divergence_mean": float(values.mean()) if values.numel() else None,
-                        "divergence_max": float(values.max()) if values.numel() else None})
+                        "divergence_max": float(values.max()) if values.numel() else None, **per_token})
     return records
 
 

@@ -59,7 +59,7 @@ class Run:
         """Indices into `examples` of every example the whole schedule consumes, in order."""
         c = self.config
         positions = self.total_steps * c.batch_size * c.grad_accum * self.world.size
-        return [self.kept[i] for i in order_slice(len(self.kept), c.seed, 0, positions)]
+        return [self.kept[i] for i in order_slice(len(self.kept), c.order_seed, 0, positions)]
 
     def scheduled(self) -> list[int]:
         """The examples the schedule draws, ascending: setup work (negatives, contexts) is needed for

@@ -105,7 +105,7 @@ def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 def make_batch(run: Run) -> Batch:
     """The next micro-batch in the seeded data order, with its student and teacher prompts."""
     B, world = run.config.batch_size, run.world
-    global_slice = order_slice(len(run.kept), run.config.seed, run.position, B * world.size)
+    global_slice = order_slice(len(run.kept), run.config.order_seed, run.position, B * world.size)
     indices = [run.kept[i] for i in global_slice[world.rank * B:(world.rank + 1) * B]]  # this rank's share
     run.position += B * world.size
     examples = [run.examples[i] for i in indices]
