@@ -99,6 +99,9 @@ class TrainConfig:
                                      "reference code skips 3).", low=0)
     log_samples: int = flag(10, "Every N steps, write a few prompts' completions to samples.jsonl (0: never).", low=0)
     fsdp: bool = flag(False, "Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
+    push_to_hub: str = flag("", "Upload the finished output folder (model, card, adapter under --lora) to this Hub "
+                                "repository; the token and access are checked before training.", show_default=False)
+    hub_private: bool = flag(False, "With --push-to-hub: create the repository private.")
 
     def __post_init__(self) -> None:
         checks = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from unisd import checkpoint, distributed, hardware, losses, models, monitor, report, tracking, views
+from unisd import checkpoint, distributed, hardware, hub, losses, models, monitor, report, tracking, views
 from unisd.api import Batch, Outputs, TrainError
 from unisd.callable_module import make_callable
 from unisd.config import ConfigError, TrainConfig
@@ -265,6 +266,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     """
     out = Path(config.out)
     checkpoint.check_out_dir(out, resume=resume, overwrite=overwrite)
+    hub_api = _hub_api(config)
     run = prepare(config, echo)
     main = run.world.main
     echo = echo if main else (lambda m: None)  # one voice: rank 0 speaks and writes
@@ -312,8 +314,17 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     checkpoint.save_final(run)
     if main:
         report.training_curves(metrics_path, out / "curves.png")
+        if hub_api is not None:
+            echo(f"pushed to {hub.push(hub_api, config.push_to_hub, out, run.step)}")
     distributed.barrier(run.world)
     return out
+
+
+def _hub_api(config: TrainConfig) -> Any:
+    """The Hub client --push-to-hub uploads with, checked now (rank 0 alone under torchrun), else None."""
+    if not config.push_to_hub or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return hub.connect(config.push_to_hub, config.hub_private)
 
 
 def _step_or_save(run: Run) -> dict[str, float]:
