@@ -51,6 +51,8 @@ class TrainConfig:
     max_steps: int = flag(0, "Optimizer steps (default: one pass over the data).", low=0, show_default=False)
     batch_size: int = flag(4, "Prompts per micro-batch.", low=1)
     grad_accum: int = flag(1, "Micro-batches per optimizer step.", low=1)
+    num_generations: int = flag(1, "Completions sampled per prompt, each scored under the same views: a micro-batch "
+                                    "is G samples of each of --batch-size prompts, weighted as G x B rows.", low=1)
     lr: float = flag(2e-5, "Peak learning rate: AdamW, 10% warmup, cosine decay.", low=0, low_open=True)
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -107,6 +109,7 @@ class TrainConfig:
         checks = [
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (self.num_generations >= 1, "--num-generations must be at least 1"),
             (self.max_steps >= 0, "--max-steps must be 0 (one epoch) or more"),
             (self.lr > 0, "--lr must be positive"),
             (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),

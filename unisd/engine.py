@@ -229,7 +229,7 @@ def start(config: Any, world: Any) -> Engine:
     dtype = torch.bfloat16 if config.bf16 or world.device.type == "cuda" else torch.float32
     rng = rng_state()  # vLLM seeds the global generators at start; the run's own draws stay as they were
     engine = Engine(folder, dtype, config.rollout_kv_cache_gb, min(length, limit or length), config.seed + world.rank,
-                    eager=config.rollout_eager, external=world.size > 1, batch=config.batch_size,
+                    eager=config.rollout_eager, external=world.size > 1, batch=config.batch_size * config.num_generations,
                     sleep=config.rollout_sleep)
     set_rng_state(rng)
     return engine

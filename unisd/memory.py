@@ -135,7 +135,7 @@ def _activations(config: TrainConfig, shape: Shape, bf16_compute: bool, teacher_
     single layer's working set (the backward's recomputation over B rows, or the no-grad forward over every
     teacher view's rows at once), the vocabulary chunks of the loss, and the teacher views' final hidden states."""
     length = config.max_prompt_tokens + config.max_new_tokens
-    B = config.batch_size
+    B = config.batch_size * config.num_generations              # rows of a micro-batch
     rows = max(B, teacher_rows * B)
     inner = 2 if bf16_compute else 4                             # a layer's projections come out in bf16 under autocast
     kept = 4 * B * length * shape.hidden * shape.layers

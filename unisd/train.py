@@ -104,10 +104,11 @@ def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 
 
 def make_batch(run: Run) -> Batch:
-    """The next micro-batch in the seeded data order, with its student and teacher prompts."""
-    B, world = run.config.batch_size, run.world
+    """The next micro-batch in the seeded data order, with its student and teacher prompts; each prompt's row
+    repeated --num-generations times, so every row samples its own completion and the loss weighs all alike."""
+    B, G, world = run.config.batch_size, run.config.num_generations, run.world
     global_slice = order_slice(len(run.kept), run.config.order_seed, run.position, B * world.size)
-    indices = [run.kept[i] for i in global_slice[world.rank * B:(world.rank + 1) * B]]  # this rank's share
+    indices = [run.kept[i] for i in global_slice[world.rank * B:(world.rank + 1) * B] for _ in range(G)]  # this rank's
     run.position += B * world.size
     examples = [run.examples[i] for i in indices]
     return Batch(indices, examples, {"student": [student_prompt(e) for e in examples],
