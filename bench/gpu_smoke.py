@@ -1,12 +1,12 @@
 """The GPU smoke test: the runs a first CUDA session must see pass, offline, within 5 minutes, written under one folder.
 
     OUT=DIR bench/gpu_smoke.sh                   # a GPU session's command: no network, nothing pip-installed
-    python -m bench gpu_smoke --out DIR [--budget-s 300] [--steps 2]
+    python -m bench gpu_smoke --out DIR [--budget-s 300]
 
 Tiny Llamas built from a config (no download) train UniSD* (all five mechanisms, the EMA teacher updated every
-step) on the bundled demo data: fp32, saved every step and resumed from its first checkpoint (the resumed
-weights must equal the uninterrupted run's bit for bit), --bf16, --lora --bf16, and --fsdp in one torchrun
-process. With CUDA, one model of Qwen2.5-7B's shape (random weights, made on the GPU) takes a UniSD*
+step) for two steps on the bundled demo data: fp32, saved every step and resumed from its first checkpoint (the
+resumed weights must equal the uninterrupted run's bit for bit), --bf16, --lora --bf16, and --fsdp in one
+torchrun process. With CUDA, one model of Qwen2.5-7B's shape (random weights, made on the GPU) takes a UniSD*
 --lora --bf16 step with 1024-token completions: its step time and phases, its peak GPU memory beside
 --dry-run's estimate. With two GPUs also DDP and --fsdp across both; where vLLM imports, two tiny runs with
 --rollout vllm. Each case runs under its own timeout, all of them inside --budget-s.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as metadata
-import importlib.util
 import json
 import math
 import os
@@ -41,6 +40,7 @@ SEVEN_B_SHARE_S = 200  # of --budget-s, kept for the 7B-shape case (build, estim
 # sampled once and as long as the completions (its default, 1024 tokens twice, is for real models)
 UNISD_STAR = ("--preset", "unisd-star", "-o", "ema.every=1", "-o", "contrast.tries=1")
 TINY_NEW_TOKENS = 16
+TINY_STEPS = 2  # a checkpoint after each: the resume continues from the first
 TINY = (*UNISD_STAR, "-o", f"contrast.max_new_tokens={TINY_NEW_TOKENS}")
 PHASES = ("step_time_s", "rollout_s", "forward_s", "backward_s", "optimizer_s", "after_step_s")
 # Qwen2.5-7B's config.json (the Hub's Qwen/Qwen2.5-7B), its shape only
@@ -223,11 +223,12 @@ def largest_difference(a: Path, b: Path) -> float:
                 for k in first), default=0.0)
 
 
-def run_tiny(case: Case, model: Path, scratch: Path, env: dict[str, str], steps: int, timeout_s: float) -> Outcome:
+def run_tiny(case: Case, model: Path, scratch: Path, env: dict[str, str], timeout_s: float) -> Outcome:
     """Train one case; with `resume`, also a copy cut back to its first checkpoint, continued with --resume."""
     found = Outcome(case.name)
     out = scratch / case.name
     started = time.monotonic()
+    steps = TINY_STEPS
     status, log = launch(train_args(model, out, case.flags, case.processes, steps, 2, TINY_NEW_TOKENS), env, timeout_s)
     found.log = log
     if status is None:
@@ -290,12 +291,25 @@ def run_7b(tiny: Path, scratch: Path, env: dict[str, str], device_gb: float, dea
     return found
 
 
+DEVICES = """import json, torch
+n = torch.cuda.device_count()
+p = torch.cuda.get_device_properties(0) if n else None
+try:
+    import vllm  # noqa: F401
+    engine = True
+except Exception:
+    engine = False
+print(json.dumps({"gpus": n, "name": p.name if p else None, "memory_gb": p.total_memory / 1e9 if p else 0,
+                  "vllm": engine}))
+"""
+
+
 def devices(env: dict[str, str]) -> dict[str, Any]:
-    """The CUDA devices, asked in a child process so that this one holds no CUDA context while the cases run."""
-    ask = ("import json, torch; n = torch.cuda.device_count(); p = torch.cuda.get_device_properties(0) if n else None; "
-           "print(json.dumps({'gpus': n, 'name': p.name if p else None, 'memory_gb': p.total_memory / 1e9 if p else 0}))")
-    status, log = launch([sys.executable, "-c", ask], env, 60)
-    return json.loads(log.strip().splitlines()[-1]) if status == 0 else {"gpus": 0, "name": None, "memory_gb": 0}
+    """The CUDA devices and whether vLLM imports, asked in a child process, so that this one holds no CUDA context
+    (nor vLLM's imports) while the cases run."""
+    status, log = launch([sys.executable, "-c", DEVICES], env, 120)
+    no_device = {"gpus": 0, "name": None, "memory_gb": 0, "vllm": False}
+    return json.loads(log.strip().splitlines()[-1]) if status == 0 else no_device
 
 
 def line(outcome: Outcome) -> str:
@@ -308,12 +322,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench gpu_smoke", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the folder every file goes to (created)")
     parser.add_argument("--budget-s", type=float, default=300, help="all cases together stop within this many seconds")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per tiny case (at least 2: the resume)")
     args = parser.parse_args(argv)
-    if args.steps < 2:
-        print("error: --steps must be at least 2: the resume continues from the first of two checkpoints",
-              file=sys.stderr)
-        return 2
     deadline = time.monotonic() + args.budget_s
     scratch = args.out / "scratch"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -328,11 +337,11 @@ def main(argv: list[str]) -> int:
         device = devices(env)
         tiny = tiny_model(scratch / "tiny")
         outcomes: list[Outcome] = []
-        cases = tiny_cases(device["gpus"], importlib.util.find_spec("vllm") is not None)
+        cases = tiny_cases(device["gpus"], device["vllm"])
         for i, case in enumerate(cases):  # each case's timeout: its share of what is left, by launches
             left = deadline - time.monotonic() - (SEVEN_B_SHARE_S if device["gpus"] else 0)
             share = left * case.launches / sum(c.launches for c in cases[i:])
-            outcome = (run_tiny(case, tiny, scratch, env, args.steps, share) if share > 5
+            outcome = (run_tiny(case, tiny, scratch, env, share) if share > 5
                        else Outcome(case.name, problem="not run: the budget was spent"))
             outcomes.append(outcome)
             print(line(outcome), flush=True)
