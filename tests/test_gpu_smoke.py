@@ -62,3 +62,21 @@ def test_unisd_train_starts_without_the_optional_libraries(tiny_model, tiny_data
     assert done.returncode == 0, done.stderr[-3000:]
     allowed = {"datasets"} if data == "tiny_data" else set()  # a data file is read through datasets
     assert set(json.loads(seen.read_text())) <= allowed
+
+
+def test_where_unisd_is_not_installed_the_smoke_script_registers_the_source_trees_plugins(tmp_path, monkeypatch):
+    import importlib.metadata as metadata
+    import tomllib
+
+    from bench import gpu_smoke
+
+    def not_installed(name: str):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", not_installed)
+    site = gpu_smoke.source_tree_site(tmp_path)
+    assert site is not None
+    [dist] = metadata.distributions(path=[str(site)])
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["unisd.plugins"]
+    assert {ep.name: ep.value for ep in dist.entry_points if ep.group == "unisd.plugins"} == declared
+    assert (site / "unisd_plugins" / "ema.py").is_file() and (site / "unisd_tasks").is_dir()
