@@ -26,7 +26,7 @@ def listed() -> dict[str, str]:
 
 def test_the_list_names_each_benchmark_with_its_summary():
     found = listed()
-    assert {"rank_memory", "study", "study_tables", "vllm_rollout", "gpu_check"} <= set(found)
+    assert {"rank_memory", "study", "study_tables", "vllm_rollout", "gpu_smoke"} <= set(found)
     assert "provenance" not in found and not any(name.startswith("_") for name in found)
     assert all(summary for summary in found.values()), found
 
@@ -54,12 +54,15 @@ def test_every_result_records_its_provenance_and_a_listed_command(path):
     assert command[3] in listed(), f"{result['command']}: not a benchmark python -m bench --list knows"
 
 
-def test_gpu_check_runs_the_sharded_combinations_only_with_two_gpus_and_vllm_only_where_installed():
-    from bench.gpu_check import combinations
+def test_gpu_smoke_runs_the_two_gpu_cases_only_with_two_gpus_and_vllm_only_on_cuda_where_installed():
+    from bench.gpu_smoke import tiny_cases
 
-    one = combinations(1, vllm=False)
-    assert {processes for processes, _ in one.values()} == {1} and not any("vllm" in f for _, f in one.values())
-    two = combinations(2, vllm=True)
-    assert {n for n, (processes, _) in two.items() if processes == 2} >= {"ddp", "fsdp-lora", "fsdp-bf16", "fsdp-vllm",
-                                                                          "fsdp-ema"}
-    assert all("--fsdp" in flags for name, (_, flags) in two.items() if name.startswith("fsdp"))
+    cpu = {c.name: c for c in tiny_cases(0, vllm=True)}
+    assert list(cpu) == ["fp32", "bf16", "lora-bf16", "fsdp-1proc"]
+    assert cpu["fp32"].resume and cpu["fsdp-1proc"].processes == 1 and "--fsdp" in cpu["fsdp-1proc"].flags
+    assert list(c.name for c in tiny_cases(1, vllm=False)) == list(cpu)
+    assert [c.name for c in tiny_cases(1, vllm=True)][len(cpu):] == ["vllm", "lora-bf16-vllm"]
+    two = {c.name: c for c in tiny_cases(2, vllm=True)}
+    assert set(two) - set(cpu) == {"ddp-2gpu", "fsdp-2gpu", "vllm", "lora-bf16-vllm"}
+    assert two["ddp-2gpu"].processes == two["fsdp-2gpu"].processes == 2
+    assert all("--rollout" in c.flags for name, c in two.items() if "vllm" in name)

@@ -43,9 +43,14 @@ def init() -> World:
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if size > 1 and not dist.is_initialized():
+    if (size > 1 or under_torchrun()) and not dist.is_initialized():  # one torchrun process: FSDP2 needs the group
         dist.init_process_group("nccl" if cuda else "gloo")
     return World(dist.get_rank() if size > 1 else 0, size, device)
+
+
+def under_torchrun() -> bool:
+    """Launched by torchrun (which sets this in every process), even with --nproc_per_node 1."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def wrap(module: torch.nn.Module, world: World, all_used: bool = True) -> torch.nn.Module:

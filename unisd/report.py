@@ -10,14 +10,19 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 SHORT = {"unisd_scienceqa": "ScienceQA", "unisd_mbpp": "MBPP", "unisd_cose": "CoS-E",
          "unisd_toolalpaca": "ToolAlpaca", "unisd_gpqa": "GPQA", "unisd_humaneval": "HumanEval",
          "unisd_demo": "Demo"}
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot, headless, imported only when a chart is drawn: `unisd train` starts without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _label(task: str) -> str:
@@ -150,6 +155,7 @@ def bar_chart(table: dict[str, dict[str, float]], path: Path, title: str = "scor
     groups = cols + ["Overall"]
     runs = list(table)
     width = 0.8 / max(len(runs), 1)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups) + 1), 4))
     for i, run in enumerate(runs):
         values = [table[run].get(c, 0.0) for c in cols] + [overall(table[run], cols)]
@@ -213,6 +219,7 @@ def training_curves(metrics: Path, path: Path) -> list[str]:
     n = len(keys)
     cols = min(3, n)
     nrows = math.ceil(n / cols)
+    plt = _pyplot()
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.6 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         steps = [r["step"] for r in rows if key in r]
@@ -245,6 +252,7 @@ def interaction_png(pairs: Mapping[tuple[str, str], float], plugins: tuple[str, 
     matrix = _matrix(pairs, shown, single_gains)
     finite = [abs(x) for row in matrix for x in row if not math.isnan(x)]
     bound = max(finite + [1e-6])
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.2 * len(shown) + 2.5, 1.0 * len(shown) + 1.8))
     image = ax.imshow(matrix, cmap="RdBu", vmin=-bound, vmax=bound)
     for i, row in enumerate(matrix):
@@ -274,6 +282,7 @@ def sensitivity_png(points: Sequence[tuple[str, Mapping[str, float], float]], pl
     numeric = all(n is not None for n in numbers.values())
     points = sorted(points, key=lambda p: numbers[p[0]] or 0.0) if numeric else list(points)
     xs = [(numbers[v] or 0.0) if numeric else float(i) for i, (v, _, _) in enumerate(points)]
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     tasks = list(dict.fromkeys(t for _, row, _ in points for t in row))
     if len(tasks) > 1:

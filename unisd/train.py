@@ -200,7 +200,7 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     tokenizer = models.load_tokenizer(config.model)
     world = distributed.init()
     echo = echo if world.main else (lambda m: None)  # one voice under torchrun
-    if config.fsdp and world.size == 1:
+    if config.fsdp and world.size == 1 and not distributed.under_torchrun():
         raise ConfigError("--fsdp shards over several processes: launch with torchrun --nproc_per_node N")
     torch.manual_seed(config.seed + world.rank)  # ranks sample different completions
     policy = Policy(config, world, tokenizer)
