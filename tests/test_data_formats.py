@@ -69,6 +69,10 @@ def test_columns_map_old_names_to_format_names():
         parse_columns("prompt")
     with pytest.raises(ValueError, match="'question' is not a format column"):
         parse_columns("question=prompt")
+    with pytest.raises(ValueError, match="^--columns: 'prompt' is named twice; map one column to it$"):
+        parse_columns("prompt=q, prompt=r")
+    with pytest.raises(ValueError, match="^--columns: column 'q' is mapped twice"):
+        parse_columns("prompt=q,answer=q")
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])

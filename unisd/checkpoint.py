@@ -109,7 +109,7 @@ def save(run: Run) -> Path:
     except BaseException as e:  # e.g. the disk filled up: leave no half-written checkpoint behind
         shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(e):
-            raise OutputDirError(f"cannot write checkpoint {final.name}: the disk is full; {_kept(root)}") from None
+            raise OutputDirError(f"cannot write checkpoint {final}: the disk is full; {_kept(root)}") from None
         raise
     if final.exists():
         _discard(final)
@@ -135,9 +135,9 @@ def _kept(root: Path) -> str:
     """What a run stopped by a full disk still has, and how to go on."""
     intact = [f.name for f in sorted(root.glob("step-*"), reverse=True) if not verify(f)]
     if not intact:
-        return "no checkpoint was written yet; free some space and run again"
-    return (f"the earlier checkpoints are intact (newest: {intact[0]}); free some space, then the same command "
-            "with --resume continues from there")
+        return "free some space or choose another --out"
+    return (f"the earlier checkpoints are intact (newest: {intact[0]}): free some space, then the same command "
+            "with --resume continues from it")
 
 
 def _discard(folder: Path) -> None:

@@ -33,6 +33,8 @@ def parse_columns(spec: str) -> dict[str, str]:
             raise ValueError(f"--columns: {new!r} is not a format column; choose from {', '.join(FIELDS)}")
         if new in mapping.values():
             raise ValueError(f"--columns: {new!r} is named twice; map one column to it")
+        if old in mapping:
+            raise ValueError(f"--columns: column {old!r} is mapped twice; a column becomes one format column")
         mapping[old] = new
     return mapping
 
