@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 from unisd.cli import main
-from unisd.data import Example, load_data
+from unisd.data import DataError, Example, load_data
 from unisd.data.prompts import student_prompt, teacher_prompt
 from unisd.rollout import eos_ids, from_texts
 from unisd.sequences import RenderError, end_of_turn_id, render
@@ -162,3 +162,16 @@ def test_render_error_is_a_value_error_with_the_templates_reason(tiny_model):
     tok.chat_template = NO_SYSTEM_TEMPLATE
     with pytest.raises(RenderError, match=r"^the chat template refuses this conversation \(System role not supported\)$"):
         render(tok, [SYSTEM, {"role": "user", "content": "x"}])
+
+
+def test_empty_tool_call_lists_are_no_tool_calls_and_malformed_ones_are_named(tmp_path):
+    plain = [{"role": "user", "content": "Hi?", "tool_calls": []}, {"role": "assistant", "content": "Hello.", "tool_calls": []}]
+    [e] = load_data(str(write(tmp_path / "p.jsonl", [{"messages": plain}])))
+    assert (e.prompt, e.answer, e.after) == ("Hi?", "Hello.", ())
+    bad = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": None, "tool_calls": ["get_weather"]},
+           {"role": "assistant", "content": "x"}]
+    with pytest.raises(DataError, match=r"b.jsonl:1: field 'messages' must hold messages .* tool calls with a function name"):
+        load_data(str(write(tmp_path / "b.jsonl", [{"messages": bad}])))
+    gold_call = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [CALL]}]
+    with pytest.raises(DataError, match=r"g.jsonl:1: field 'messages' ends with a tool call; the gold demonstration"):
+        load_data(str(write(tmp_path / "g.jsonl", [{"messages": gold_call}])))

@@ -91,3 +91,23 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_resume_continues_once_space
     resumed = train(tiny_model, tiny_data, out, 3, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "resumed at step 1 of 3" in resumed.output and (out / "unisd.json").is_file()
+
+
+def test_a_full_disk_while_writing_the_final_model_names_the_checkpoint_to_resume_from(tiny_model, tiny_data, tmp_path,
+                                                                                      monkeypatch):
+    from unisd import models
+
+    def full(*args, **kwargs):
+        raise SafetensorError(SAFETENSORS_FULL)
+
+    monkeypatch.setattr(models, "save_final", full)
+    out = tmp_path / "run"
+    result = train(tiny_model, tiny_data, out, 1)
+    lines = [ln for ln in result.output.splitlines() if ln.strip() and not ln.startswith(("Loading", "warning:"))]
+    assert result.exit_code == 2 and lines == [
+        f"error: cannot write the final model into {out}: the disk is full; the earlier checkpoints are intact "
+        "(newest: step-000001): free some space, then the same command with --resume continues from it"], result.output
+    assert not list(out.glob(".final-*")) and not (out / "unisd.json").exists()
+    monkeypatch.undo()
+    resumed = train(tiny_model, tiny_data, out, 1, "--resume")
+    assert resumed.exit_code == 0 and (out / "unisd.json").is_file(), resumed.output

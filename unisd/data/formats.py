@@ -54,9 +54,19 @@ def _message(m: Any) -> dict[str, Any] | None:
     content = m.get("content")
     if content is None and m["role"] == "assistant" and m.get("tool_calls"):
         content = ""
-    if not isinstance(content, str):
+    if not isinstance(content, str) or not _tool_calls_ok(m.get("tool_calls")):
         return None
-    return {"role": m["role"], "content": content, **{k: m[k] for k in TOOL_KEYS if m.get(k) is not None}}
+    # an empty tool_calls list (OpenAI exports write one on every turn) is no tool call
+    return {"role": m["role"], "content": content, **{k: m[k] for k in TOOL_KEYS if m.get(k) not in (None, [], "")}}
+
+
+def _tool_calls_ok(calls: Any) -> bool:
+    """None, or a list of {"function": {"name": str, ...}} (or {"name": str, ...}) as chat templates read them."""
+    if calls is None:
+        return True
+    return isinstance(calls, list) and all(
+        isinstance(c, Mapping) and isinstance(f := c.get("function", c), Mapping) and isinstance(f.get("name"), str)
+        for c in calls)
 
 
 def _messages(value: Any, where: str, field: str) -> list[dict[str, Any]]:
@@ -64,7 +74,8 @@ def _messages(value: Any, where: str, field: str) -> list[dict[str, Any]]:
         raise DataError(f"{where}: field '{field}' must be a non-empty list of messages")
     turns = [_message(m) for m in value]
     if any(t is None for t in turns):
-        raise DataError(f"{where}: field '{field}' must hold messages with string 'role' and 'content'")
+        raise DataError(f"{where}: field '{field}' must hold messages with string 'role' and 'content' (null only "
+                        "beside tool calls), and tool calls with a function name")
     return [t for t in turns if t is not None]
 
 
@@ -112,6 +123,9 @@ def _prompt(value: Any, where: str, field: str) -> tuple[str, Turns, Turns]:
 def _from_messages(row: Mapping[str, Any], where: str) -> Example:
     turns = _messages(row.get("messages"), where, "messages")
     last = max((i for i, m in enumerate(turns) if m["role"] == "assistant" and "tool_calls" not in m), default=-1)
+    if last < 1 and turns[-1]["role"] == "assistant":  # the only assistant turns call tools
+        raise DataError(f"{where}: field 'messages' ends with a tool call; the gold demonstration must be the "
+                        "assistant's answer in text (a tool call as the gold answer is not supported)")
     if last < 1:
         raise DataError(f"{where}: field 'messages' needs a user turn followed by an assistant turn")
     if last < len(turns) - 1:
