@@ -33,6 +33,11 @@ def donor_task(donor: Example) -> str:
     return donor.prompt.strip()
 
 
+def same_task(example: Example, donor: Example) -> bool:
+    """A donor that repeats the example (same prompt after the same turns): its solved answer is this task's."""
+    return donor.prompt == example.prompt and list(map(dict, donor.context)) == list(map(dict, example.context))
+
+
 def reference_context(example: Example, donor: Example) -> str:
     """The student prompt preceded by one solved *other* example, compact (never the current gold answer)."""
     return (f"{REFERENCE_HEADER}### [REFERENCE ONLY]\n{donor_task(donor)}\n\nSolved answer:\n{demonstration(donor)}\n\n"

@@ -26,7 +26,8 @@ Differences from the official code:
   normalisation by Σ_t m·w cancels a constant sequence weight (agreement_seq_* ≈ plain SD);
 - K = 1 is refused (the official unbiased variance of one view is NaN);
 - retrieval works offline by default (TF-IDF cosine, scikit-learn) over the student prompt;
-  `retriever=minilm` uses all-MiniLM-L6-v2 as the official code does; self-matches are excluded;
+  `retriever=minilm` uses all-MiniLM-L6-v2 as the official code does; self-matches are excluded, and so
+  are duplicates of the example (same prompt and earlier turns), whichever way donors are picked;
 - induction samples the instructions with a seeded generator and caches them by content hash.
 """
 from __future__ import annotations
@@ -136,7 +137,9 @@ class Agree(Plugin):
                 key = {"kind": "retrieval-v2", "data": generation.data_digest(examples), "pool": pool, "retriever": c.retriever}
                 donors = generation.cached("agree", key, lambda: C.retrieval_donors(
                     [C.donor_task(e) for e in examples], pool, c.retriever))
-            self.contexts = [C.pick_fitting((C.reference_context(e, examples[j]) for j in candidates), c.k,
+            # a duplicate of the example in the data is never its donor: it would show this task's gold answer
+            self.contexts = [C.pick_fitting((C.reference_context(e, examples[j]) for j in candidates
+                                             if not C.same_task(e, examples[j])), c.k,
                                             lambda text, e=e: fits(in_context(e, text)))
                              for e, candidates in zip(examples, donors)]
         unfit = sum(not views for views in self.contexts)

@@ -10,7 +10,8 @@
 over the sequences that have a negative. Negatives are generated once at setup by the model itself
 (batched, seeded, with up to `max_new_tokens` = 1024 tokens as in the official job): a wrong option with
 an argument for it (multiple choice), code with a planted bug (MBPP/HumanEval), a corrupted tool call
-(ToolAlpaca), or the model's own attempt at the question (plain JSONL).
+(ToolAlpaca), or the model's own attempt at the question (plain JSONL), each asked after the example's
+earlier turns (system prompt, conversation), as its student prompt is.
 
 Differences from the official code, which uses its negatives unchecked:
 - each negative is **verified wrong** with the benchmark's checker: multiple choice on its reasoning
@@ -42,7 +43,7 @@ from unisd import distributed, generation, losses
 from unisd.data import Example
 from unisd.data import scoring as S
 from unisd.data import verify
-from unisd.data.prompts import TEACHER_TEMPLATE, demonstration, teacher_prompt
+from unisd.data.prompts import TEACHER_TEMPLATE, demonstration, in_context, teacher_prompt
 from unisd.api import Batch, Outputs, Plugin, RunView
 from unisd.sequences import Prompt, render
 
@@ -123,7 +124,9 @@ def build_negatives(policy: Any, examples: list[Example], seed: int, max_new_tok
         if not todo:
             break
         requests = [negative_request(examples[i], random.Random(f"{seed}:{attempt}:{i}")) for i in todo]
-        replies = generation.generate(policy, [r[0] for r in requests], max_new_tokens, seed + attempt,
+        # asked as the example's last user turn: a multi-turn example's attempt sees its whole conversation
+        asked = [in_context(examples[i], text) for i, (text, _) in zip(todo, requests)]
+        replies = generation.generate(policy, asked, max_new_tokens, seed + attempt,
                                       desc=f"negatives (try {attempt + 1} of {tries})")
         for i, (_, extra), (reply, finished) in zip(todo, requests, replies):
             if not finished:

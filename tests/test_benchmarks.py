@@ -118,6 +118,14 @@ def test_unknown_name_and_missing_file_are_one_line_data_errors(monkeypatch, tmp
         B.load("toolalpaca", "train")
 
 
+def test_a_torn_offline_file_is_one_line_naming_its_line(monkeypatch, tmp_path):
+    (tmp_path / "cos_e" / "v1.11").mkdir(parents=True)
+    (tmp_path / "cos_e" / "v1.11" / "train.jsonl").write_text('{"id": "a"}\n{"id": "b", "quest')
+    monkeypatch.setenv("UNISD_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match=r"cos_e/v1\.11/train\.jsonl:2: not valid JSON"):
+        B.load("cos_e", "train")
+
+
 def test_hub_failure_for_gpqa_explains_gating(monkeypatch):
     import datasets
 

@@ -69,6 +69,10 @@ def test_columns_map_old_names_to_format_names():
         parse_columns("prompt")
     with pytest.raises(ValueError, match="'question' is not a format column"):
         parse_columns("question=prompt")
+    with pytest.raises(ValueError, match="^--columns: 'prompt' is named twice; map one column to it$"):
+        parse_columns("prompt=q, prompt=r")
+    with pytest.raises(ValueError, match="^--columns: column 'q' is mapped twice"):
+        parse_columns("prompt=q,answer=q")
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
@@ -168,12 +172,63 @@ def test_mapped_csv_with_a_custom_teacher_template_trains_and_resume_compares_it
      "{path}:1: field 'messages' must hold messages with string 'role' and 'content'"),
     ([{"prompt": [{"role": "assistant", "content": "x"}], "completion": "y"}],
      "{path}:1: field 'prompt' must end with a user turn"),
+    # an empty demonstration: the teacher would see no solution, SFT would train on a lone end token
+    ([{"prompt": "a", "answer": "b"}, {"prompt": "c", "answer": " \n "}],
+     "{path}:2: field 'answer' is empty (a demonstration needs text)"),
+    ([{"prompt": "a", "completion": ""}], "{path}:1: field 'completion' is empty"),
+    ([{"prompt": "a", "privileged_context": "\t"}], "{path}:1: field 'privileged_context' is empty"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}],
+     "{path}:1: field 'messages' is empty"),
+    # turns after the gold answer were dropped
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                    {"role": "user", "content": "and?"}]}],
+     "{path}:1: field 'messages' has a 'user' turn after the last assistant answer"),
+    # several completion messages were joined with newlines, user turns included
+    ([{"prompt": [{"role": "user", "content": "hi"}],
+       "completion": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}],
+     "{path}:1: field 'completion' must be one assistant message with text, got assistant, user"),
 ])
 def test_bad_rows_are_one_line_naming_file_row_and_field(tiny_model, tmp_path, rows, message):
     data = write(tmp_path / "bad.jsonl", rows)
     out = tmp_path / "run"
     assert message.format(path=data) in one_error(train(tiny_model, data, out))
     assert not out.exists()
+
+
+def test_the_same_target_named_twice_in_columns_is_one_line(tiny_model, tmp_path):
+    data = write(tmp_path / "d.jsonl", [{"q": "a", "r": "b", "s": "c"}])
+    out = tmp_path / "run"
+    assert "--columns: 'prompt' is named twice" in one_error(train(tiny_model, data, out, "--columns", "prompt=q,prompt=r"))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--lora-r", "8"), ("--lora-alpha", "128"), ("--lora-dropout", "0.1"),
+                                        ("--lora-targets", "q_proj")])
+def test_adapter_flags_without_lora_are_refused(tiny_model, tmp_path, flag, value):
+    data = write(tmp_path / "d.jsonl", ROWS["answer"])
+    out = tmp_path / "run"
+    assert f"{flag} only apply to a LoRA adapter: add --lora" in one_error(train(tiny_model, data, out, flag, value))
+    assert not out.exists()
+
+
+def test_adapter_settings_from_a_file_count_when_they_differ_from_the_default(tmp_path):
+    from unisd.config import resolve
+
+    given = {"model": "m", "data": "d", "out": "o"}
+    with pytest.raises(ConfigError, match="^--lora-r only apply"):
+        resolve("", (), {}, {**given, "lora_r": 8})
+    record = TrainConfig(**given).to_json()  # a run record lists every field, lora off: accepted
+    assert resolve("", (), {}, {k: v for k, v in record.items() if k not in ("preset", "plugins", "options")}).lora_r == 64
+    assert resolve("", (), {}, given, lora=True, lora_r=8).lora_r == 8
+
+
+def test_json_numbers_as_answers_read_as_text_like_csv(tmp_path):
+    mixed = load_data(str(write(tmp_path / "m.jsonl", [{"prompt": "6*7?", "answer": 42}, {"prompt": "x?", "answer": "y"}])))
+    floats = load_data(str(write(tmp_path / "f.jsonl", [{"prompt": "6*7?", "answer": 42}, {"prompt": "7/2?", "answer": 3.5}])))
+    assert [e.answer for e in mixed] == ["42", "y"]
+    assert [e.answer for e in floats] == ["42", "3.5"]  # a column of ints and floats is read as floats: 42.0 -> "42"
+    with pytest.raises(DataError, match=r"b.jsonl:1: field 'answer' must be a string"):
+        load_data(str(write(tmp_path / "b.jsonl", [{"prompt": "true?", "answer": True}])))
 
 
 def test_a_column_to_map_that_is_missing_is_named(tiny_model, tmp_path):

@@ -120,7 +120,7 @@ def _effective(run) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("lora", [False, True])
 def test_ema_teacher_moves_toward_the_student(tiny_model: Path, tiny_data: Path, tmp_path: Path, lora: bool) -> None:
     run = prepare(_config(tiny_model, tiny_data, tmp_path / "e", ("ema",), options={"ema": {"every": "1", "beta": "0.5"}},
-                          lora=lora, lora_r=4, lora_alpha=8, lr=5e-2))
+                          lora=lora, **({"lora_r": 4, "lora_alpha": 8} if lora else {}), lr=5e-2))
     ema = run.plugins[0]
     initial = {n: p.detach().clone() for n, p in ema.average.model.named_parameters()}
     assert _max_diff(ema.average, _effective(run)) == 0.0       # θ̄ ← θ at setup

@@ -9,6 +9,7 @@ and the run's `identity`, which --resume compares with the run asking to continu
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -105,8 +106,10 @@ def save(run: Run) -> Path:
                     "identity": identity(run)}, tmp / "state.pt")
         files = sorted(f.name for f in tmp.iterdir())
         (tmp / MANIFEST).write_text(json.dumps({f: _sha256(tmp / f) for f in files}, indent=1))
-    except BaseException:  # e.g. the disk filled up: leave no half-written checkpoint behind
+    except BaseException as e:  # e.g. the disk filled up: leave no half-written checkpoint behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):
+            raise OutputDirError(f"cannot write checkpoint {final}: the disk is full; {_kept(root)}") from None
         raise
     if final.exists():
         _discard(final)
@@ -115,6 +118,26 @@ def save(run: Run) -> Path:
         _discard(old)
     distributed.barrier(run.world)
     return final
+
+
+def disk_full(error: BaseException) -> bool:
+    """A write failed for want of space: OSError ENOSPC/EDQUOT, or safetensors' and torch's own errors saying so."""
+    for e in (error, error.__cause__, error.__context__):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if e is not None and any(s in str(e) for s in ("No space left on device", "Disk quota exceeded",
+                                                       "file write failed")):
+            return True
+    return False
+
+
+def _kept(root: Path) -> str:
+    """What a run stopped by a full disk still has, and how to go on."""
+    intact = [f.name for f in sorted(root.glob("step-*"), reverse=True) if not verify(f)]
+    if not intact:
+        return "free some space or choose another --out"
+    return (f"the earlier checkpoints are intact (newest: {intact[0]}): free some space, then the same command "
+            "with --resume continues from it")
 
 
 def _discard(folder: Path) -> None:
@@ -245,17 +268,43 @@ def restore(run: Run, echo: Callable[[str], None], extend: bool) -> bool:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past `step`: after a resume those steps are run again."""
+    """Drop metric lines past `step`: after a resume those steps are run again.
+
+    A torn last line (the process was killed mid-write: the case --resume is for) is dropped as well; a
+    damaged line before it is not ours to guess about and is named.
+    """
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")  # a torn multi-byte character too
+    last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
+    kept = []
+    for n, line in enumerate(lines[:last + 1]):
+        if not line.strip():
+            continue
+        row = _json_row(line)
+        if row is None and n == last:
+            break
+        if row is None:
+            raise OutputDirError(f"{path}:{n + 1}: not a JSON object with a step; repair or delete that line, "
+                                 "then --resume")
+        if row["step"] <= step:
+            kept.append(line)
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def _json_row(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 def data_fingerprint(run: Run) -> str:
     h = hashlib.sha256()
     for e in run.examples:
-        turns = [list(map(dict, e.context))] if e.context else []  # earlier turns, when any: old fingerprints hold
+        turns = [list(map(dict, e.context))] if e.context or e.after else []  # earlier turns, when any: old
+        turns += [list(map(dict, e.after))] if e.after else []  # fingerprints hold; then tool turns, when any
         h.update(json.dumps([e.prompt, e.answer, e.rationale, *turns], ensure_ascii=False).encode())
     return h.hexdigest()
 
@@ -282,8 +331,11 @@ def save_final(run: Run) -> None:
     try:
         models.save_final(run.policy.model, run.tokenizer, staging, card.render(record, run.out.name), record, weights,
                           adapter)
-    except BaseException:  # nothing half-written in the output folder
+    except BaseException as e:  # nothing half-written in the output folder
         shutil.rmtree(staging, ignore_errors=True)
+        if disk_full(e):
+            raise OutputDirError(f"cannot write the final model into {run.out}: the disk is full; "
+                                 f"{_kept(run.out / 'checkpoints')}") from None
         raise
     names = sorted(f.name for f in staging.iterdir())
     for name in [n for n in names if n != "unisd.json"] + ["unisd.json"]:

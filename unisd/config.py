@@ -321,6 +321,24 @@ def divergence_given(preset: str, settings: Mapping[str, Any]) -> bool:
     return chosen or (preset in PRESETS and "divergence" in PRESETS[preset].settings)
 
 
+LORA_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def _refuse_adapter_settings_without_lora(base: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    """--lora-r and its kin given without --lora would be ignored while every weight trains: say so instead.
+
+    A flag counts when given at all; a file's value when it differs from the default (a run record lists every field).
+    """
+    if base.get("lora"):
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    given = [k for k in LORA_SETTINGS if settings.get(k) is not None or base.get(k, defaults[k]) != defaults[k]]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConfigError(f"{flags} only apply to a LoRA adapter: add --lora (or lora: true in the --config file), "
+                          "or leave them out to train every weight")
+
+
 def resolve(preset: str, plugins: tuple[str, ...], overrides: Mapping[str, Mapping[str, Any]],
             file: Mapping[str, Any] | None = None, **settings: Any) -> TrainConfig:
     """Merge defaults, a preset, a config file's settings (`unisd.config_file.load`) and explicit settings
@@ -346,6 +364,7 @@ def resolve(preset: str, plugins: tuple[str, ...], overrides: Mapping[str, Mappi
     for required in ("model", "data", "out"):
         if not base.get(required):
             raise ConfigError(f"--{required} is missing: give it on the command line or in the --config file")
+    _refuse_adapter_settings_without_lora(base, settings)
     try:
         return TrainConfig(plugins=chosen, options=options, preset=preset, **base)
     except TypeError as e:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from unisd import distributed, models
 from unisd.data import Example
-from unisd.sequences import render
+from unisd.sequences import Prompt, render
 
 if TYPE_CHECKING:
     from unisd.policy import Policy
@@ -33,8 +33,11 @@ def content_hash(value: Any) -> str:
 
 
 def data_digest(examples: Sequence[Example]) -> str:
-    """Hash of every example's prompt, answer, rationale and meta, in order."""
-    return content_hash([[e.prompt, e.answer, e.rationale, dict(e.meta)] for e in examples])
+    """Hash of every example's prompt, answer, rationale and meta, in order; and its turns before and after the
+    prompt (system prompt, earlier turns, tool turns) when it has any, so a cache never serves another context."""
+    return content_hash([[e.prompt, e.answer, e.rationale, dict(e.meta)]
+                         + ([list(map(dict, e.context)), list(map(dict, e.after))] if e.context or e.after else [])
+                         for e in examples])
 
 
 @torch.no_grad()
@@ -85,7 +88,7 @@ def _store(path: Path, key: Any, value: Any) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def generate(policy: Policy, prompts: Sequence[str], max_new_tokens: int, seed: int, temperature: float = 0.7,
+def generate(policy: Policy, prompts: Sequence[Prompt], max_new_tokens: int, seed: int, temperature: float = 0.7,
              batch_size: int = 16, desc: str = "generating") -> list[tuple[str, bool]]:
     """(reply, finished) per prompt from the student as it is now, batched, with a progress bar; `finished` is
     False when the reply hit max_new_tokens without an end of turn. Seeded through a forked RNG so global state

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from unisd.sequences import completion_mask, left_pad
+from unisd.sequences import completion_mask, end_of_turn_id, left_pad
 
 if TYPE_CHECKING:
     from unisd.engine import Engine
@@ -26,8 +26,9 @@ class Rollout:
 
 
 def eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Every id that ends a turn: the tokenizer's EOS and the generation config's (chat models often differ)."""
-    ids = {tokenizer.eos_token_id}
+    """Every id that ends a turn: the tokenizer's EOS, the chat template's end of turn and the generation
+    config's (chat models often differ; a base model's config may not list the end of turn its template writes)."""
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     return {i for i in ids if i is not None}
@@ -132,7 +133,10 @@ def _padded(rows: list[list[int]], truncated: torch.Tensor, pad_id: int) -> Roll
 
 
 def from_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_new_tokens: int) -> Rollout:
-    """Completions given as text (e.g. gold demonstrations), ended by EOS; longer ones are cut and marked truncated."""
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    """Completions given as text (e.g. gold demonstrations), each ended as the chat template ends an assistant turn
+    (`end_of_turn_id`), so that a gold answer teaches the end the student writes; longer ones are cut and marked
+    truncated."""
+    end = end_of_turn_id(tokenizer)
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [end] for t in texts]
     truncated = torch.tensor([len(r) > max_new_tokens for r in rows])
     return _padded([r[:max_new_tokens] for r in rows], truncated, tokenizer.pad_token_id)

@@ -30,7 +30,7 @@ from unisd.rng import rng_state, set_rng_state
 from unisd.policy import Model, Policy
 from unisd.rollout import ignored_settings
 from unisd.run import TEACHER_OBJECTIVES, Run, data_order, order_slice
-from unisd.sequences import render
+from unisd.sequences import RenderError, render
 
 __all__ = ["TrainError", "data_order", "forward", "make_batch", "prepare", "step", "train"]
 
@@ -203,10 +203,11 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     if config.fsdp and world.size == 1 and not distributed.under_torchrun():
         raise ConfigError("--fsdp shards over several processes: launch with torchrun --nproc_per_node N")
     torch.manual_seed(config.seed + world.rank)  # ranks sample different completions
+    kept = _fitting(config, tokenizer, examples, echo)  # before the model loads: a refused row is said first
     policy = Policy(config, world, tokenizer)
     _say_what_differs(config, policy.model, world, echo)
     run = Run(config, policy, tokenizer, examples, hooks, world, Path(config.out))
-    run.kept = _fitting(run, echo)
+    run.kept = kept
     per_step = config.batch_size * config.grad_accum * world.size
     run.total_steps = config.max_steps or math.ceil(len(run.kept) / per_step)
     if world.size > 1:  # every rank joins the engines' start together, not only a rank that samples first
@@ -240,21 +241,28 @@ def training_data(config: TrainConfig) -> list[Example]:
     return load_data(config.data, config.data_split, config.data_config, config.columns)
 
 
-def _fitting(run: Run, echo: Callable[[str], None]) -> list[int]:
+def _fitting(config: TrainConfig, tokenizer: Any, examples: list[Example], echo: Callable[[str], None]) -> list[int]:
     """Indices of examples whose student and teacher prompts fit max_prompt_tokens.
 
     Only these two prompts decide, so every run on the same data, seed and limit trains on the same
     examples in the same order whatever its plugins; a plugin's own views must fit by construction.
+    A conversation the chat template refuses is a DataError naming its row (`--data`:row).
     """
-    limit = run.config.max_prompt_tokens
-    fits = lambda prompt: len(render(run.tokenizer, prompt)) <= limit  # noqa: E731
-    template = run.config.teacher_template
-    kept = [i for i, e in enumerate(run.examples) if fits(student_prompt(e)) and fits(teacher_prompt(e, template=template))]
-    dropped = len(run.examples) - len(kept)
+    limit = config.max_prompt_tokens
+
+    def fits(i: int, prompt: Any) -> bool:
+        try:
+            return len(render(tokenizer, prompt)) <= limit
+        except RenderError as e:
+            raise DataError(f"{config.data}:{i + 1}: {e} (model {config.model})") from None
+
+    template = config.teacher_template
+    kept = [i for i, e in enumerate(examples) if fits(i, student_prompt(e)) and fits(i, teacher_prompt(e, template=template))]
+    dropped = len(examples) - len(kept)
     if not kept:
         raise DataError(f"every prompt is longer than --max-prompt-tokens {limit}; raise it")
     if dropped:
-        echo(f"warning: dropped {dropped} of {len(run.examples)} examples whose prompts exceed {limit} tokens")
+        echo(f"warning: dropped {dropped} of {len(examples)} examples whose prompts exceed {limit} tokens")
     return kept
 
 

@@ -47,8 +47,7 @@ def rows(name: str, split: str) -> list[dict[str, Any]]:
         if not path.is_file():
             raise DataError(f"{name}: no offline file {path} (UNISD_DATA_DIR={data_dir}); "
                             f"unset UNISD_DATA_DIR to load {hub_id} from the Hub")
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return _offline_rows(path)
     try:
         import datasets
 
@@ -59,6 +58,18 @@ def rows(name: str, split: str) -> list[dict[str, Any]]:
         raise DataError(f"{name}: cannot load {hub_id}{'/' + config if config else ''} split {split!r} "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}).{hint} "
                         "Offline, set UNISD_DATA_DIR to a folder of <benchmark>/[<config>/]<split>.jsonl files.") from None
+
+
+def _offline_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of an offline benchmark file; a line that is not JSON is named, not a traceback."""
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return out
 
 
 def shuffled_options(question: str, correct: str, others: Sequence[str]) -> tuple[list[str], str]:

@@ -18,10 +18,13 @@ class Example:
     rationale: optional gold reasoning, shown to the teacher before the answer.
     meta:      whatever a scorer or a plugin needs (tests, option letters, task ids...).
     context:   the turns before the prompt ({"role", "content"}, system prompt included); empty for benchmarks.
+    after:     the turns between the prompt and the gold answer: the assistant's tool calls and the tools'
+               results, so that the gold answer is the reply to the last tool turn; usually empty.
     """
 
     prompt: str
     answer: str
     rationale: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
-    context: tuple[Mapping[str, str], ...] = ()
+    context: tuple[Mapping[str, Any], ...] = ()
+    after: tuple[Mapping[str, Any], ...] = ()

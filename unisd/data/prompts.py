@@ -33,8 +33,11 @@ def teacher_text(example: Example, demo: str | None = None, template: str = TEAC
 
 
 def in_context(example: Example, text: str) -> str | list[dict[str, Any]]:
-    """`text` as the last user turn after the example's earlier turns (plain text when there are none)."""
-    return [*map(dict, example.context), {"role": "user", "content": text}] if example.context else text
+    """`text` as the user's turn between the example's earlier turns and its tool turns (plain text when there
+    are neither)."""
+    if not example.context and not example.after:
+        return text
+    return [*map(dict, example.context), {"role": "user", "content": text}, *map(dict, example.after)]
 
 
 def student_prompt(example: Example) -> str | list[dict[str, Any]]:
