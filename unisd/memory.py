@@ -74,19 +74,26 @@ def estimate(config: TrainConfig, shape: Shape, world_size: int) -> dict[str, fl
     frozen_copy, ema = _needs(config)
     bf16_copy = 2 * shape.linear + 4 * (P - shape.linear)  # models.bf16_linears
     bf16_copies = config.bf16 and not config.fsdp
+    # under LoRA the frozen base is held as the bf16 copies are (policy.bf16_copies), the adapter in fp32, and an
+    # EMA teacher is a second adapter on that base (policy.follower): the size of the adapter, in fp32
+    lora_bf16_base = config.lora and bf16_copies
+    adapter_ema = config.lora and not config.fsdp
+    base = bf16_copy if lora_bf16_base else 4 * P
     parts = {
-        "student weights (fp32)": (4 * P + (4 * trainable if config.lora else 0)) / shard,
+        "student weights (fp32)" if not lora_bf16_base else "student weights (bf16 base, fp32 adapter)":
+            (base + (4 * trainable if config.lora else 0)) / shard,
         "gradients (fp32)": 4 * trainable / shard,
         "AdamW state (fp32)": 8 * trainable / shard,
         # under LoRA the frozen teacher is the student with its adapter off: no copy; FSDP keeps one dtype per
         # unit, so a sharded teacher stays fp32 and needs no bf16 scoring copy
         "frozen teacher": (bf16_copy if bf16_copies else 4 * P) / shard if frozen_copy and not config.lora else 0,
-        "EMA teacher": (4 * P + (bf16_copy if bf16_copies else 0)) / shard if ema else 0,
+        "EMA teacher": (4 * trainable if adapter_ema else (4 * P + (bf16_copy if bf16_copies else 0)) / shard)
+                       if ema else 0,
     }
     if config.rollout == "vllm":
         dtype_bytes = 2 if config.bf16 or torch.cuda.is_available() else 4
         parts["vLLM engine (weights + KV cache)"] = dtype_bytes * P + config.rollout_kv_cache_gb * 2**30
-    elif bf16_copies:  # sharded weights are sampled where they are, under autocast
+    elif bf16_copies and not config.lora:  # sharded weights (and a bf16 LoRA base) are sampled where they are
         parts["bf16 sampling copy"] = 2 * P
     length = config.max_prompt_tokens + config.max_new_tokens
     tokens = config.batch_size * length
