@@ -37,7 +37,8 @@ def main() -> None:
                              data=str(data), out=str(Path(tmp) / "out"), batch_size=2, max_new_tokens=8,
                              max_steps=args.steps, lr=args.lr, lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
         run = prepare(config, echo=lambda m: None)
-        teacher, base = run.plugins[0].average, dict(run.policy.initial.weights())
+        teacher, base = run.policy.as_model(run.plugins[0].teacher(run)), dict(run.policy.initial.weights())
+        assert teacher.adapter_name is not None  # the adapter form
         merged = {n: w.clone() for n, w in run.policy.student.weights()}  # a full copy's θ̄ ← θ
         for _ in range(args.steps):
             step(run)
