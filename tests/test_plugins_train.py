@@ -168,6 +168,7 @@ def test_ema_under_lora_resumes_exactly_from_its_saved_factors(tiny_model: Path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # step 3 scored by the restored teacher
     losses = [[json.loads(x)["loss"] for x in (f / "metrics.jsonl").read_text().splitlines()] for f in (reference, cut)]
     assert losses[0] == losses[1]
+    assert sorted(p.name for p in (reference / "adapter").iterdir() if p.is_dir()) == []  # the student's adapter alone
     state = prepare(config(tmp_path / "fresh")).plugins[0].state_dict()["weights"]
     assert state and all("lora_" in n for n in state)  # the adapter's factors only, not a copy of the base
 

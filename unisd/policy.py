@@ -300,7 +300,7 @@ class Policy:
         whole = {}
         for name, w in self.student.weights():
             if self.world.main:
-                whole[name] = w.detach().to("cpu")
+                whole[name] = w.detach().to("cpu", torch.float32)  # a bf16 LoRA base too: one dtype in the folder
         adapter = distributed.gathered(((n, p) for n, p in self.model.named_parameters() if "lora_" in n
                                         and f".{self.model.active_adapter}." in n), self.world)  # not a follower's
         return whole, adapter
