@@ -2,7 +2,7 @@
 
 The model is built on the meta device, so its parameters are counted exactly without loading a weight;
 what each part of a run holds then follows from the flags: fp32 master weights, gradients and AdamW state
-for what trains (sharded over the ranks under --fsdp), the frozen teacher, the EMA average and its bf16
+for what trains (sharded over the ranks under --fsdp), the frozen teacher, the EMA average (adapter-sized under LoRA) and its bf16
 scorer, the sampling copy or the vLLM engine with its KV cache, and activations (an estimate: each layer's
 input is kept for the recomputation that gradient checkpointing does in backward).
 """
