@@ -2,9 +2,10 @@
 
 The model is built on the meta device, so its parameters are counted exactly without loading a weight;
 what each part of a run holds then follows from the flags: fp32 master weights, gradients and AdamW state
-for what trains (sharded over the ranks under --fsdp), the frozen teacher, the EMA average (adapter-sized under LoRA) and its bf16
-scorer, the sampling copy or the vLLM engine with its KV cache, and activations (an estimate: each layer's
-input is kept for the recomputation that gradient checkpointing does in backward).
+for what trains (sharded over the ranks under --fsdp), the frozen teacher, the EMA average and its bf16
+scorer (under LoRA an adapter on the same base), the sampling copy or the vLLM engine with its KV cache, and
+activations (an estimate: each layer's input is kept for the recomputation that gradient checkpointing does
+in backward).
 """
 from __future__ import annotations
 
