@@ -202,7 +202,7 @@ class Policy:
         student's own base, a copy of its adapter: following then averages the factors, not the merged weights,
         and nothing of the base is copied. Else a plain fp32 model, sharded like the student under --fsdp."""
         if models.is_peft(self.model) and not self.student.sharded:
-            name = f"{FOLLOWER}{len(self.model.peft_config) - 1 or ''}"  # ema, ema2, ... beside the student's
+            name = f"{FOLLOWER}{len(self.model.peft_config) - 1 or ''}"  # ema, ema1, ... beside the student's
             models.add_follower_adapter(self.model, name)
             return Model(self.model, self.student.root, adapter_name=name)
         copy = self._skeleton(torch.float32)
@@ -342,8 +342,9 @@ def effective_weights(model: Any, units: list[torch.nn.Module],
                 p = model.get_parameter(name)  # read inside: gathering registers the whole tensors in the module
                 key = models.canonical_name(name)
                 module = lora_layers.get(key)
-                on = adapters if adapters is not None or module is None else \
-                    [] if module.disable_adapters else module.active_adapters
+                on = adapters or []
+                if module is not None and adapters is None:  # the layer's own switches
+                    on = [] if module.disable_adapters else module.active_adapters
                 if module is not None and on:  # a new tensor
                     yield key, p.detach() + sum(module.get_delta_weight(a) for a in on if a in module.lora_A)
                 else:  # a gathered tensor is freed when its unit is resharded: hand out a copy
