@@ -52,3 +52,18 @@ def test_under_lora_the_base_is_bf16_and_the_ema_teacher_is_adapter_sized(tiny_m
     fp32 = memory.estimate(cfg.resolve("unisd-star", (), {}, model=str(tiny_model), data="x.jsonl", out="unused",
                                        lora=True, lora_r=8), shape, 1)
     assert fp32["student weights (fp32)"] == 4 * P + 4 * adapter and fp32["EMA teacher"] == 4 * adapter
+
+
+def test_the_adapter_of_a_multimodal_checkpoint_is_counted_on_its_language_model(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, Gemma3Config
+
+    from unisd import models
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4).save_pretrained(tmp_path)
+    config = cfg.resolve("", (), {}, model=str(tmp_path), data="x.jsonl", out="unused", lora=True, lora_r=8)
+    wrapped = models.add_lora(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path)), 8, 16, 0.0)
+    assert 8 * memory.shape_of(config).lora == sum(p.numel() for p in wrapped.parameters() if p.requires_grad)

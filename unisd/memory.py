@@ -44,11 +44,12 @@ def shape_of(config: TrainConfig) -> Shape:
     head = model.get_output_embeddings()
     targets = getattr(config, "lora_targets", "all-linear")
     wanted = None if targets == "all-linear" else {t.strip() for t in str(targets).split(",")}
+    text = {id(m) for m in (model.get_decoder() if models.is_multimodal(model) else model).modules()}
     linear = lora = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
             linear += module.weight.numel()
-            if wanted is None or name.rsplit(".", 1)[-1] in wanted:
+            if (wanted is None or name.rsplit(".", 1)[-1] in wanted) and id(module) in text:  # models.lora_targets
                 lora += module.in_features + module.out_features
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     return Shape(sum(p.numel() for p in model.parameters()), linear, lora, text.hidden_size,

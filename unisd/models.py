@@ -131,13 +131,18 @@ def lora_targets(model: PreTrainedModel, names: list[str] | None) -> str | list[
     """peft's `target_modules` for `names` (None: every linear layer but the head). A multimodal checkpoint
     (gemma-3's Gemma3ForConditionalGeneration) trains as a text model: only the layers of its language model are
     wrapped, not the vision tower or the projector, which a text forward never runs."""
-    if model.config.get_text_config() is model.config:
+    if not is_multimodal(model):
         return "all-linear" if names is None else names
     decoder = model.get_decoder()
     prefix = next(n for n, m in model.named_modules() if m is decoder)
     if names is None:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)})
     return rf"{re.escape(prefix)}\..*\.({'|'.join(re.escape(n) for n in names)})"
+
+
+def is_multimodal(model: PreTrainedModel) -> bool:
+    """A checkpoint with more than a language model (its text config is a part of its config)."""
+    return model.config.get_text_config() is not model.config
 
 
 @torch.no_grad()
