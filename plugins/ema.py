@@ -9,15 +9,18 @@ replaces the frozen initial model as the primary teacher; agree/contrast views u
 
 Difference from the official code: its sync callback skips LoRA parameters and averages only the
 frozen base weights, so under LoRA (always on there) its EMA teacher never moves from the base model.
-Here the teacher follows the merged weights, with or without LoRA.
+Here the teacher follows the student under LoRA too. Under LoRA it is, as in TRL's SDFT trainer, a second adapter
+on the student's own base whose factors A, B follow the student's (`run.policy.follow_student`): no second copy of
+the base. A product of averages is not the average of products, so this teacher differs slightly from an average
+of the merged weights (the full copy kept under --fsdp and without LoRA; measured in docs/differences.md).
 
 The metric `ema/distance` is ‖θ̄ − θ‖ / ‖θ‖ just before the latest update: how far the student had
 moved from its teacher, i.e. how much the EMA held it back.
 
 The policy holds the teacher like the student (sharded under `--fsdp`: each rank averages only its own
 shards). The average itself is always kept in fp32 (a bf16 average would round away most updates); with
-`--bf16` the teacher's forwards run on what the policy scores with (`run.policy.for_scoring`: a copy with bf16
-linear layers where the student is not sharded), refreshed after every update.
+`--bf16` (and on CUDA) a full copy's forwards run on what the policy scores with (`run.policy.for_scoring`: a
+copy with bf16 linear layers where the student is not sharded), refreshed after every update.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ class EMA(Plugin):
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config)
-        self.average: Model | None = None  # θ̄, fp32
+        self.average: Model | None = None  # θ̄, fp32 (a second adapter under LoRA)
         self.scorer: Model | None = None   # what scores: the average, or its copy made for scoring (--bf16)
         self.updates = 0
         self.distance = 0.0   # relative teacher-student distance before the latest update
@@ -72,7 +75,7 @@ class EMA(Plugin):
     def update(self, policy: Policy, beta: float | None = None) -> None:
         """θ̄ ← β·θ̄ + (1−β)·θ over every parameter, θ = the student's effective weights."""
         beta = self.config.beta if beta is None else beta
-        self._average().follow(policy.student.weights(), 1.0 - beta)
+        policy.follow_student(self._average(), 1.0 - beta)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -105,14 +108,14 @@ class EMA(Plugin):
         return D
 
     def state_dict(self) -> dict[str, Any]:
-        weights = {k: v.to("cpu", copy=True) for k, v in self._average().weights()}  # every rank: shards gathered
+        weights = {k: v.to("cpu", copy=True) for k, v in self._average().own()}  # every rank: shards gathered
         return {"weights": weights, "updates": self.updates}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        average = self._average()
-        if set(state["weights"]) != {name for name, _ in average.model.named_parameters()}:
-            raise ValueError("ema: the checkpoint's teacher weights do not match this model")
-        average.follow(state["weights"].items())
+        try:
+            self._average().load_own(state["weights"])
+        except ValueError:
+            raise ValueError("ema: the checkpoint's teacher weights do not match this model") from None
         self._refresh()
         self.updates = int(state.get("updates", 0))

@@ -97,3 +97,28 @@ def test_lora_knobs_are_flags_with_ranges(tiny_model: Path, tiny_data: Path, tmp
         result = CliRunner().invoke(main, ["train", "--model", str(tiny_model), "--data", str(tiny_data),
                                            "--out", str(tmp_path / "run"), "--lora", flag, value])
         assert result.exit_code == 2 and f"'{flag}'" in result.output, result.output
+
+
+def _tiny_gemma3() -> torch.nn.Module:
+    """gemma-3-4b's layout (Gemma3ForConditionalGeneration: a SigLIP tower, a projector, a language model), tiny."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    return AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,fc1"])
+def test_lora_on_a_multimodal_checkpoint_wraps_the_language_model_only(targets: str) -> None:
+    from unisd import models
+
+    model = _tiny_gemma3()
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    text_linears = {n for n, m in model.model.language_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    wrapped = {n.split(".lora_")[0].removeprefix("base_model.model.model.language_model.")
+               for n, _ in models.add_lora(model, 4, 8, 0.0, targets).named_parameters() if "lora_" in n}
+    assert wrapped and not any("vision" in n or "projector" in n for n in wrapped)
+    wanted = {n for n in text_linears if targets == "all-linear" or n.rsplit(".", 1)[-1] == "q_proj"}
+    assert wrapped == wanted  # every linear layer of the language model (or the named ones), nothing else

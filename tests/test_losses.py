@@ -169,3 +169,30 @@ def test_no_completion_position_gives_empty_results():
     empty = torch.zeros(0, 4)
     out = losses.distill_in_chunks(head, empty, head, empty, torch.zeros(0, dtype=torch.long), losses.forward_kl, 1.0)
     assert [tuple(x.shape) for x in out] == [(0,), (0,), (0,)]
+
+
+def test_under_bf16_compute_the_head_matmul_runs_in_bf16_and_the_rest_in_fp32():
+    torch.manual_seed(0)
+    N, H, V = 37, 16, 50
+    head = torch.nn.Linear(H, V, bias=False)
+    seen: list[torch.dtype] = []
+    head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    h_s, h_t = torch.randn(N, H, requires_grad=True), torch.randn(N, H)
+    tokens = torch.randint(0, V, (N,))
+    exact = losses.distill_in_chunks(head, h_s, head, h_t, tokens, losses.forward_kl, 1.0, chunk=16)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    fast = losses.distill_in_chunks(head, h_s, head, h_t, tokens, losses.forward_kl, 1.0, chunk=16, bf16=True)
+    assert set(seen) == {torch.bfloat16}  # the logits, before the log-softmax's fp32 cast
+    assert all(x.dtype == torch.float32 for x in fast)
+    for a, b in zip(fast, exact):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+    seen.clear()
+    fast[0].sum().backward()  # the recomputed chunks run in bf16 too, and the head's gradient stays fp32
+    assert set(seen) == {torch.bfloat16}
+    assert head.weight.grad is not None and head.weight.grad.dtype == torch.float32
+    seen.clear()
+    with torch.no_grad():
+        lp = losses.logprobs_in_chunks(head, h_t, tokens, chunk=16, bf16=True)
+    assert set(seen) == {torch.bfloat16} and lp.dtype == torch.float32
+    torch.testing.assert_close(lp, exact[2], rtol=0.05, atol=0.05)

@@ -58,19 +58,20 @@ def test_counts_match_the_loaded_model_and_peft(tiny_model):
 def test_each_part_is_the_closed_form(tiny_model):
     shape = memory.shape_of(_config(tiny_model))
     P = shape.params
-    sd = memory.estimate(_config(tiny_model), shape, 1)
+    sd = memory.estimate(_config(tiny_model), shape, 1, device="cpu")
     assert (sd["student weights (fp32)"], sd["gradients (fp32)"], sd["AdamW state (fp32)"], sd["frozen teacher"]) == \
         (4 * P, 4 * P, 8 * P, 4 * P)
-    fast = memory.estimate(_config(tiny_model, bf16=True), shape, 1)
+    fast = memory.estimate(_config(tiny_model, bf16=True), shape, 1, device="cpu")
     assert fast["frozen teacher"] == 2 * shape.linear + 4 * (P - shape.linear)   # bf16 linear layers
     assert fast["bf16 sampling copy"] == 2 * P
+    assert memory.estimate(_config(tiny_model), shape, 1)["frozen teacher"] == fast["frozen teacher"]  # CUDA: bf16
     sharded = memory.estimate(_config(tiny_model, fsdp=True), shape, 4)
     assert sharded["AdamW state (fp32)"] == 2 * P and sharded["frozen teacher"] == P   # 1/4 of each per rank
     sft = memory.estimate(_config(tiny_model, preset="sft"), shape, 1)
     assert "frozen teacher" not in sft                           # cross-entropy on gold completions: no teacher
-    star = memory.estimate(_config(tiny_model, preset="unisd-star"), shape, 1)
+    star = memory.estimate(_config(tiny_model, preset="unisd-star"), shape, 1, device="cpu")
     assert "frozen teacher" not in star and star["EMA teacher"] == 4 * P
-    lora = memory.estimate(_config(tiny_model, lora=True, lora_r=8), shape, 1)
+    lora = memory.estimate(_config(tiny_model, lora=True, lora_r=8), shape, 1, device="cpu")
     assert lora["AdamW state (fp32)"] == 8 * 8 * shape.lora and "frozen teacher" not in lora  # the adapter off
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from unisd import config as cfg
+from unisd import models
 from unisd.plugin import PluginError, discover
 from unisd.policy import Model
 from unisd.train import prepare, step, train
@@ -110,11 +112,18 @@ def test_cli_reports_bad_options_in_one_line(tiny_model: Path, tiny_data: Path, 
 
 
 def _max_diff(a: Model, weights: dict[str, torch.Tensor]) -> float:
-    return max(float((p - weights[n]).abs().max()) for n, p in a.model.named_parameters())
+    return max(float((p - weights[n]).abs().max()) for n, p in a.weights())
 
 
 def _effective(run) -> dict[str, torch.Tensor]:
     return {n: w.clone() for n, w in run.policy.student.weights()}
+
+
+def _followed(run) -> dict[str, torch.Tensor]:
+    """What an EMA average follows: the student's adapter factors under LoRA, else its effective weights."""
+    if run.config.lora:
+        return {n: p.detach().clone() for n, p in models.adapter_factors(run.policy.model, "default").items()}
+    return _effective(run)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -122,20 +131,46 @@ def test_ema_teacher_moves_toward_the_student(tiny_model: Path, tiny_data: Path,
     run = prepare(_config(tiny_model, tiny_data, tmp_path / "e", ("ema",), options={"ema": {"every": "1", "beta": "0.5"}},
                           lora=lora, **({"lora_r": 4, "lora_alpha": 8} if lora else {}), lr=5e-2))
     ema = run.plugins[0]
-    initial = {n: p.detach().clone() for n, p in ema.average.model.named_parameters()}
+    initial = {n: p.clone() for n, p in ema.average.own()}
     assert _max_diff(ema.average, _effective(run)) == 0.0       # θ̄ ← θ at setup
     assert step(run)["skipped"] is False
-    student = _effective(run)
-    moved = _max_diff(ema.average, initial)
-    assert moved > 0, "the EMA teacher did not move (the official no-op under LoRA)"
-    # θ̄ is exactly halfway between the initial and the current student weights (β = 0.5)
-    for n, p in ema.average.model.named_parameters():
+    student = _followed(run)
+    held = dict(ema.average.own())
+    assert max(float((held[n] - initial[n]).abs().max()) for n in held) > 0, \
+        "the EMA teacher did not move (the official no-op under LoRA)"
+    # θ̄ is exactly halfway between the initial and the current student (β = 0.5): weights, or factors under LoRA
+    assert held.keys() == student.keys()
+    for n, p in held.items():
         torch.testing.assert_close(p, 0.5 * initial[n] + 0.5 * student[n])
     assert step(run)["skipped"] is False
     before = _max_diff(ema.average, _effective(run))
     ema.update(run.policy, beta=0.0)
     assert before > 0 and _max_diff(ema.average, _effective(run)) == 0.0   # β = 0: teacher = student
     assert ema.teacher(run) is ema.average and not any(p.requires_grad for p in ema.average.parameters())
+
+
+def test_ema_under_lora_resumes_exactly_from_its_saved_factors(tiny_model: Path, tiny_data: Path,
+                                                               tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    config = lambda out: _config(tiny_model, tiny_data, out, ("ema",),  # noqa: E731
+                                 options={"ema": {"every": "1", "beta": "0.5"}}, lora=True, lora_r=4, lora_alpha=8,
+                                 lr=5e-2, max_steps=3, save_every=1, keep_checkpoints=5)
+    reference = tmp_path / "reference"
+    train(config(reference), echo=lambda m: None)
+    cut = tmp_path / "cut"
+    shutil.copytree(reference, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-000003")
+    for name in ("unisd.json", "model.safetensors"):
+        (cut / name).unlink()
+    train(config(cut), resume=True, echo=lambda m: None)
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # step 3 scored by the restored teacher
+    losses = [[json.loads(x)["loss"] for x in (f / "metrics.jsonl").read_text().splitlines()] for f in (reference, cut)]
+    assert losses[0] == losses[1]
+    assert sorted(p.name for p in (reference / "adapter").iterdir() if p.is_dir()) == []  # the student's adapter alone
+    state = prepare(config(tmp_path / "fresh")).plugins[0].state_dict()["weights"]
+    assert state and all("lora_" in n for n in state)  # the adapter's factors only, not a copy of the base
 
 
 def test_ema_under_bf16_averages_in_fp32_and_scores_with_bf16_linear_layers(tiny_model: Path, tiny_data: Path,

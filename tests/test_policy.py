@@ -109,16 +109,24 @@ def test_the_engine_gets_the_forms_weights_before_each_draw(tiny_model, tiny_dat
     assert all(torch.equal(engine.loaded[1][n], initial[n]) for n in initial)
 
 
-def test_a_follower_is_a_frozen_copy_of_the_current_weights(tiny_model, tiny_data, tmp_path):
-    run = _run(tiny_model, tiny_data, tmp_path / "out", lora=True, lora_r=4, lora_alpha=8)
-    _perturb_adapter(run.policy.model)
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_follower_is_a_frozen_copy_of_the_current_weights(tiny_model, tiny_data, tmp_path, lora):
+    run = _run(tiny_model, tiny_data, tmp_path / "out", lora=lora, lora_r=4, lora_alpha=8)
+    if lora:
+        _perturb_adapter(run.policy.model)
+    trainable = [n for n, _ in run.policy.trainable()]
     follower = run.policy.follower()
     student = dict(run.policy.student.weights())
-    copied = dict(follower.model.named_parameters())
+    copied = dict(follower.weights())
     assert copied.keys() == student.keys() and all(torch.equal(copied[n], student[n]) for n in student)
     assert not any(p.requires_grad for p in follower.parameters())
-    assert all(torch.equal(b, dict(models.base_model(run.policy.model).named_buffers())[n])
-               for n, b in follower.model.named_buffers())  # rotary frequencies come along
+    assert [n for n, _ in run.policy.trainable()] == trainable  # the optimizer's weights are the same
+    if lora:  # a second adapter on the student's own base: no copy of the base
+        assert follower.model is run.policy.model
+        assert sum(p.numel() for p in follower.parameters()) == sum(p.numel() for _, p in run.policy.trainable())
+    else:
+        assert all(torch.equal(b, dict(models.base_model(run.policy.model).named_buffers())[n])
+                   for n, b in follower.model.named_buffers())  # rotary frequencies come along
     ids = torch.tensor([render(run.tokenizer, "What is two plus two?")])
     positions = torch.arange(ids.shape[1])[None]
     run.policy.model.eval()  # no LoRA dropout: the two must compute the same function
@@ -126,6 +134,49 @@ def test_a_follower_is_a_frozen_copy_of_the_current_weights(tiny_model, tiny_dat
         torch.testing.assert_close(follower.hidden(ids, torch.ones_like(ids), positions),
                                    run.policy.student.hidden(ids, torch.ones_like(ids), positions), rtol=1e-5,
                                    atol=1e-5)
+
+
+def test_a_lora_follower_averages_the_factors_and_leaves_the_student_alone(tiny_model, tiny_data, tmp_path):
+    run = _run(tiny_model, tiny_data, tmp_path / "out", lora=True, lora_r=4, lora_alpha=8)
+    _perturb_adapter(run.policy.model)
+    follower = run.policy.follower()
+    before = {n: p.detach().clone() for n, p in models.adapter_factors(run.policy.model, "default").items()}
+    with torch.no_grad():
+        for p in models.adapter_factors(run.policy.model, "default").values():
+            p.mul_(3.0)  # the student moves: A and B both triple, so B @ A grows nine-fold
+    run.policy.follow_student(follower, 0.5)
+    held = dict(follower.own())
+    assert held.keys() == before.keys()
+    for name, factor in before.items():  # each factor halfway: 0.5·x + 0.5·3x = 2x
+        torch.testing.assert_close(held[name], 2.0 * factor)
+    base, teacher, student = (dict(m.weights()) for m in (run.policy.initial, follower, run.policy.student))
+    scale = 8 / 4
+    for key in (k for k in base if k.endswith("q_proj.weight")):  # θ̄ = W + s·(2B)(2A): a product of averages
+        module = key.removesuffix(".weight")
+        A, B = (before[f"base_model.model.{module}.lora_{x}.weight"] for x in "AB")
+        torch.testing.assert_close(teacher[key], base[key] + scale * 4.0 * (B @ A))
+        torch.testing.assert_close(student[key], base[key] + scale * 9.0 * (B @ A))  # streamed side by side
+
+
+def test_bf16_copies_are_on_with_bf16_and_always_on_cuda():
+    from unisd.policy import bf16_copies
+
+    assert bf16_copies(False, torch.device("cuda")) and bf16_copies(True, torch.device("cuda"))
+    assert bf16_copies(True, torch.device("cpu")) and not bf16_copies(False, torch.device("cpu"))
+
+
+def test_the_lora_base_is_held_in_bf16_under_bf16_and_only_the_adapter_in_fp32(tiny_model, tiny_data, tmp_path):
+    run = _run(tiny_model, tiny_data, tmp_path / "out", lora=True, lora_r=4, lora_alpha=8, bf16=True)
+    head = models.base_model(run.policy.model).get_output_embeddings()
+    for name, p in run.policy.model.named_parameters():
+        if "lora_" in name:
+            assert p.dtype == torch.float32 and p.requires_grad, name  # fp32 master weights
+        elif name.endswith("proj.weight"):
+            assert p.dtype == torch.bfloat16 and not p.requires_grad, name  # as autocast computes them
+    assert head.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for _, p in run.policy.trainable())
+    run.policy.sample([render(run.tokenizer, "What is two plus two?")], 2, 1.0, 1.0)
+    assert run.policy._shadow is None  # the base is bf16 already: no sampling copy
 
 
 def test_the_final_folder_holds_the_merged_weights_and_the_adapter(tiny_model, tiny_data, tmp_path):

@@ -66,8 +66,9 @@ class RunView(Protocol):
     config, tokenizer, examples, world: as loaded; step: optimizer steps done; policy: the student's weights
     and their forms (`unisd.policy.Policy`): `policy.sample(...)` draws from the student (or, `initial=True`,
     from the initial model) as the run samples, `policy.student.weights()` streams its effective weights,
-    `policy.follower()` makes a frozen copy that follows them (an EMA teacher). A plugin never needs to know
-    whether LoRA, bf16, sharding or the vLLM engine is behind them.
+    `policy.follower()` makes a frozen form that follows them (an EMA teacher), moved by
+    `policy.follow_student(follower, rate)` and checkpointed with its `own()` / `load_own()`. A plugin never needs
+    to know whether LoRA, bf16, sharding or the vLLM engine is behind them.
     """
 
     config: TrainConfig

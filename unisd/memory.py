@@ -4,7 +4,8 @@ The model is built on the meta device, so its parameters are counted exactly wit
 what each part of a run holds then follows from the flags and the device the run will use (`--device`, CUDA
 unless told: the planning machine's own devices say nothing about the run's): fp32 master weights, gradients
 and AdamW state for what trains (sharded over the ranks under --fsdp; DDP's buckets hold the gradients
-themselves, `gradient_as_bucket_view`), the frozen teacher, the EMA average and its bf16 scorer, the sampling
+themselves, `gradient_as_bucket_view`), the frozen teacher, the EMA average and its bf16 scorer (under LoRA
+an adapter on the same base), the sampling
 copy or the vLLM engine with its KV cache and its own buffers, autocast's bf16 copies of the weights that
 train, and activations (an estimate: each layer's input is kept for the recomputation that gradient
 checkpointing does in backward; the no-grad forward scores every teacher view of the batch at once).
@@ -52,11 +53,12 @@ def shape_of(config: TrainConfig) -> Shape:
     head = model.get_output_embeddings()
     targets = getattr(config, "lora_targets", "all-linear")
     wanted = None if targets == "all-linear" else {t.strip() for t in str(targets).split(",")}
+    text = {id(m) for m in (model.get_decoder() if models.is_multimodal(model) else model).modules()}
     linear = lora = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
             linear += module.weight.numel()
-            if wanted is None or name.rsplit(".", 1)[-1] in wanted:
+            if (wanted is None or name.rsplit(".", 1)[-1] in wanted) and id(module) in text:  # models.lora_targets
                 lora += module.in_features + module.out_features
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     return Shape(sum(p.numel() for p in model.parameters()), linear, lora, text.hidden_size,
@@ -83,23 +85,30 @@ def estimate(config: TrainConfig, shape: Shape, world_size: int, device: str = "
     trainable = config.lora_r * shape.lora if config.lora else P
     frozen_copy, ema = _needs(config)
     bf16_copy = 2 * shape.linear + 4 * (P - shape.linear)  # models.bf16_linears
-    bf16_copies = config.bf16 and not config.fsdp
+    bf16_copies = bf16_compute and not config.fsdp  # policy.bf16_copies: --bf16, or any CUDA device
+    # under LoRA the frozen base is held as the bf16 copies are (policy.bf16_copies), the adapter in fp32, and an
+    # EMA teacher is a second adapter on that base (policy.follower): the size of the adapter, in fp32
+    lora_bf16_base = config.lora and bf16_copies
+    adapter_ema = config.lora and not config.fsdp
+    base = bf16_copy if lora_bf16_base else 4 * P
     parts = {
-        "student weights (fp32)": (4 * P + (4 * trainable if config.lora else 0)) / shard,
+        "student weights (fp32)" if not lora_bf16_base else "student weights (bf16 base, fp32 adapter)":
+            (base + (4 * trainable if config.lora else 0)) / shard,
         "gradients (fp32)": 4 * trainable / shard,
         "AdamW state (fp32)": 8 * trainable / shard,
         # under LoRA the frozen teacher is the student with its adapter off: no copy; FSDP keeps one dtype per
         # unit, so a sharded teacher stays fp32 and needs no bf16 scoring copy
         "frozen teacher": (bf16_copy if bf16_copies else 4 * P) / shard if frozen_copy and not config.lora else 0,
-        "EMA teacher": (4 * P + (bf16_copy if bf16_copies else 0)) / shard if ema else 0,
+        "EMA teacher": (4 * trainable if adapter_ema else (4 * P + (bf16_copy if bf16_copies else 0)) / shard)
+                       if ema else 0,
     }
     if config.rollout == "vllm":
         dtype_bytes = 2 if bf16_compute else 4
         parts["vLLM engine (weights, KV cache, buffers)"] = (dtype_bytes * P + config.rollout_kv_cache_gb * engine.GiB
                                                              + engine.BUFFERS)
-    elif bf16_copies:  # sharded weights are sampled where they are, under autocast
+    elif bf16_copies and not config.lora:  # sharded weights (and a bf16 LoRA base) are sampled where they are
         parts["bf16 sampling copy"] = 2 * P
-    parts[SETUP] = _setup_transient(config, shape, frozen_copy, ema)
+    parts[SETUP] = _setup_transient(config, shape, bf16_copies, frozen_copy, ema and not adapter_ema)
     # autocast keeps the bf16 cast of each weight that trains until the student's forward ends (not under --fsdp:
     # there the cache is off, or a whole bf16 student would gather on every rank)
     trained_linear = config.lora_r * shape.lora if config.lora else shape.linear
@@ -108,11 +117,11 @@ def estimate(config: TrainConfig, shape: Shape, world_size: int, device: str = "
     return {k: float(v) for k, v in parts.items() if v}
 
 
-def _setup_transient(config: TrainConfig, shape: Shape, frozen_copy: bool, ema: bool) -> float:
+def _setup_transient(config: TrainConfig, shape: Shape, bf16_copies: bool, frozen_copy: bool, ema_copy: bool) -> float:
     """What a frozen bf16 copy costs while it is made, beyond what it keeps: it is loaded (the initial model) or
-    built (the EMA scorer) in fp32 on the device, then its linear layers are converted (`Policy.initial`,
-    `Policy.for_scoring`); before the first step, when no gradient or optimizer state exists yet."""
-    if not config.bf16 or config.fsdp or not (ema or (frozen_copy and not config.lora)):
+    built (the EMA scorer; none for an adapter EMA) in fp32 on the device, then its linear layers are converted
+    (`Policy.initial`, `Policy.for_scoring`); before the first step, when no gradient or optimizer state exists yet."""
+    if not bf16_copies or not (ema_copy or (frozen_copy and not config.lora)):
         return 0.0
     return float(2 * shape.linear)  # 4 bytes per weight, less the 2 the bf16 linear layers keep
 

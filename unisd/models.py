@@ -5,13 +5,15 @@ it is converted once to safetensors in the user's cache so later loads take seco
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -118,11 +120,29 @@ def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, targets
     if not names:
         raise ModelError("--lora-targets is empty: name modules (e.g. q_proj,v_proj) or all-linear")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
-                        target_modules="all-linear" if names == ["all-linear"] else names)
+                        target_modules=lora_targets(model, None if names == ["all-linear"] else names))
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model. ..."
         raise ModelError(f"--lora-targets {targets}: {str(e).splitlines()[0]}") from None
+
+
+def lora_targets(model: PreTrainedModel, names: list[str] | None) -> str | list[str]:
+    """peft's `target_modules` for `names` (None: every linear layer but the head). A multimodal checkpoint
+    (gemma-3's Gemma3ForConditionalGeneration) trains as a text model: only the layers of its language model are
+    wrapped, not the vision tower or the projector, which a text forward never runs."""
+    if not is_multimodal(model):
+        return "all-linear" if names is None else names
+    decoder = model.get_decoder()
+    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    if names is None:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)})
+    return rf"{re.escape(prefix)}\..*\.({'|'.join(re.escape(n) for n in names)})"
+
+
+def is_multimodal(model: PreTrainedModel) -> bool:
+    """A checkpoint with more than a language model (its text config is a part of its config)."""
+    return model.config.get_text_config() is not model.config
 
 
 @torch.no_grad()
@@ -138,6 +158,50 @@ def bf16_linears(model: PreTrainedModel) -> PreTrainedModel:
         if isinstance(module, torch.nn.Linear) and module is not head:
             module.to(torch.bfloat16)
     return model
+
+
+def add_follower_adapter(model: Any, name: str) -> None:
+    """A second, frozen fp32 adapter `name` on the same base, a copy of the student's: an EMA teacher's average of
+    the factors (TRL's SDFT way), so the teacher holds no second copy of the base. No dropout: it only scores."""
+    import dataclasses
+
+    student = model.active_adapter
+    config = dataclasses.replace(model.peft_config[student], lora_dropout=0.0, inference_mode=True)
+    model.add_adapter(name, config)
+    own, source = adapter_factors(model, name), adapter_factors(model, student)
+    with torch.no_grad():
+        for key, p in own.items():
+            p.data = source[key].detach().to(torch.float32, copy=True)  # fp32 whatever the base's dtype
+            p.requires_grad_(False)
+
+
+def adapter_factors(model: Any, adapter: str) -> dict[str, torch.nn.Parameter]:
+    """A peft adapter's own tensors (its LoRA factors) by their names without the adapter's, so that two adapters'
+    factors pair up by name."""
+    found = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        at = [i for i, part in enumerate(parts) if part == adapter and i and parts[i - 1].startswith("lora_")]
+        if at:
+            found[".".join(parts[:at[0]] + parts[at[0] + 1:])] = p
+    return found
+
+
+@contextlib.contextmanager
+def active_adapter(model: Any, name: str) -> Iterator[None]:
+    """Inside it every LoRA layer computes with adapter `name`; unlike peft's `set_adapter` it leaves which
+    tensors require gradients alone (the student's adapter stays trainable)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._active_adapter for m in layers]
+    try:
+        for m in layers:
+            m._active_adapter = [name]
+        yield
+    finally:
+        for m, active in zip(layers, before):
+            m._active_adapter = active
 
 
 def is_peft(model: torch.nn.Module) -> bool:
@@ -164,7 +228,8 @@ def save_adapter(model: Any, folder: Path, weights: dict[str, torch.Tensor]) -> 
     source = model.peft_config["default"].base_model_name_or_path
     if source and Path(source).exists():
         model.peft_config["default"].base_model_name_or_path = str(Path(source).resolve())
-    model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=weights,
+                          selected_adapters=[model.active_adapter])  # not an EMA teacher's adapter
 
 
 def save_final(model: Any, tokenizer: PreTrainedTokenizerBase, out: Path, card: str, record: dict[str, Any],

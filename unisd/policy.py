@@ -5,8 +5,9 @@ themselves; they ask the policy for a form:
 
 - `student`: hidden states (through DDP, or sharded by FSDP2) and the output head, for the graded forward;
 - `initial`: the frozen initial model, the LoRA student with its adapter off or a second copy loaded once;
-- `follower()`: a frozen plain copy that follows the student's weights (an EMA teacher), held the same way,
-  and `for_scoring(model)`, what such a copy scores with (bf16 linear layers under --bf16);
+- `follower()`: a frozen form that follows the student's weights (an EMA teacher): under LoRA a second adapter on
+  the same base (no second base), else a plain copy held the same way; `follow_student(follower, rate)` moves it,
+  and `for_scoring(model)` is what a copy scores with (bf16 linear layers where `bf16_copies`);
 - `sample(...)`: the model itself, a bf16 copy (--bf16) or the vLLM engine (--rollout vllm), each given the
   current weights one shard unit at a time (LoRA merged on the fly, whole tensors gathered per layer).
 
@@ -58,11 +59,13 @@ class Model:
     """One model as a step uses it: `hidden(...)` gives final hidden states, `head` the output layer.
 
     `adapter_off`: the LoRA student computing with its base weights alone, i.e. the initial model, no copy.
+    `adapter_name`: the LoRA model computing with another adapter of its own (an EMA teacher's), no copy either.
     `graded`: what a forward with gradient goes through (the student's DDP wrapper); else the root itself.
     """
 
-    def __init__(self, model: Any, root: HiddenStates, adapter_off: bool = False, graded: Any = None) -> None:
-        self.model, self.root, self.adapter_off = model, root, adapter_off
+    def __init__(self, model: Any, root: HiddenStates, adapter_off: bool = False, graded: Any = None,
+                 adapter_name: str | None = None) -> None:
+        self.model, self.root, self.adapter_off, self.adapter_name = model, root, adapter_off, adapter_name
         self.graded = root if graded is None else graded
 
     @property
@@ -75,6 +78,8 @@ class Model:
 
     def adapter(self) -> contextlib.AbstractContextManager:
         """Inside it the model computes as this form does (the adapter switched off for the initial model)."""
+        if self.adapter_name is not None:
+            return models.active_adapter(self.model, self.adapter_name)
         return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -82,13 +87,43 @@ class Model:
             return self.graded(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
+        if self.adapter_name is not None:
+            return iter(models.adapter_factors(self.model, self.adapter_name).values())
         return self.model.parameters()
+
+    def own(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, whole tensor) of what this form holds of its own, for a checkpoint: a follower adapter's factors,
+        else every weight (`weights()`)."""
+        if self.adapter_name is None:
+            yield from self.weights()
+            return
+        for name, p in models.adapter_factors(self.model, self.adapter_name).items():
+            yield name, p.detach()
+
+    @torch.no_grad()
+    def load_own(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set what `own()` gave; ValueError when the names differ (a checkpoint of another model or form)."""
+        if self.adapter_name is None:
+            names = {name for name, _ in self.model.named_parameters()}
+            held = None
+        else:
+            held = models.adapter_factors(self.model, self.adapter_name)
+            names = set(held)
+        if set(tensors) != names:
+            raise ValueError("the checkpoint's tensors do not match this model")
+        if held is None:
+            self.follow(tensors.items())
+        else:
+            for name, value in tensors.items():
+                held[name].copy_(value)
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(plain name, whole tensor) of every weight this form computes with, in order; every rank must iterate
         it to the end when sharded (each shard unit is gathered in turn)."""
-        with self.adapter():
-            yield from effective_weights(self.model, shard_units(self.root) if self.sharded else [])
+        # the adapters named, not switched on: a teacher's and the student's weights may be streamed side by side
+        adapters = [] if self.adapter_off or not models.is_peft(self.model) else \
+            [self.adapter_name or self.model.active_adapter]
+        yield from effective_weights(self.model, shard_units(self.root) if self.sharded else [], adapters)
 
     @torch.no_grad()
     def follow(self, weights: Weights, rate: float = 1.0) -> None:
@@ -106,6 +141,8 @@ class Policy:
     def __init__(self, config: TrainConfig, world: distributed.World, tokenizer: PreTrainedTokenizerBase) -> None:
         self.config, self.world, self.tokenizer = config, world, tokenizer
         model = _load(config.model, world, sharded=config.fsdp)
+        if config.lora and bf16_copies(config.bf16, world.device) and not config.fsdp:  # one dtype per FSDP unit
+            models.bf16_linears(model)  # the frozen base as autocast computes it; only the adapter keeps fp32
         # recompute each layer's activations in backward: a step's memory then barely grows with length, for
         # some step time (docs/performance.md); on CUDA activations dominate
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x deprecated the old
@@ -123,6 +160,11 @@ class Policy:
         self._shadow: Model | None = None     # the bf16 copy hf sampling uses under --bf16
         self._engine: Any = None
         self._version = 0                     # bumped whenever the trainable weights are handed out to be written
+
+    @property
+    def bf16(self) -> bool:
+        """Whether frozen forms are held with bf16 linear layers (`bf16_copies`)."""
+        return bf16_copies(self.config.bf16, self.world.device)
 
     @property
     def model(self) -> Any:
@@ -154,22 +196,40 @@ class Policy:
                 self._initial = Model(self.model, self.student.root, adapter_off=True)
             else:
                 model = _load(self.config.model, self.world, sharded=self.config.fsdp)
-                if self.config.bf16 and not self.config.fsdp:  # FSDP holds one dtype per unit: it stays fp32 there
+                if self.bf16 and not self.config.fsdp:  # FSDP holds one dtype per unit: it stays fp32 there
                     models.bf16_linears(model)  # frozen: bf16 matmul weights compute what autocast would
                 model.requires_grad_(False).eval()
                 self._initial = Model(model, _held(model, self.world, self.config.fsdp))
         return self._initial
 
     def follower(self) -> Model:
-        """A frozen plain fp32 model holding the student's current weights, sharded like it under --fsdp."""
+        """A frozen form holding the student's current weights. Under LoRA (unsharded) a second fp32 adapter on the
+        student's own base, a copy of its adapter: following then averages the factors, not the merged weights,
+        and nothing of the base is copied. Else a plain fp32 model, sharded like the student under --fsdp."""
+        if models.is_peft(self.model) and not self.student.sharded:
+            name = f"{FOLLOWER}{len(self.model.peft_config) - 1 or ''}"  # ema, ema1, ... beside the student's
+            models.add_follower_adapter(self.model, name)
+            return Model(self.model, self.student.root, adapter_name=name)
         copy = self._skeleton(torch.float32)
         copy.follow(self.student.weights())
         return copy
 
+    @torch.no_grad()
+    def follow_student(self, follower: Model, rate: float = 1.0) -> None:
+        """follower ← follower + rate·(student − follower), for what the follower holds: an adapter's factors
+        (each factor averaged on its own), or every weight of a copy (the student's effective weights)."""
+        if follower.adapter_name is None:
+            follower.follow(self.student.weights(), rate)
+            return
+        student = models.adapter_factors(self.model, self.model.active_adapter)
+        for name, p in models.adapter_factors(self.model, follower.adapter_name).items():
+            distributed.lerp_(p, student[name].detach(), rate)
+
     def for_scoring(self, model: Model) -> Model:
-        """What a frozen model scores with: under --bf16 (unsharded) a copy whose linear layers are bf16, as autocast
-        computes them (the caller refreshes it with `follow` when the model changes); else the model itself."""
-        if not self.config.bf16 or self.config.fsdp:  # FSDP holds one dtype per unit
+        """What a frozen model scores with: where `bf16_copies` (unsharded) a copy whose linear layers are bf16, as
+        autocast computes them (the caller refreshes it with `follow` when the model changes); else the model
+        itself, and always a follower adapter, which computes on the student's own base."""
+        if not self.bf16 or self.config.fsdp or model.adapter_name is not None:  # FSDP holds one dtype per unit
             return model
         copy = self._skeleton(torch.float32)
         models.bf16_linears(copy.model)
@@ -224,10 +284,11 @@ class Policy:
                 self.engine.load(form.weights(), label)
             return rollout.sample_with(self.engine, self.tokenizer, prompts, max_new_tokens, temperature, top_p, stops,
                                        min_new_tokens, top_k)
-        bf16 = self.config.bf16 or self.world.device.type == "cuda"
+        bf16 = self.bf16
         sampler: Any = form.root if form.sharded else form.model
         context: contextlib.AbstractContextManager = form.adapter()
-        if self.config.bf16 and not form.sharded:  # a whole bf16 copy: sampling reads every weight per token
+        if self.bf16 and not form.sharded and not models.is_peft(self.model):  # under LoRA the base is bf16 already
+            # a whole bf16 copy: sampling reads every weight per token
             if self._shadow is None:
                 self._shadow = self._skeleton(torch.bfloat16)
             self._shadow.follow(form.weights())
@@ -246,9 +307,19 @@ class Policy:
         whole = {}
         for name, w in self.student.weights():
             if self.world.main:
-                whole[name] = w.detach().to("cpu")
-        adapter = distributed.gathered(((n, p) for n, p in self.model.named_parameters() if "lora_" in n), self.world)
+                whole[name] = w.detach().to("cpu", torch.float32)  # a bf16 LoRA base too: one dtype in the folder
+        adapter = distributed.gathered(((n, p) for n, p in self.model.named_parameters() if "lora_" in n
+                                        and f".{self.model.active_adapter}." in n), self.world)  # not a follower's
         return whole, adapter
+
+
+FOLLOWER = "ema"  # the name of a follower's adapter under LoRA
+
+
+def bf16_copies(bf16: bool, device: torch.device) -> bool:
+    """Whether frozen forms (initial model, EMA scorer, sampler, LoRA base) hold bf16 linear layers: with --bf16,
+    and always on CUDA, where the forwards run under bf16 autocast anyway (train._autocast, engine.start)."""
+    return bf16 or device.type == "cuda"
 
 
 def shard_units(root: torch.nn.Module) -> list[torch.nn.Module]:
@@ -260,8 +331,10 @@ def shard_units(root: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @torch.no_grad()
-def effective_weights(model: Any, units: list[torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(plain name, tensor) of the weights the model computes with: base + scaled B @ A for a LoRA layer.
+def effective_weights(model: Any, units: list[torch.nn.Module],
+                      adapters: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(plain name, tensor) of the weights the model computes with: base + scaled B @ A for a LoRA layer, with the
+    `adapters` named (None: those the layers have switched on).
 
     This is what an EMA teacher and the sampler must follow under LoRA; averaging only the frozen base weights
     (as the official code does) leaves the teacher at the initial model forever. With shard `units` each unit
@@ -276,9 +349,11 @@ def effective_weights(model: Any, units: list[torch.nn.Module]) -> Iterator[tupl
                 p = model.get_parameter(name)  # read inside: gathering registers the whole tensors in the module
                 key = models.canonical_name(name)
                 module = lora_layers.get(key)
-                if module is not None and not module.disable_adapters:  # a new tensor
-                    yield key, p.detach() + sum(module.get_delta_weight(a) for a in module.active_adapters
-                                                if a in module.lora_A)
+                on = adapters or []
+                if module is not None and adapters is None:  # the layer's own switches
+                    on = [] if module.disable_adapters else module.active_adapters
+                if module is not None and on:  # a new tensor
+                    yield key, p.detach() + sum(module.get_delta_weight(a) for a in on if a in module.lora_A)
                 else:  # a gathered tensor is freed when its unit is resharded: hand out a copy
                     yield key, p.detach() if unit is None else p.detach().clone()
 

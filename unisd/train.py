@@ -57,7 +57,7 @@ def forward(run: Run, batch: Batch, teacher: Model | None) -> Outputs:
     student_head = run.policy.student.head
     c = run.config
     if teacher is None:
-        lp_student = losses.logprobs_in_chunks(student_head, student_h[where], tokens)
+        lp_student = losses.logprobs_in_chunks(student_head, student_h[where], tokens, bf16=run.policy.bf16)
         per_token = _scatter(lp_student, where)
         return Outputs(batch, batch.mask, losses.objective(c.divergence, torch.zeros_like(per_token), per_token),
                        {"student": per_token}, {"student": student_h})
@@ -74,11 +74,12 @@ def forward(run: Run, batch: Batch, teacher: Model | None) -> Outputs:
     # ce and none need no divergence; the chunked pass still gives the log-probs (forward KL, then unused)
     divergence = losses.pick(c.divergence if c.divergence in TEACHER_OBJECTIVES else "fkl", c.alpha)
     D, lp_student, lp_teacher = losses.distill_in_chunks(
-        student_head, student_h[where], teacher_head, view_h["teacher"][where], tokens, divergence, c.loss_temperature)
+        student_head, student_h[where], teacher_head, view_h["teacher"][where], tokens, divergence, c.loss_temperature,
+        bf16=run.policy.bf16)
     logps = {"student": lp_student, "teacher": lp_teacher}
     with torch.no_grad():
         for v in no_grad_views[1:]:
-            logps[v] = losses.logprobs_in_chunks(teacher_head, view_h[v][where], tokens)
+            logps[v] = losses.logprobs_in_chunks(teacher_head, view_h[v][where], tokens, bf16=run.policy.bf16)
     per_view = {v: _scatter(x, where) for v, x in logps.items()}
     return Outputs(batch, batch.mask, losses.objective(c.divergence, _scatter(D, where), per_view["student"]),
                    per_view, {"student": student_h, "teacher": view_h["teacher"]})
