@@ -133,8 +133,9 @@ def test_every_teacher_view_of_the_no_grad_forward_is_counted(tiny_model):
     more = cfg.resolve("unisd-star", (), {"agree": {"k": 5}}, model=str(tiny_model), data="x.jsonl", out="unused")
     assert memory.estimate(more, shape, 1)[states] == 4 * (1 + 5 + 1) * B * length * H
     assert states not in memory.estimate(_config(tiny_model, preset="sft"), shape, 1)  # no teacher forward
-    # the largest layer: the no-grad forward over 5 x B rows, bf16 projections under autocast on CUDA
-    one_layer = 2 * 5 * B * length * (6 * H + 3 * shape.intermediate)
+    # the largest layer: one no-grad forward of B rows (the 5 x B view rows run B at a time, train.forward), bf16
+    # projections under autocast on CUDA
+    one_layer = 2 * B * length * (6 * H + 3 * shape.intermediate)
     kept = 4 * B * length * H * shape.layers
     assert memory.estimate(star, shape, 1)["activations (estimate)"] == kept + one_layer + 3 * 4 * 512 * shape.vocab
 

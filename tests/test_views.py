@@ -45,3 +45,13 @@ def test_grouped_views_give_the_log_probs_of_one_padded_batch(tiny_model, tiny_d
     lp_grouped = losses.logprobs_in_chunks(head, grouped[where], sampled)
     torch.testing.assert_close(lp_grouped, lp_plain, rtol=1e-5, atol=1e-5)
     assert not torch.equal(lp_plain[:9], lp_plain[9:18])  # different prompts: the rows are not all one
+
+
+def test_no_forward_runs_more_than_size_rows() -> None:
+    """The no-grad views run at most B rows a forward (memory of the student's batch, whatever the plugins add),
+    in order under FSDP (every rank the same forwards) and by length otherwise; every row is still scored."""
+    prompts = [[1] * n for n in (5, 5, 5, 5, 5, 4, 4, 3)]
+    plan = views.by_length(prompts, completions=2, width=4, slack=1.0, size=3)
+    assert all(len(g) <= 3 for g in plan.groups) and sorted(sum(plan.groups, [])) == sorted(set(plan.source))
+    assert views.by_length(prompts, 2, 4, slack=1.0).groups == [sorted(set(plan.source), key=lambda r: -len(prompts[r]))]
+    assert views.one_batch(7, 3) == views.Plan([[0, 1, 2], [3, 4, 5], [6]], list(range(7)))

@@ -65,8 +65,9 @@ def forward(run: Run, batch: Batch, teacher: Model | None) -> Outputs:
     rows = sum((tok(v) for v in no_grad_views), [])
     B, T = batch.tokens.shape
     # rows of similar length run together, a repeated row once; under FSDP every rank must run the same
-    # forwards (their all-gathers pair up), so there all rows run as one batch
-    plan = views.one_batch(len(rows)) if c.fsdp else views.by_length(rows, B, T)
+    # forwards (their all-gathers pair up), so there rows run in order; at most B rows a forward either way,
+    # so the views' activations are those of the student's batch whatever the plugins add
+    plan = views.one_batch(len(rows), B) if c.fsdp else views.by_length(rows, B, T, size=B)
     with torch.no_grad(), _autocast(run):
         stacked = views.hidden(teacher.hidden, rows, batch.tokens, batch.mask, pad, plan)
     view_h = {v: stacked[i * B:(i + 1) * B] for i, v in enumerate(no_grad_views)}

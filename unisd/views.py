@@ -26,23 +26,29 @@ class Plan:
     source: list[int]
 
 
-def one_batch(rows: int) -> Plan:
-    """Every row in one forward, none shared (under FSDP every rank must run the same forwards)."""
-    return Plan([list(range(rows))], list(range(rows)))
+def one_batch(rows: int, size: int | None = None) -> Plan:
+    """Every row in forwards of at most `size` rows (all at once by default), in order, none shared: under FSDP
+    every rank must run the same forwards, and every rank has as many rows."""
+    size = size or rows
+    return Plan([list(range(start, min(start + size, rows))) for start in range(0, rows, size)], list(range(rows)))
 
 
-def by_length(prompts: list[list[int]], completions: int, width: int, slack: float = SLACK) -> Plan:
+def by_length(prompts: list[list[int]], completions: int, width: int, slack: float = SLACK,
+              size: int | None = None) -> Plan:
     """Row r scores completion r % `completions` (of `width` columns) after prompts[r].
 
     A row equal to an earlier one (same prompt, same completion) copies it; the others, longest first,
-    fill a group while their prompt + completion is at least (1 - slack) of the group's first row's.
+    fill a group while their prompt + completion is at least (1 - slack) of the group's first row's and the
+    group holds fewer than `size` rows (no bound by default): a forward's activations then never exceed
+    those of `size` rows, however many views the plugins add.
     """
     first: dict[tuple[int, tuple[int, ...]], int] = {}
     source = [first.setdefault((r % completions, tuple(p)), r) for r, p in enumerate(prompts)]
     distinct = sorted(set(source), key=lambda r: (-len(prompts[r]), r))
     groups: list[list[int]] = []
     for r in distinct:
-        if groups and len(prompts[r]) + width >= (1.0 - slack) * (len(prompts[groups[-1][0]]) + width):
+        if (groups and len(groups[-1]) < (size or len(prompts))
+                and len(prompts[r]) + width >= (1.0 - slack) * (len(prompts[groups[-1][0]]) + width)):
             groups[-1].append(r)
         else:
             groups.append([r])
