@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -35,8 +36,13 @@ class World:
         return self.rank == 0
 
 
-def init() -> World:
-    """Join torchrun's process group (gloo on CPU, nccl on GPU), or describe a single process."""
+def init(timeout_min: float = 60.0) -> World:
+    """Join torchrun's process group (gloo on CPU, nccl on GPU), or describe a single process.
+
+    `timeout_min` bounds how long a rank waits in a collective: rank 0 alone may load (or download) a model
+    or write a checkpoint of tens of GB while the others wait, longer than NCCL's default of 10 minutes.
+    On CUDA the group is bound to this rank's device (`device_id`), so NCCL connects eagerly to the right GPU.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -44,7 +50,8 @@ def init() -> World:
     if cuda:
         torch.cuda.set_device(device)
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min),
+                                device_id=device if cuda else None)
     return World(dist.get_rank() if size > 1 else 0, size, device)
 
 
@@ -54,13 +61,15 @@ def wrap(module: torch.nn.Module, world: World, all_used: bool = True) -> torch.
 
     `all_used` False: some weights may get no gradient (an objective of auxiliary terms alone can leave an
     untied output head out), so DDP looks for them after each backward instead of waiting for them forever.
+    The gradients are views into DDP's all-reduce buckets, not a second copy of every gradient beside them.
     """
     if world.size == 1 or is_sharded(module):
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=not all_used)
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=not all_used,
+                                   gradient_as_bucket_view=True)
 
 
 def shard(root: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
