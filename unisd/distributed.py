@@ -143,6 +143,29 @@ def unsharded(unit: Any) -> Iterator[None]:
         unit.reshard()
 
 
+@contextlib.contextmanager
+def kept_whole(units: list[Any]) -> Iterator[None]:
+    """Every FSDP unit (layers first, the root last) gathered once and kept whole until the block ends (all ranks
+    must enter), then resharded.
+
+    For decoding, which runs one forward per token: FSDP2 frees a layer's gathered weights after each forward,
+    so without this every token would all-gather the whole model again. The price: while inside, each rank
+    holds the whole weights. The root keeps its weights after a forward anyway (FSDP2's rule for the root).
+    """
+    layers = units[:-1]
+    for u in layers:
+        u.set_reshard_after_forward(False, recurse=False)
+    for u in units:
+        u.unshard()
+    try:
+        yield
+    finally:
+        for u in units:
+            u.reshard()
+        for u in layers:
+            u.set_reshard_after_forward(True, recurse=False)
+
+
 def broadcast_(t: torch.Tensor) -> None:
     """Rank 0's values into `t` on every rank (in place); one process: nothing to do."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -161,18 +184,13 @@ def gathered(named: Any, world: World) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def accumulating(module: Any, skip_sync: bool) -> Iterator[None]:
-    """Gradients are reduced over the ranks once per step, not once per micro-batch: a micro-batch before the
-    last runs its forward and backward inside DDP's no_sync (which must hold the forward too), or with FSDP2's
-    gradient sync off (each rank then keeps whole gradients of its layers until the last micro-batch)."""
-    if not skip_sync:
-        yield
-    elif is_sharded(module):
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
-    elif hasattr(module, "no_sync"):
+    """DDP reduces the gradients once per step, not once per micro-batch: a micro-batch before the last runs its
+    forward and backward inside DDP's no_sync (which must hold the forward too).
+
+    A sharded (FSDP2) module reduce-scatters after every micro-batch instead and accumulates into its gradient
+    shards: skipping that sync would keep whole fp32 gradients of every layer on each rank until the last one.
+    """
+    if skip_sync and not is_sharded(module) and hasattr(module, "no_sync"):
         with module.no_sync():
             yield
     else:
@@ -216,9 +234,14 @@ def once(build: Callable[[], T]) -> T:
     return value
 
 
+def is_main() -> bool:
+    """Whether this process is rank 0 or the only one (for plugins, which hold no World)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def say(message: str) -> None:
     """Print a message to stderr from rank 0 only (plugins' warnings; one voice under torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    if is_main():
         print(message, file=sys.stderr)
 
 

@@ -225,12 +225,15 @@ class Policy:
                 self._shadow = self._skeleton(torch.bfloat16)
             self._shadow.follow(form.weights())
             sampler, context = self._shadow.model, contextlib.nullcontext()
-        with context:
+        # sharded: every unit gathered once per rollout, not once per decoded token
+        whole = distributed.kept_whole(shard_units(form.root)) if form.sharded else contextlib.nullcontext()
+        with context, whole:
             return rollout.sample(sampler, self.tokenizer, prompts, max_new_tokens, temperature, top_p,
                                   min_new_tokens=min_new_tokens, top_k=top_k, stops=stops, bf16=bf16)
 
     def accumulating(self, skip_sync: bool) -> contextlib.AbstractContextManager:
-        """Gradients reduced over the ranks once per step (see `distributed.accumulating`)."""
+        """Gradients reduced over the ranks once per step under DDP, into the shards every micro-batch under FSDP
+        (see `distributed.accumulating`)."""
         return distributed.accumulating(self.student.graded, skip_sync)
 
     def gathered(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
