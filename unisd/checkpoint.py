@@ -248,7 +248,7 @@ def restore(run: Run, echo: Callable[[str], None], extend: bool) -> bool:
 
 
 # NumPy's generator state as checkpoints before rng.py stored it as lists held it: plain data too
-NUMPY_STATE = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
+NUMPY_STATE: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
 
 
 def _load_data(path: Path) -> Any:

@@ -9,14 +9,14 @@ loads with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 
 def rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (kind, keys.tolist(), pos, has_gauss, cached)}
     if torch.cuda.is_available():
