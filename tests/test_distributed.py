@@ -308,3 +308,52 @@ def test_fsdp_with_gradient_accumulation_matches_one_process(tiny_model, tiny_da
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=TOLERANCE, msg=k)
     for got, want in zip(_logged(tmp_path / "fsdp"), _logged(tmp_path / "one"), strict=True):
         assert got == pytest.approx(want, rel=1e-4)
+
+
+MIXED = """
+import json, sys
+import torch
+import torch.distributed as dist
+from unisd import config as cfg, distributed
+from unisd.policy import shard_units
+from unisd.train import prepare
+
+model, data, out = sys.argv[1:4]
+c = cfg.resolve("", ("ema",), {}, model=model, data=data, out=out, fsdp=True, bf16=True, batch_size=1, max_steps=1)
+run = prepare(c, echo=lambda m: None)
+ema = next(p for p in run.plugins if p.name == "ema")
+report = {}
+for name, form in {"student": run.policy.student, "teacher": run.policy.initial, "ema": ema.average}.items():
+    units = shard_units(form.root)
+    for unit in units:
+        unit.unshard()
+    report[name] = sorted({str(p.dtype) for p in form.root.parameters()})  # every unit gathered as a forward does
+    for unit in units:
+        unit.reshard()
+with torch.no_grad():
+    for _, p in run.policy.trainable():
+        p.add_(torch.randn_like(p) * 1e-3)  # fp32 values that bf16 cannot hold
+shards = {n: distributed.whole(p.detach()) for n, p in run.policy.trainable()}
+given = dict(run.policy.student.weights())
+report["weights_dtypes"] = sorted({str(w.dtype) for w in given.values()})
+report["weights_exact"] = all(torch.equal(given[n], w) for n, w in shards.items())
+with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
+    json.dump(report, f)
+"""
+
+
+def test_fsdp_bf16_gathers_bf16_and_the_weights_stay_fp32(tiny_model, tiny_data, tmp_path):
+    """Under --fsdp with bf16 compute every sharded model gathers bf16 weights for its forwards (FSDP2 mixed
+    precision), while what the policy hands on (EMA, checkpoints, the final model) is the exact fp32 weights."""
+    script = tmp_path / "mixed.py"
+    script.write_text(MIXED)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tiny_model), str(tiny_data), str(tmp_path / "out")],
+                          env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"out.rank{rank}.json").read_text())
+        for form in ("student", "teacher", "ema"):
+            assert report[form] == ["torch.bfloat16"], (form, report)
+        assert report["weights_dtypes"] == ["torch.float32"] and report["weights_exact"], report

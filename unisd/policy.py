@@ -115,7 +115,7 @@ class Policy:
         if config.lora:
             model = models.add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
         model.train()
-        root = _held(model, world, config.fsdp)
+        root = _held(model, world, config.fsdp, _bf16(config, world))
         # with no per-token objective (--divergence none) only auxiliary terms decide which weights get a gradient
         self.student = Model(model, root, graded=distributed.wrap(root, world, all_used=config.divergence != "none"))
         self._initial: Model | None = None
@@ -152,7 +152,7 @@ class Policy:
                 if self.config.bf16 and not self.config.fsdp:  # FSDP holds one dtype per unit: it stays fp32 there
                     models.bf16_linears(model)  # frozen: bf16 matmul weights compute what autocast would
                 model.requires_grad_(False).eval()
-                self._initial = Model(model, _held(model, self.world, self.config.fsdp))
+                self._initial = Model(model, _held(model, self.world, self.config.fsdp, _bf16(self.config, self.world)))
         return self._initial
 
     def follower(self) -> Model:
@@ -177,7 +177,8 @@ class Policy:
             return teacher
         found = self._copies.get(id(teacher))
         if found is None:
-            found = self._copies[id(teacher)] = Model(teacher, _held(teacher, self.world, self.config.fsdp))
+            found = self._copies[id(teacher)] = Model(teacher, _held(teacher, self.world, self.config.fsdp,
+                                                                     _bf16(self.config, self.world)))
         return found
 
     def _skeleton(self, dtype: torch.dtype) -> Model:
@@ -188,7 +189,7 @@ class Policy:
         model.requires_grad_(False).eval()
         root = HiddenStates(model)
         if self.config.fsdp:
-            distributed.shard(root, model)
+            distributed.shard(root, model, _bf16(self.config, self.world))
         root.to_empty(device=self.world.device)
         source = {models.canonical_name(n): b for n, b in models.base_model(self.model).named_buffers()}
         with torch.no_grad():
@@ -260,23 +261,26 @@ def effective_weights(model: Any, units: list[torch.nn.Module]) -> Iterator[tupl
     """(plain name, tensor) of the weights the model computes with: base + scaled B @ A for a LoRA layer.
 
     This is what an EMA teacher and the sampler must follow under LoRA; averaging only the frozen base weights
-    (as the official code does) leaves the teacher at the initial model forever. With shard `units` each unit
-    is gathered whole in turn (layer by layer: no whole copy of the model) and what it yields is a copy.
+    (as the official code does) leaves the teacher at the initial model forever. With shard `units` each weight
+    is gathered whole from the fp32 shards in turn (no whole copy of the model; every rank must iterate to the
+    end) and what it yields is a copy: not from a unit's own gathered tensors, which are bf16 when its
+    forwards gather bf16 (`distributed.shard`).
     """
     lora_layers = {models.canonical_name(n) + ".weight": m for n, m in model.named_modules()
                    if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
     names = [n for n, _ in model.named_parameters() if "lora_" not in n]
     for unit, members in _by_unit(model, names, units):
-        with distributed.unsharded(unit):
-            for name in members:
-                p = model.get_parameter(name)  # read inside: gathering registers the whole tensors in the module
-                key = models.canonical_name(name)
-                module = lora_layers.get(key)
-                if module is not None and not module.disable_adapters:  # a new tensor
-                    yield key, p.detach() + sum(module.get_delta_weight(a) for a in module.active_adapters
-                                                if a in module.lora_A)
-                else:  # a gathered tensor is freed when its unit is resharded: hand out a copy
-                    yield key, p.detach() if unit is None else p.detach().clone()
+        if unit is not None:
+            unit.reshard()  # a forward may have left it gathered: its parameters are then the shards again
+        for name in members:
+            p = distributed.whole(model.get_parameter(name).detach())
+            key = models.canonical_name(name)
+            module = lora_layers.get(key)
+            if module is not None and not module.disable_adapters:  # a new tensor
+                yield key, p + sum(distributed.whole(module.get_delta_weight(a)) for a in module.active_adapters
+                                   if a in module.lora_A)
+            else:
+                yield key, p
 
 
 def _by_unit(model: Any, names: list[str], units: list[torch.nn.Module]) -> list[tuple[Any, list[str]]]:
@@ -301,13 +305,19 @@ def _load(spec: str, world: distributed.World, sharded: bool) -> Any:
     return models.load_model(spec).to(world.device)
 
 
-def _held(model: Any, world: distributed.World, sharded: bool) -> HiddenStates:
-    """The model's hidden-states root; under --fsdp sharded, rank 0's weights broadcast into every shard."""
+def _bf16(config: TrainConfig, world: distributed.World) -> bool:
+    """Whether forwards compute in bf16: always on CUDA, on CPU with --bf16 (as `train._autocast`)."""
+    return config.bf16 or world.device.type == "cuda"
+
+
+def _held(model: Any, world: distributed.World, sharded: bool, bf16: bool = False) -> HiddenStates:
+    """The model's hidden-states root; under --fsdp sharded (gathering bf16 weights for `bf16` forwards), rank 0's
+    weights broadcast into every shard."""
     root = HiddenStates(model)
     if not sharded:
         return root
     whole = root.state_dict() if world.main else {}  # rank 0's tensors, before sharding replaces them
-    distributed.shard(root, models.base_model(model))
+    distributed.shard(root, models.base_model(model), bf16)
     if not world.main:
         root.to_empty(device=world.device)
     set_model_state_dict(root, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
