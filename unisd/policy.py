@@ -75,7 +75,7 @@ class Model:
 
     def adapter(self) -> contextlib.AbstractContextManager:
         """Inside it the model computes as this form does (the adapter switched off for the initial model)."""
-        return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
+        return _adapter_off(self.model) if self.adapter_off else contextlib.nullcontext()
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         with self.adapter():
@@ -246,6 +246,17 @@ class Policy:
                 whole[name] = w.detach().to("cpu")
         adapter = distributed.gathered(((n, p) for n, p in self.model.named_parameters() if "lora_" in n), self.world)
         return whole, adapter
+
+
+@contextlib.contextmanager
+def _adapter_off(model: Any) -> Iterator[None]:
+    """peft's `disable_adapter`, keeping the adapter's weights marked as trainable: peft clears the mark, and
+    FSDP2, which reads it whenever it gathers a unit, would then reduce the adapter's bf16 gradients unconverted."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with model.disable_adapter():
+        for p in trainable:
+            p.requires_grad_(True)
+        yield
 
 
 def shard_units(root: torch.nn.Module) -> list[torch.nn.Module]:
