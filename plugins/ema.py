@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from unisd import distributed
 from unisd.api import Outputs, Plugin, RunView
 
 if TYPE_CHECKING:
@@ -108,7 +109,9 @@ class EMA(Plugin):
         return D
 
     def state_dict(self) -> dict[str, Any]:
-        weights = {k: v.to("cpu", copy=True) for k, v in self._average().own()}  # every rank: shards gathered
+        # every rank gathers the shards (a collective); only rank 0, which writes checkpoints, keeps a CPU copy
+        main = distributed.is_main()
+        weights = {k: v.to("cpu", copy=True) for k, v in self._average().own() if main}
         return {"weights": weights, "updates": self.updates}
 
     @torch.no_grad()

@@ -186,7 +186,8 @@ with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_gradient_accumulation_reduces_once_per_step(tiny_model, tiny_data, tmp_path, sharding):
-    """Three micro-batches reduce the gradients as often as one: the sync is skipped before the last."""
+    """DDP: three micro-batches all-reduce as often as one (no_sync before the last). FSDP: every micro-batch
+    reduce-scatters into the gradient shards, so no rank holds whole gradients between micro-batches."""
     script = tmp_path / "reductions.py"
     script.write_text(REDUCTIONS)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -197,7 +198,7 @@ def test_gradient_accumulation_reduces_once_per_step(tiny_model, tiny_data, tmp_
     for rank in (0, 1):
         counts = json.loads((tmp_path / f"out.rank{rank}.json").read_text())
         assert counts["1"] > 0
-        assert counts["3"] == counts["1"], counts
+        assert counts["3"] == (3 if sharding == "fsdp" else 1) * counts["1"], counts
 
 
 def test_an_objective_that_leaves_the_untied_head_unused_trains_under_ddp(tiny_model_builder, tiny_data, tmp_path):
@@ -212,3 +213,147 @@ def test_an_objective_that_leaves_the_untied_head_unused_trains_under_ddp(tiny_m
     before, after = _weights(model), _weights(tmp_path / "repr")
     assert torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # no gradient reached the head
     assert any(not torch.equal(before[k], after[k]) for k in before if "layers" in k)
+
+
+LAYOUT = """
+import json, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+from torch.distributed.tensor import DTensor
+import unisd.train as train
+from unisd import config as cfg
+from unisd.policy import shard_units
+
+model, data, out = sys.argv[1:4]
+c = cfg.resolve("", ("mix", "ema"), {"mix": {"source": "gold", "prob": "1.0"}}, model=model, data=data, out=out,
+                fsdp=True, batch_size=1, grad_accum=2, max_steps=1, max_new_tokens=8)
+run = train.prepare(c, echo=lambda m: None)
+report = {"units": len(shard_units(run.policy.student.root))}
+
+gathers = [0]
+real_gather = _fsdp_param_group.foreach_all_gather
+def counting(*a, **k):
+    gathers[0] += 1
+    return real_gather(*a, **k)
+_fsdp_param_group.foreach_all_gather = counting
+run.policy.sample([[5, 6, 7]], 8, 1.0, 1.0, min_new_tokens=8)
+_fsdp_param_group.foreach_all_gather = real_gather
+report["sampling_gathers"] = gathers[0]
+
+real_batch, calls = train.make_batch, [0]
+def noting(run):  # its second call starts micro-batch 2: what micro-batch 1's backward left behind
+    calls[0] += 1
+    if calls[0] == 2:
+        report["grads"] = {n: [isinstance(p.grad, DTensor), p.grad.to_local().numel() if isinstance(p.grad, DTensor)
+                               else -1, p.to_local().numel()] if p.grad is not None else None
+                           for n, p in run.policy.trainable()}
+    return real_batch(run)
+train.make_batch = noting
+train.step(run)
+ema = next(p for p in run.plugins if p.name == "ema")
+report["ema_weights_kept"] = len(ema.state_dict()["weights"])
+with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
+    json.dump(report, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def sharded_layout(tmp_path_factory, tiny_model):
+    """One 2-rank --fsdp run (gold completions, ema, --grad-accum 2) reporting what each rank held."""
+    root = tmp_path_factory.mktemp("layout")
+    (root / "data.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)})
+                                             + "\n" for i in range(4)))
+    script = root / "layout.py"
+    script.write_text(LAYOUT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tiny_model), str(root / "data.jsonl"), str(root / "out")],
+                          env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((root / f"out.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_fsdp_gradients_stay_sharded_between_micro_batches(sharded_layout):
+    """After a micro-batch before the last, each rank holds only its shard of every gradient (reduce-scattered),
+    not a whole fp32 gradient of every layer waiting for the last micro-batch."""
+    for rank in sharded_layout:
+        assert rank["grads"], rank
+        for name, layout in rank["grads"].items():
+            assert layout is not None, f"{name}: no gradient shard after the first micro-batch"
+            is_dtensor, local, shard = layout
+            assert is_dtensor and local == shard, (name, layout)
+
+
+def test_fsdp_sampling_gathers_each_unit_once_per_rollout(sharded_layout):
+    """Eight decoded tokens, yet every unit is gathered once, not once per token."""
+    for rank in sharded_layout:
+        assert 0 < rank["sampling_gathers"] <= rank["units"], rank
+
+
+def test_ema_state_is_kept_on_rank_0_alone(sharded_layout):
+    """Every rank joins the gather; only rank 0, which writes the checkpoint, keeps a whole CPU copy."""
+    assert sharded_layout[0]["ema_weights_kept"] > 0
+    assert sharded_layout[1]["ema_weights_kept"] == 0
+
+
+def test_fsdp_with_gradient_accumulation_matches_one_process(tiny_model, tiny_data, tmp_path):
+    """Reduce-scattering every micro-batch into the shards sums to the same update as one process's step."""
+    extra = ["--plugins", "mix", *GOLD, "--max-steps", "2", "--grad-accum", "2"]
+    _finish(_train(tiny_model, tiny_data, tmp_path / "one", 2, 1, *extra))
+    _finish(_train(tiny_model, tiny_data, tmp_path / "fsdp", 1, 2, *extra, "--fsdp"))
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "fsdp")
+    assert any(not torch.equal(one[k], v) for k, v in _weights(tiny_model).items())
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=TOLERANCE, msg=k)
+    for got, want in zip(_logged(tmp_path / "fsdp"), _logged(tmp_path / "one"), strict=True):
+        assert got == pytest.approx(want, rel=1e-4)
+
+
+MIXED = """
+import json, sys
+import torch
+import torch.distributed as dist
+from unisd import config as cfg, distributed
+from unisd.policy import shard_units
+from unisd.train import prepare
+
+model, data, out = sys.argv[1:4]
+c = cfg.resolve("", ("ema",), {}, model=model, data=data, out=out, fsdp=True, bf16=True, batch_size=1, max_steps=1)
+run = prepare(c, echo=lambda m: None)
+ema = next(p for p in run.plugins if p.name == "ema")
+report = {}
+for name, form in {"student": run.policy.student, "teacher": run.policy.initial, "ema": ema.average}.items():
+    units = shard_units(form.root)
+    for unit in units:
+        unit.unshard()
+    report[name] = sorted({str(p.dtype) for p in form.root.parameters()})  # every unit gathered as a forward does
+    for unit in units:
+        unit.reshard()
+with torch.no_grad():
+    for _, p in run.policy.trainable():
+        p.add_(torch.randn_like(p) * 1e-3)  # fp32 values that bf16 cannot hold
+shards = {n: distributed.whole(p.detach()) for n, p in run.policy.trainable()}
+given = dict(run.policy.student.weights())
+report["weights_dtypes"] = sorted({str(w.dtype) for w in given.values()})
+report["weights_exact"] = all(torch.equal(given[n], w) for n, w in shards.items())
+with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
+    json.dump(report, f)
+"""
+
+
+def test_fsdp_bf16_gathers_bf16_and_the_weights_stay_fp32(tiny_model, tiny_data, tmp_path):
+    """Under --fsdp with bf16 compute every sharded model gathers bf16 weights for its forwards (FSDP2 mixed
+    precision), while what the policy hands on (EMA, checkpoints, the final model) is the exact fp32 weights."""
+    script = tmp_path / "mixed.py"
+    script.write_text(MIXED)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tiny_model), str(tiny_data), str(tmp_path / "out")],
+                          env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"out.rank{rank}.json").read_text())
+        for form in ("student", "teacher", "ema"):
+            assert report[form] == ["torch.bfloat16"], (form, report)
+        assert report["weights_dtypes"] == ["torch.float32"] and report["weights_exact"], report

@@ -13,11 +13,13 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
@@ -169,7 +171,7 @@ def verify(folder: Path) -> str:
 # settings that say where and how often a run is written, not what it computes: free to change on resume
 # (the data's path too: its content is compared by fingerprint; max_steps as the schedule's length)
 NOT_IDENTITY = ("out", "data", "save_every", "keep_checkpoints", "max_bad_steps", "max_steps", "rollout_kv_cache_gb",
-                "rollout_eager", "rollout_sleep", "log_samples", "push_to_hub", "hub_private")
+                "rollout_eager", "rollout_sleep", "log_samples", "push_to_hub", "hub_private", "dist_timeout_min")
 
 
 def identity(run: Run) -> dict[str, Any]:
@@ -245,18 +247,19 @@ def restore(run: Run, echo: Callable[[str], None], extend: bool) -> bool:
         if problem:
             echo(f"warning: skipping checkpoint {folder.name}: {problem}")
             continue
-        state = torch.load(folder / "state.pt", weights_only=False)
+        state = _load_data(folder / "state.pt")
         check_same_run(folder, state.get("identity"), identity(run), extend)
         missing = [p.name for p in run.plugins if p.name not in state["plugins"]]
         if missing:
             raise OutputDirError(f"{folder} holds no state for plugin {', '.join(missing)}; "
                                  "resume with the plugins it was written with, or --overwrite")
-        trainable = load_file(str(folder / "trainable.safetensors"), device=str(run.world.device))
+        # on the CPU: each parameter then takes its own slice to its device, never every whole tensor at once
+        trainable = load_file(str(folder / "trainable.safetensors"), device="cpu")
         params = dict(run.policy.trainable())
         for name, value in trainable.items():
             distributed.assign(params[name], value)
         assert run.optimizer is not None
-        set_optimizer_state_dict(run.policy.model, run.optimizer, torch.load(folder / "optimizer.pt", weights_only=False),
+        set_optimizer_state_dict(run.policy.model, run.optimizer, _load_data(folder / "optimizer.pt"),
                                  options=StateDictOptions(full_state_dict=True))
         run.scheduler.load_state_dict(state["scheduler"])
         run.step, run.position, run.bad_steps = state["step"], state["position"], state["bad_steps"]
@@ -265,6 +268,26 @@ def restore(run: Run, echo: Callable[[str], None], extend: bool) -> bool:
         return True
     echo("no intact checkpoint found; starting from the beginning")
     return False
+
+
+# NumPy's generator state as checkpoints before rng.py stored it as lists held it: plain data too
+NUMPY_STATE: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
+
+
+def _load_data(path: Path) -> Any:
+    """A .pt file of tensors and plain data, memory-mapped (every rank reads it; the page cache holds one copy).
+
+    weights_only: a checkpoint folder may come from elsewhere, and unpickling arbitrary objects runs their code.
+    """
+    try:
+        with torch.serialization.safe_globals(NUMPY_STATE):
+            return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in NUMPY_STATE}
+        named = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+        raise OutputDirError(f"{path} names {', '.join(named) or 'objects'} beyond tensors and plain data, and "
+                             "loading it could run code; refused. Resume only checkpoints unisd wrote, or start "
+                             "again with --overwrite") from e
 
 
 def truncate_metrics(path: Path, step: int) -> None:

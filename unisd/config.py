@@ -104,6 +104,9 @@ class TrainConfig:
     push_to_hub: str = flag("", "Upload the finished output folder (model, card, adapter under --lora) to this Hub "
                                 "repository; the token and access are checked before training.", show_default=False)
     hub_private: bool = flag(False, "With --push-to-hub: create the repository private.")
+    dist_timeout_min: float = flag(60.0, "Under torchrun, minutes a rank waits in a collective (e.g. while rank 0 "
+                                         "alone loads a model or writes a checkpoint) before the run fails.",
+                                   low=0, low_open=True)
 
     def __post_init__(self) -> None:
         checks = [
@@ -128,6 +131,7 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.rollout in ROLLOUTS, f"--rollout must be one of {', '.join(ROLLOUTS)}"),
             (self.rollout_kv_cache_gb > 0, "--rollout-kv-cache-gb must be positive"),
+            (self.dist_timeout_min > 0, "--dist-timeout-min must be positive"),
             (all(p in self.teacher_template for p in ("{demonstration}", "{prompt}")),
              "--teacher-template must contain both {demonstration} and {prompt}"),
         ]

@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -35,8 +36,13 @@ class World:
         return self.rank == 0
 
 
-def init() -> World:
-    """Join torchrun's process group (gloo on CPU, nccl on GPU), or describe a single process."""
+def init(timeout_min: float = 60.0) -> World:
+    """Join torchrun's process group (gloo on CPU, nccl on GPU), or describe a single process.
+
+    `timeout_min` bounds how long a rank waits in a collective: rank 0 alone may load (or download) a model
+    or write a checkpoint of tens of GB while the others wait, longer than NCCL's default of 10 minutes.
+    On CUDA the group is bound to this rank's device (`device_id`), so NCCL connects eagerly to the right GPU.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -44,7 +50,8 @@ def init() -> World:
     if cuda:
         torch.cuda.set_device(device)
     if (size > 1 or under_torchrun()) and not dist.is_initialized():  # one torchrun process: FSDP2 needs the group
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min),
+                                device_id=device if cuda else None)
     return World(dist.get_rank() if size > 1 else 0, size, device)
 
 
@@ -59,29 +66,35 @@ def wrap(module: torch.nn.Module, world: World, all_used: bool = True) -> torch.
 
     `all_used` False: some weights may get no gradient (an objective of auxiliary terms alone can leave an
     untied output head out), so DDP looks for them after each backward instead of waiting for them forever.
+    The gradients are views into DDP's all-reduce buckets, not a second copy of every gradient beside them.
     """
     if world.size == 1 or is_sharded(module):
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=not all_used)
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=not all_used,
+                                   gradient_as_bucket_view=True)
 
 
-def shard(root: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+def shard(root: torch.nn.Module, model: torch.nn.Module, bf16: bool = False) -> torch.nn.Module:
     """FSDP2 in place: each decoder layer of `model` is a unit, `root` (which calls `model`) holds the rest.
 
     `root.generate` is registered as a forward too, so sampling gathers the root's weights like a forward.
+    `bf16`: forwards gather the weights in bf16 (FSDP2's mixed precision: half the all-gather traffic and
+    memory of fp32, and no per-forward cast), while shards, optimizer and the reduction of gradients stay fp32.
     """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     blocks = set(getattr(model, "_no_split_modules", None) or ())  # transformers names its decoder layer class
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     if not layers:
         raise ValueError(f"--fsdp: {type(model).__name__} declares no decoder layer class to shard by")
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(root)
+        fully_shard(layer, mp_policy=mixed)
+    fully_shard(root, mp_policy=mixed)
     register_fsdp_forward_method(root, "generate")
     return root
 
@@ -126,17 +139,26 @@ def lerp_(param: torch.Tensor, value: torch.Tensor, rate: float) -> None:
 
 
 @contextlib.contextmanager
-def unsharded(unit: Any) -> Iterator[None]:
-    """Inside it an FSDP unit's own parameters are whole tensors (gathered from every rank; all must enter);
-    anything else passes through."""
-    if unit is None:
-        yield
-        return
-    unit.unshard()
+def kept_whole(units: list[Any]) -> Iterator[None]:
+    """Every FSDP unit (layers first, the root last) gathered once and kept whole until the block ends (all ranks
+    must enter), then resharded.
+
+    For decoding, which runs one forward per token: FSDP2 frees a layer's gathered weights after each forward,
+    so without this every token would all-gather the whole model again. The price: while inside, each rank
+    holds the whole weights. The root keeps its weights after a forward anyway (FSDP2's rule for the root).
+    """
+    layers = units[:-1]
+    for u in layers:
+        u.set_reshard_after_forward(False, recurse=False)
+    for u in units:
+        u.unshard()
     try:
         yield
     finally:
-        unit.reshard()
+        for u in units:
+            u.reshard()
+        for u in layers:
+            u.set_reshard_after_forward(True, recurse=False)
 
 
 def broadcast_(t: torch.Tensor) -> None:
@@ -157,18 +179,13 @@ def gathered(named: Any, world: World) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def accumulating(module: Any, skip_sync: bool) -> Iterator[None]:
-    """Gradients are reduced over the ranks once per step, not once per micro-batch: a micro-batch before the
-    last runs its forward and backward inside DDP's no_sync (which must hold the forward too), or with FSDP2's
-    gradient sync off (each rank then keeps whole gradients of its layers until the last micro-batch)."""
-    if not skip_sync:
-        yield
-    elif is_sharded(module):
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
-    elif hasattr(module, "no_sync"):
+    """DDP reduces the gradients once per step, not once per micro-batch: a micro-batch before the last runs its
+    forward and backward inside DDP's no_sync (which must hold the forward too).
+
+    A sharded (FSDP2) module reduce-scatters after every micro-batch instead and accumulates into its gradient
+    shards: skipping that sync would keep whole fp32 gradients of every layer on each rank until the last one.
+    """
+    if skip_sync and not is_sharded(module) and hasattr(module, "no_sync"):
         with module.no_sync():
             yield
     else:
@@ -212,9 +229,14 @@ def once(build: Callable[[], T]) -> T:
     return value
 
 
+def is_main() -> bool:
+    """Whether this process is rank 0 or the only one (for plugins, which hold no World)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def say(message: str) -> None:
     """Print a message to stderr from rank 0 only (plugins' warnings; one voice under torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    if is_main():
         print(message, file=sys.stderr)
 
 

@@ -80,7 +80,7 @@ class Model:
         """Inside it the model computes as this form does (the adapter switched off for the initial model)."""
         if self.adapter_name is not None:
             return models.active_adapter(self.model, self.adapter_name)
-        return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
+        return _adapter_off(self.model) if self.adapter_off else contextlib.nullcontext()
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         with self.adapter():
@@ -152,7 +152,7 @@ class Policy:
         if config.lora:
             model = models.add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
         model.train()
-        root = _held(model, world, config.fsdp)
+        root = _held(model, world, config.fsdp, _bf16(config, world))
         # with no per-token objective (--divergence none) only auxiliary terms decide which weights get a gradient
         self.student = Model(model, root, graded=distributed.wrap(root, world, all_used=config.divergence != "none"))
         self._initial: Model | None = None
@@ -199,7 +199,7 @@ class Policy:
                 if self.bf16 and not self.config.fsdp:  # FSDP holds one dtype per unit: it stays fp32 there
                     models.bf16_linears(model)  # frozen: bf16 matmul weights compute what autocast would
                 model.requires_grad_(False).eval()
-                self._initial = Model(model, _held(model, self.world, self.config.fsdp))
+                self._initial = Model(model, _held(model, self.world, self.config.fsdp, _bf16(self.config, self.world)))
         return self._initial
 
     def follower(self) -> Model:
@@ -242,7 +242,8 @@ class Policy:
             return teacher
         found = self._copies.get(id(teacher))
         if found is None:
-            found = self._copies[id(teacher)] = Model(teacher, _held(teacher, self.world, self.config.fsdp))
+            found = self._copies[id(teacher)] = Model(teacher, _held(teacher, self.world, self.config.fsdp,
+                                                                     _bf16(self.config, self.world)))
         return found
 
     def _skeleton(self, dtype: torch.dtype) -> Model:
@@ -253,7 +254,7 @@ class Policy:
         model.requires_grad_(False).eval()
         root = HiddenStates(model)
         if self.config.fsdp:
-            distributed.shard(root, model)
+            distributed.shard(root, model, _bf16(self.config, self.world))
         root.to_empty(device=self.world.device)
         source = {models.canonical_name(n): b for n, b in models.base_model(self.model).named_buffers()}
         with torch.no_grad():
@@ -293,12 +294,15 @@ class Policy:
                 self._shadow = self._skeleton(torch.bfloat16)
             self._shadow.follow(form.weights())
             sampler, context = self._shadow.model, contextlib.nullcontext()
-        with context:
+        # sharded: every unit gathered once per rollout, not once per decoded token
+        whole = distributed.kept_whole(shard_units(form.root)) if form.sharded else contextlib.nullcontext()
+        with context, whole:
             return rollout.sample(sampler, self.tokenizer, prompts, max_new_tokens, temperature, top_p,
                                   min_new_tokens=min_new_tokens, top_k=top_k, stops=stops, bf16=bf16)
 
     def accumulating(self, skip_sync: bool) -> contextlib.AbstractContextManager:
-        """Gradients reduced over the ranks once per step (see `distributed.accumulating`)."""
+        """Gradients reduced over the ranks once per step under DDP, into the shards every micro-batch under FSDP
+        (see `distributed.accumulating`)."""
         return distributed.accumulating(self.student.graded, skip_sync)
 
     def gathered(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -322,6 +326,17 @@ def bf16_copies(bf16: bool, device: torch.device) -> bool:
     return bf16 or device.type == "cuda"
 
 
+@contextlib.contextmanager
+def _adapter_off(model: Any) -> Iterator[None]:
+    """peft's `disable_adapter`, keeping the adapter's weights marked as trainable: peft clears the mark, and
+    FSDP2, which reads it whenever it gathers a unit, would then reduce the adapter's bf16 gradients unconverted."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with model.disable_adapter():
+        for p in trainable:
+            p.requires_grad_(True)
+        yield
+
+
 def shard_units(root: torch.nn.Module) -> list[torch.nn.Module]:
     """The FSDP units under `root`, decoder layers first and the root (which holds the rest) last."""
     from torch.distributed.fsdp import FSDPModule
@@ -337,25 +352,28 @@ def effective_weights(model: Any, units: list[torch.nn.Module],
     `adapters` named (None: those the layers have switched on).
 
     This is what an EMA teacher and the sampler must follow under LoRA; averaging only the frozen base weights
-    (as the official code does) leaves the teacher at the initial model forever. With shard `units` each unit
-    is gathered whole in turn (layer by layer: no whole copy of the model) and what it yields is a copy.
+    (as the official code does) leaves the teacher at the initial model forever. With shard `units` each weight
+    is gathered whole from the fp32 shards in turn (no whole copy of the model; every rank must iterate to the
+    end) and what it yields is a copy: not from a unit's own gathered tensors, which are bf16 when its
+    forwards gather bf16 (`distributed.shard`).
     """
     lora_layers = {models.canonical_name(n) + ".weight": m for n, m in model.named_modules()
                    if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
     names = [n for n, _ in model.named_parameters() if "lora_" not in n]
     for unit, members in _by_unit(model, names, units):
-        with distributed.unsharded(unit):
-            for name in members:
-                p = model.get_parameter(name)  # read inside: gathering registers the whole tensors in the module
-                key = models.canonical_name(name)
-                module = lora_layers.get(key)
-                on = adapters or []
-                if module is not None and adapters is None:  # the layer's own switches
-                    on = [] if module.disable_adapters else module.active_adapters
-                if module is not None and on:  # a new tensor
-                    yield key, p.detach() + sum(module.get_delta_weight(a) for a in on if a in module.lora_A)
-                else:  # a gathered tensor is freed when its unit is resharded: hand out a copy
-                    yield key, p.detach() if unit is None else p.detach().clone()
+        if unit is not None:
+            unit.reshard()  # a forward may have left it gathered: its parameters are then the shards again
+        for name in members:
+            p = distributed.whole(model.get_parameter(name).detach())
+            key = models.canonical_name(name)
+            module = lora_layers.get(key)
+            on = adapters or []
+            if module is not None and adapters is None:  # the layer's own switches
+                on = [] if module.disable_adapters else module.active_adapters
+            if module is not None and on:  # a new tensor
+                yield key, p + sum(distributed.whole(module.get_delta_weight(a)) for a in on if a in module.lora_A)
+            else:
+                yield key, p
 
 
 def _by_unit(model: Any, names: list[str], units: list[torch.nn.Module]) -> list[tuple[Any, list[str]]]:
@@ -380,13 +398,19 @@ def _load(spec: str, world: distributed.World, sharded: bool) -> Any:
     return models.load_model(spec).to(world.device)
 
 
-def _held(model: Any, world: distributed.World, sharded: bool) -> HiddenStates:
-    """The model's hidden-states root; under --fsdp sharded, rank 0's weights broadcast into every shard."""
+def _bf16(config: TrainConfig, world: distributed.World) -> bool:
+    """Whether forwards compute in bf16: always on CUDA, on CPU with --bf16 (as `train._autocast`)."""
+    return config.bf16 or world.device.type == "cuda"
+
+
+def _held(model: Any, world: distributed.World, sharded: bool, bf16: bool = False) -> HiddenStates:
+    """The model's hidden-states root; under --fsdp sharded (gathering bf16 weights for `bf16` forwards), rank 0's
+    weights broadcast into every shard."""
     root = HiddenStates(model)
     if not sharded:
         return root
     whole = root.state_dict() if world.main else {}  # rank 0's tensors, before sharding replaces them
-    distributed.shard(root, models.base_model(model))
+    distributed.shard(root, models.base_model(model), bf16)
     if not world.main:
         root.to_empty(device=world.device)
     set_model_state_dict(root, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

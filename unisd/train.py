@@ -36,9 +36,14 @@ __all__ = ["TrainError", "data_order", "forward", "make_batch", "prepare", "step
 
 
 def _autocast(run: Run) -> torch.autocast:
-    """bf16 mixed precision (fp32 master weights) on CUDA, and on CPU with --bf16; else plain fp32."""
+    """bf16 mixed precision (fp32 master weights) on CUDA, and on CPU with --bf16; else plain fp32.
+
+    Under --fsdp without a weight cache: it would keep the bf16 cast of every gathered layer until the forward
+    ends, a whole bf16 copy of the student per rank, undoing the sharding.
+    """
     device = run.world.device.type
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" or run.config.bf16)
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" or run.config.bf16,
+                          cache_enabled=not run.config.fsdp)
 
 
 def forward(run: Run, batch: Batch, teacher: Model | None) -> Outputs:
@@ -200,7 +205,7 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     config = settle_objective(config, hooks.plugins)
     examples = training_data(config)
     tokenizer = models.load_tokenizer(config.model)
-    world = distributed.init()
+    world = distributed.init(config.dist_timeout_min)
     echo = echo if world.main else (lambda m: None)  # one voice under torchrun
     if config.fsdp and world.size == 1 and not distributed.under_torchrun():
         raise ConfigError("--fsdp shards over several processes: launch with torchrun --nproc_per_node N")
