@@ -44,21 +44,23 @@ def forward(run: Run, batch: Batch, teacher: Model | None) -> Outputs:
     """Student forward (grad) and one batched no-grad forward of every teacher view on the same completion.
 
     `teacher` None (the objective and the plugins need none, `Run.needs_teacher`): the student's forward alone.
+    The forwards see every sampled token (`batch.mask`); the loss and the log-probs cover the counted ones.
     """
     assert batch.tokens is not None and batch.mask is not None
+    counted = batch.mask if batch.loss_mask is None else batch.loss_mask
     pad = run.tokenizer.pad_token_id
     tok = lambda view: [render(run.tokenizer, p) for p in batch.prompts[view]]  # noqa: E731
     with _autocast(run):
         student_h = views.hidden(run.policy.student.hidden, tok("student"), batch.tokens, batch.mask, pad,
                                  views.one_batch(batch.tokens.shape[0]))
-    where = batch.mask.bool()
+    where = counted.bool()
     tokens = batch.tokens[where]
     student_head = run.policy.student.head
     c = run.config
     if teacher is None:
         lp_student = losses.logprobs_in_chunks(student_head, student_h[where], tokens)
         per_token = _scatter(lp_student, where)
-        return Outputs(batch, batch.mask, losses.objective(c.divergence, torch.zeros_like(per_token), per_token),
+        return Outputs(batch, counted, losses.objective(c.divergence, torch.zeros_like(per_token), per_token),
                        {"student": per_token}, {"student": student_h})
     no_grad_views = [v for v in batch.prompts if v != "student"]  # "teacher" first, then plugin views
     rows = sum((tok(v) for v in no_grad_views), [])
@@ -79,7 +81,7 @@ def forward(run: Run, batch: Batch, teacher: Model | None) -> Outputs:
         for v in no_grad_views[1:]:
             logps[v] = losses.logprobs_in_chunks(teacher_head, view_h[v][where], tokens)
     per_view = {v: _scatter(x, where) for v, x in logps.items()}
-    return Outputs(batch, batch.mask, losses.objective(c.divergence, _scatter(D, where), per_view["student"]),
+    return Outputs(batch, counted, losses.objective(c.divergence, _scatter(D, where), per_view["student"]),
                    per_view, {"student": student_h, "teacher": view_h["teacher"]})
 
 
@@ -129,11 +131,11 @@ def step(run: Run) -> dict[str, float]:
             rollout = run.policy.sample(prompt_ids, c.max_new_tokens, c.temperature, c.top_p, top_k=c.top_k)
         device = run.world.device
         batch.tokens, batch.truncated = rollout.tokens.to(device), rollout.truncated
-        batch.mask = rollout.mask.to(device)
+        batch.mask = batch.loss_mask = rollout.mask.to(device)
         if c.mask_truncated:
-            batch.mask = batch.mask * (~rollout.truncated).to(device, batch.mask.dtype)[:, None]
+            batch.loss_mask = batch.loss_mask * (~rollout.truncated).to(device, batch.mask.dtype)[:, None]
         if c.skip_first_tokens:
-            batch.mask = losses.without_first(batch.mask, c.skip_first_tokens)
+            batch.loss_mask = losses.without_first(batch.loss_mask, c.skip_first_tokens)
         t1 = time.perf_counter()
         batch.prompts.update(hooks.views(batch))
         # gradients are reduced over the ranks once per step: DDP's no_sync must hold the forward too
