@@ -73,9 +73,20 @@ class Model:
     def sharded(self) -> bool:
         return distributed.is_sharded(self.root)
 
-    def adapter(self) -> contextlib.AbstractContextManager:
-        """Inside it the model computes as this form does (the adapter switched off for the initial model)."""
-        return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def adapter(self) -> Iterator[None]:
+        """Inside it the model computes as this form does: for the initial model the adapter is off and dropout
+        too (eval mode, as the frozen copy without LoRA is), the student's training mode restored after."""
+        if not self.adapter_off:
+            yield
+            return
+        training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            self.model.train(training)
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         with self.adapter():
