@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, cast
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from unisd import distributed, models, rollout
 from unisd.config import TrainConfig
@@ -193,9 +193,7 @@ class Policy:
 
     def _skeleton(self, dtype: torch.dtype) -> Model:
         """The plain architecture with the student's buffers, its weights not yet set (built on the meta device)."""
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(models.resolve(self.config.model)),
-                                                     dtype=dtype)
+        model = models.build_on_meta(self.config.model, dtype)
         model.requires_grad_(False).eval()
         root = HiddenStates(model)
         if self.config.fsdp:
@@ -303,9 +301,7 @@ def _by_unit(model: Any, names: list[str], units: list[torch.nn.Module]) -> list
 def _load(spec: str, world: distributed.World, sharded: bool) -> Any:
     """The model in fp32 on this rank's device; under --fsdp rank 0 alone reads it, the others build it on meta."""
     if sharded and not world.main:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(models.resolve(spec)),
-                                                    dtype=torch.float32)
+        return models.build_on_meta(spec)
     return models.load_model(spec).to(world.device)
 
 
