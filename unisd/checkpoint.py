@@ -154,7 +154,8 @@ def identity(run: Run) -> dict[str, Any]:
     from unisd.plugin import discover
 
     found = discover()
-    settings = {k: v for k, v in run.config.to_json().items() if k not in NOT_IDENTITY}
+    # plugin options count by their typed values, under "plugins": the text given (-o clip.max=10 or 10.0) does not
+    settings = {k: v for k, v in run.config.to_json().items() if k not in NOT_IDENTITY and k != "options"}
     plugins = {p.name: {"version": found[p.name].version if p.name in found else "?",
                         "options": {k: v for k, v in vars(p.config).items()}} for p in run.plugins}
     return {"settings": settings, "plugins": plugins, "data": data_fingerprint(run),
@@ -191,7 +192,7 @@ def check_same_run(folder: Path, stored: dict[str, Any] | None, current: dict[st
     if extend and current["total_steps"] > stored["total_steps"]:
         current = {**current, "total_steps": stored["total_steps"]}
     # a setting added to unisd after the checkpoint was written counts as its default
-    stored = {**stored, "settings": {**_defaults(), **stored["settings"]}}
+    stored = {**stored, "settings": {k: v for k, v in {**_defaults(), **stored["settings"]}.items() if k != "options"}}
     diff = changes(stored, current)
     if diff:
         hint = " (--extend accepts more steps)" if any(d.startswith("total_steps") for d in diff) else ""
