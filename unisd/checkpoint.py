@@ -155,7 +155,7 @@ def identity(run: Run) -> dict[str, Any]:
 
     found = discover()
     # plugin options count by their typed values, under "plugins": the text given (-o clip.max=10 or 10.0) does not
-    settings = {k: v for k, v in run.config.to_json().items() if k not in NOT_IDENTITY and k != "options"}
+    settings = _without_options({k: v for k, v in run.config.to_json().items() if k not in NOT_IDENTITY})
     plugins = {p.name: {"version": found[p.name].version if p.name in found else "?",
                         "options": {k: v for k, v in vars(p.config).items()}} for p in run.plugins}
     return {"settings": settings, "plugins": plugins, "data": data_fingerprint(run),
@@ -191,13 +191,19 @@ def check_same_run(folder: Path, stored: dict[str, Any] | None, current: dict[st
                              "start again with --overwrite")
     if extend and current["total_steps"] > stored["total_steps"]:
         current = {**current, "total_steps": stored["total_steps"]}
-    # a setting added to unisd after the checkpoint was written counts as its default
-    stored = {**stored, "settings": {k: v for k, v in {**_defaults(), **stored["settings"]}.items() if k != "options"}}
+    # a setting added to unisd after the checkpoint was written counts as its default; plugin options count by
+    # their typed values (under "plugins"), the text that gave them (older checkpoints record it too) by neither side
+    stored = {**stored, "settings": _without_options({**_defaults(), **stored["settings"]})}
+    current = {**current, "settings": _without_options(current["settings"])}
     diff = changes(stored, current)
     if diff:
         hint = " (--extend accepts more steps)" if any(d.startswith("total_steps") for d in diff) else ""
         raise OutputDirError(f"--resume: this is not the run in {folder.parent.parent}: {'; '.join(diff)}{hint}; "
                              "resume with the same settings, or start again with --overwrite")
+
+
+def _without_options(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k != "options"}
 
 
 def _defaults() -> dict[str, Any]:
