@@ -106,7 +106,7 @@ class EMA(Plugin):
 
     def state_dict(self) -> dict[str, Any]:
         weights = {k: v.to("cpu", copy=True) for k, v in self._average().weights()}  # every rank: shards gathered
-        return {"weights": weights, "updates": self.updates}
+        return {"weights": weights, "updates": self.updates, "distance": self.distance}  # logged until the next update
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -116,3 +116,4 @@ class EMA(Plugin):
         average.follow(state["weights"].items())
         self._refresh()
         self.updates = int(state.get("updates", 0))
+        self.distance = float(state.get("distance", 0.0))

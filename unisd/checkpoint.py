@@ -102,7 +102,8 @@ def save(run: Run) -> Path:
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save({"step": run.step, "position": run.position, "bad_steps": run.bad_steps,
                     "scheduler": run.scheduler.state_dict(), "rng": rngs, "plugins": plugins,
-                    "identity": identity(run)}, tmp / "state.pt")
+                    "identity": identity(run), "truncation": run.truncation.state_dict() if run.truncation else {}},
+                   tmp / "state.pt")
         files = sorted(f.name for f in tmp.iterdir())
         (tmp / MANIFEST).write_text(json.dumps({f: _sha256(tmp / f) for f in files}, indent=1))
     except BaseException:  # e.g. the disk filled up: leave no half-written checkpoint behind
@@ -245,6 +246,8 @@ def restore(run: Run, echo: Callable[[str], None], extend: bool) -> bool:
         run.scheduler.load_state_dict(state["scheduler"])
         run.step, run.position, run.bad_steps = state["step"], state["position"], state["bad_steps"]
         run.hooks.load_state_dict(state["plugins"])
+        if run.truncation is not None and state.get("truncation"):  # older checkpoints hold none: a fresh streak
+            run.truncation.load_state_dict(state["truncation"])
         set_rng_state(state["rng"][run.world.rank])
         return True
     echo("no intact checkpoint found; starting from the beginning")

@@ -126,7 +126,8 @@ def step(run: Run) -> dict[str, float]:
         batch = make_batch(run)
         t0 = time.perf_counter()
         rollout = hooks.completions(batch, run)
-        if rollout is None:  # on-policy: the student samples
+        sampled = rollout is None
+        if sampled:  # on-policy: the student samples
             prompt_ids = [render(run.tokenizer, p) for p in batch.prompts["student"]]
             rollout = run.policy.sample(prompt_ids, c.max_new_tokens, c.temperature, c.top_p, top_k=c.top_k)
         device = run.world.device
@@ -164,6 +165,9 @@ def step(run: Run) -> dict[str, float]:
         for k, v in {**{k: float(v.detach()) for k, v in terms.items()}, **out.metrics,
                      "completion_tokens": float(out.mask.sum()),
                      "truncated": float(rollout.truncated.float().mean()),
+                     # the same for the student's own samples alone (the collapse warning reads these)
+                     "student_sampled": float(sampled),
+                     "student_truncated": float(rollout.truncated.float().mean()) if sampled else 0.0,
                      **monitor.rollout_stats(rollout.tokens, rollout.mask)}.items():
             totals[k] = totals.get(k, 0.0) + v / c.grad_accum
     totals = distributed.mean(totals, run.world)
@@ -206,6 +210,7 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     policy = Policy(config, world, tokenizer)
     _say_what_differs(config, policy.model, world, echo)
     run = Run(config, policy, tokenizer, examples, hooks, world, Path(config.out))
+    run.truncation = monitor.TruncationWatch(config.max_new_tokens)
     run.kept = _fitting(run, echo)
     per_step = config.batch_size * config.grad_accum * world.size
     run.total_steps = config.max_steps or math.ceil(len(run.kept) / per_step)
@@ -281,7 +286,6 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     if main:
         checkpoint.truncate_metrics(metrics_path, run.step)
         checkpoint.truncate_metrics(samples_path, run.step)
-    truncation = monitor.TruncationWatch(config.max_new_tokens)
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None if main else True)
     with stop, (metrics_path.open("a") if main else contextlib.nullcontext()) as log, \
             tracking.Trackers(report_to if main else (), run.config.to_json(), out) as trackers:
@@ -293,7 +297,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
             trackers.log(metrics)
             monitor.append_jsonl(samples_path, run.samples)
             run.samples = []
-            warning = truncation.update(metrics["truncated"])
+            assert run.truncation is not None
+            warning = run.truncation.update(monitor.own_truncated_share(metrics))
             if warning:
                 echo(warning)
             bar.update(1)
