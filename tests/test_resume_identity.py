@@ -1,6 +1,8 @@
-"""--resume recognises the same run whatever the spelling of its plugin options: their typed values decide."""
+"""--resume recognises the same run whatever the spelling of its plugin options (their typed values decide) and
+of its model folder (where it is decides)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from unisd import config as cfg
@@ -22,3 +24,15 @@ def test_an_option_written_differently_resumes_the_same_run(tiny_model, tiny_dat
         said: list[str] = []
         train(_config(tiny_model, tiny_data, out, **same), resume=True, echo=said.append)
         assert "resumed at step 2 of 2" in said, same
+
+
+def test_the_model_folder_written_another_way_resumes_the_same_run(tiny_model, tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    config = cfg.resolve("", (), {}, model=str(tiny_model), data=str(tiny_data), out=str(out), max_steps=1,
+                         batch_size=2, max_new_tokens=4, save_every=1)
+    train(config, echo=lambda m: None)
+    (out / "unisd.json").unlink()
+    monkeypatch.chdir(tiny_model.parent)
+    said: list[str] = []
+    train(dataclasses.replace(config, model=f"./{tiny_model.name}/"), resume=True, echo=said.append)
+    assert "resumed at step 1 of 1" in said

@@ -193,9 +193,9 @@ def check_same_run(folder: Path, stored: dict[str, Any] | None, current: dict[st
     if extend and current["total_steps"] > stored["total_steps"]:
         current = {**current, "total_steps": stored["total_steps"]}
     # a setting added to unisd after the checkpoint was written counts as its default; plugin options count by
-    # their typed values (under "plugins"), the text that gave them (older checkpoints record it too) by neither side
-    stored = {**stored, "settings": _without_options({**_defaults(), **stored["settings"]})}
-    current = {**current, "settings": _without_options(current["settings"])}
+    # their typed values (under "plugins"), the text that gave them (older checkpoints record it too) on neither side
+    stored = {**stored, "settings": _compared({**_defaults(), **stored["settings"]})}
+    current = {**current, "settings": _compared(current["settings"])}
     diff = changes(stored, current)
     if diff:
         hint = " (--extend accepts more steps)" if any(d.startswith("total_steps") for d in diff) else ""
@@ -205,6 +205,14 @@ def check_same_run(folder: Path, stored: dict[str, Any] | None, current: dict[st
 
 def _without_options(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k != "options"}
+
+
+def _compared(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as --resume compares them: a local model folder by where it is (`./m`, `m` and `/abs/m` are one
+    model), not by how its path was written."""
+    found = Path(str(settings.get("model", ""))).expanduser()
+    model = {"model": str(found.resolve())} if settings.get("model") and found.exists() else {}
+    return {**_without_options(settings), **model}
 
 
 def _defaults() -> dict[str, Any]:
