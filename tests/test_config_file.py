@@ -218,3 +218,5 @@ def test_a_preset_given_with_a_file_that_agrees_with_it_applies(run_a: Path, tmp
     assert config.plugins == ("clip",)
     same = cfg.resolve("sdft", (), {}, config_file.load(run_a / "unisd.json"))  # run a's own preset
     assert same == cfg.resolve("", (), {}, config_file.load(run_a / "unisd.json"))
+    spelled = _write(tmp_path, {"model": "m", "data": "d", "out": "o", "options": {"ema": {"beta": "0.99"}}})
+    assert cfg.resolve("sdft", (), {}, config_file.load(spelled)).preset == "sdft"  # -o text kept by a run record

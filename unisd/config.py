@@ -306,10 +306,20 @@ def _refuse_overruled(preset: str, file_preset: str, given: Mapping[str, Any],
     conflicts = [f"preset: {file_preset}"] if file_preset and file_preset != preset else []
     conflicts += [f"{k}: {given[k]}" for k, v in p.settings.items() if k in given and given[k] != v]
     conflicts += [f"options.{plugin}.{k}: {file_options[plugin][k]}" for plugin, opts in p.options.items()
-                  for k, v in opts.items() if k in file_options.get(plugin, {}) and file_options[plugin][k] != v]
+                  for k, v in opts.items() if k in file_options.get(plugin, {}) and not _same(file_options[plugin][k], v)]
     if conflicts:
         raise ConfigError(f"--preset {preset} and the --config file disagree ({', '.join(conflicts)}); the file would "
                           f"win, so the preset would not apply: drop --preset, or those keys from the file")
+
+
+def _same(given: Any, value: Any) -> bool:
+    """Whether an option's value in a file equals a preset's; a run's unisd.json keeps -o text ("0.99")."""
+    if isinstance(given, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(given) == value
+        except ValueError:
+            return False
+    return bool(given == value)
 
 
 def resolve(preset: str, plugins: tuple[str, ...], overrides: Mapping[str, Mapping[str, Any]],
