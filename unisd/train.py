@@ -127,7 +127,7 @@ def step(run: Run) -> dict[str, float]:
         t0 = time.perf_counter()
         rollout = hooks.completions(batch, run)
         sampled = rollout is None
-        if sampled:  # on-policy: the student samples
+        if rollout is None:  # on-policy: the student samples
             prompt_ids = [render(run.tokenizer, p) for p in batch.prompts["student"]]
             rollout = run.policy.sample(prompt_ids, c.max_new_tokens, c.temperature, c.top_p, top_k=c.top_k)
         device = run.world.device
