@@ -112,7 +112,7 @@ class EMA(Plugin):
         # every rank gathers the shards (a collective); only rank 0, which writes checkpoints, keeps a CPU copy
         main = distributed.is_main()
         weights = {k: v.to("cpu", copy=True) for k, v in self._average().own() if main}
-        return {"weights": weights, "updates": self.updates}
+        return {"weights": weights, "updates": self.updates, "distance": self.distance}  # logged until the next update
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -122,3 +122,4 @@ class EMA(Plugin):
             raise ValueError("ema: the checkpoint's teacher weights do not match this model") from None
         self._refresh()
         self.updates = int(state.get("updates", 0))
+        self.distance = float(state.get("distance", 0.0))

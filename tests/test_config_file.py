@@ -186,3 +186,37 @@ def test_option_values_from_a_file_keep_the_options_types(option: str, value, ex
     else:
         got = getattr(configure(cls, {key: value}, plugin), key)
         assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize("text, lr", [("lr: 1e-5", 1e-5), ("lr: 2E-4", 2e-4), ("lr: 1.5e-5", 1.5e-5), ("lr: 1e5", 1e5)])
+def test_yaml_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path, text: str, lr: float) -> None:
+    # PyYAML (YAML 1.1) reads 1e-5 as text; YAML 1.2 and JSON read it as a number, as a user means it
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{text}\noptions: {{ema: {{beta: 9e-1}}}}\n")
+    loaded = config_file.load(path)
+    assert loaded["lr"] == lr and type(loaded["lr"]) is float
+    assert loaded["options"] == {"ema": {"beta": 0.9}}
+
+
+def test_a_preset_given_with_a_file_that_overrules_it_is_refused(run_a: Path, tmp_path: Path) -> None:
+    # run a's unisd.json names sdft and holds every setting: under it, opsd's settings would never apply
+    result = CliRunner().invoke(main, ["train", "--config", str(run_a / "unisd.json"), "--preset", "opsd",
+                                       "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: --preset opsd and the --config file disagree (preset: sdft, ")
+    assert "temperature: 1.0" in result.output and "max_grad_norm: 1.0" in result.output
+    assert not (tmp_path / "d").exists()
+    path = _write(tmp_path, {"model": "m", "data": "d", "out": "o", "temperature": 0.9, "options": {"ema": {"beta": 0.5}}})
+    with pytest.raises(cfg.ConfigError, match=r"\(temperature: 0\.9, options\.ema\.beta: 0\.5\)"):
+        cfg.resolve("sdft", (), {}, config_file.load(path))
+
+
+def test_a_preset_given_with_a_file_that_agrees_with_it_applies(run_a: Path, tmp_path: Path) -> None:
+    path = _write(tmp_path, {"model": "m", "data": "d", "out": "o", "plugins": ["clip"], "lr": 1e-4})
+    config = cfg.resolve("opsd", (), {}, config_file.load(path))
+    assert (config.preset, config.temperature, config.max_grad_norm, config.lr) == ("opsd", 1.1, 0.1, 1e-4)
+    assert config.plugins == ("clip",)
+    same = cfg.resolve("sdft", (), {}, config_file.load(run_a / "unisd.json"))  # run a's own preset
+    assert same == cfg.resolve("", (), {}, config_file.load(run_a / "unisd.json"))
+    spelled = _write(tmp_path, {"model": "m", "data": "d", "out": "o", "options": {"ema": {"beta": "0.99"}}})
+    assert cfg.resolve("sdft", (), {}, config_file.load(spelled)).preset == "sdft"  # -o text kept by a run record

@@ -44,8 +44,11 @@ class Batch:
     examples: list[Example]
     prompts: dict[str, Sequence[Prompt]]  # view -> prompt per example ("student", "teacher", plugin views)
     tokens: torch.Tensor | None = None     # [B, T] sampled completion ids
-    mask: torch.Tensor | None = None       # [B, T] 1.0 on tokens that count
+    mask: torch.Tensor | None = None       # [B, T] 1.0 on the sampled tokens: what the forwards attend to
     truncated: torch.Tensor | None = None  # [B]
+    # [B, T] 1.0 on the tokens the loss counts (`mask` less --skip-first-tokens, --mask-truncated); None: `mask`.
+    # Separate from `mask` so that a token left out of the loss is still seen by the tokens after it
+    loss_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -53,7 +56,7 @@ class Outputs:
     """What the forwards produced; the argument of token_loss, weights and aux_losses."""
 
     batch: Batch
-    mask: torch.Tensor                 # [B, T]
+    mask: torch.Tensor                 # [B, T] the tokens the loss counts (`Batch.loss_mask`)
     divergence: torch.Tensor           # [B, T] the per-token objective (--divergence), before any plugin
     logps: dict[str, torch.Tensor]     # view -> [B, T] log-prob of the sampled token at temperature 1
     hidden: dict[str, torch.Tensor]    # "student" (with grad), "teacher": final hidden states [B, T, H]

@@ -105,7 +105,8 @@ def save(run: Run) -> Path:
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save({"step": run.step, "position": run.position, "bad_steps": run.bad_steps,
                     "scheduler": run.scheduler.state_dict(), "rng": rngs, "plugins": plugins,
-                    "identity": identity(run)}, tmp / "state.pt")
+                    "identity": identity(run), "truncation": run.truncation.state_dict() if run.truncation else {}},
+                   tmp / "state.pt")
         files = sorted(f.name for f in tmp.iterdir())
         (tmp / MANIFEST).write_text(json.dumps({f: _sha256(tmp / f) for f in files}, indent=1))
     except BaseException as e:  # e.g. the disk filled up: leave no half-written checkpoint behind
@@ -179,7 +180,8 @@ def identity(run: Run) -> dict[str, Any]:
     from unisd.plugin import discover
 
     found = discover()
-    settings = {k: v for k, v in run.config.to_json().items() if k not in NOT_IDENTITY}
+    # plugin options count by their typed values, under "plugins": the text given (-o clip.max=10 or 10.0) does not
+    settings = _without_options({k: v for k, v in run.config.to_json().items() if k not in NOT_IDENTITY})
     plugins = {p.name: {"version": found[p.name].version if p.name in found else "?",
                         "options": {k: v for k, v in vars(p.config).items()}} for p in run.plugins}
     return {"settings": settings, "plugins": plugins, "data": data_fingerprint(run),
@@ -215,13 +217,27 @@ def check_same_run(folder: Path, stored: dict[str, Any] | None, current: dict[st
                              "start again with --overwrite")
     if extend and current["total_steps"] > stored["total_steps"]:
         current = {**current, "total_steps": stored["total_steps"]}
-    # a setting added to unisd after the checkpoint was written counts as its default
-    stored = {**stored, "settings": {**_defaults(), **stored["settings"]}}
+    # a setting added to unisd after the checkpoint was written counts as its default; plugin options count by
+    # their typed values (under "plugins"), the text that gave them (older checkpoints record it too) on neither side
+    stored = {**stored, "settings": _compared({**_defaults(), **stored["settings"]})}
+    current = {**current, "settings": _compared(current["settings"])}
     diff = changes(stored, current)
     if diff:
         hint = " (--extend accepts more steps)" if any(d.startswith("total_steps") for d in diff) else ""
         raise OutputDirError(f"--resume: this is not the run in {folder.parent.parent}: {'; '.join(diff)}{hint}; "
                              "resume with the same settings, or start again with --overwrite")
+
+
+def _without_options(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k != "options"}
+
+
+def _compared(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as --resume compares them: a local model folder by where it is (`./m`, `m` and `/abs/m` are one
+    model), not by how its path was written."""
+    found = Path(str(settings.get("model", ""))).expanduser()
+    model = {"model": str(found.resolve())} if settings.get("model") and found.exists() else {}
+    return {**_without_options(settings), **model}
 
 
 def _defaults() -> dict[str, Any]:
@@ -264,6 +280,8 @@ def restore(run: Run, echo: Callable[[str], None], extend: bool) -> bool:
         run.scheduler.load_state_dict(state["scheduler"])
         run.step, run.position, run.bad_steps = state["step"], state["position"], state["bad_steps"]
         run.hooks.load_state_dict(state["plugins"])
+        if run.truncation is not None and state.get("truncation"):  # older checkpoints hold none: a fresh streak
+            run.truncation.load_state_dict(state["truncation"])
         set_rng_state(state["rng"][run.world.rank])
         return True
     echo("no intact checkpoint found; starting from the beginning")

@@ -1,7 +1,7 @@
 """The run configuration: one frozen dataclass and the presets (`-o plugin.key=value`: unisd.plugin).
 
 Precedence, lowest first: TrainConfig defaults < preset < a --config file (unisd.config_file) < command-line
-flags and -o overrides.
+flags and -o overrides. A file that would overrule a preset given beside it is refused (`_refuse_overruled`).
 """
 from __future__ import annotations
 
@@ -343,12 +343,41 @@ def _refuse_adapter_settings_without_lora(base: Mapping[str, Any], settings: Map
                           "or leave them out to train every weight")
 
 
+def _refuse_overruled(preset: str, file_preset: str, given: Mapping[str, Any],
+                      file_options: Mapping[str, Mapping[str, Any]]) -> None:
+    """A preset given with a --config file must not be overruled by it: the file ranks above the preset, so a
+    setting both give differently would run the file's value under the preset's name (a run's unisd.json names
+    its own preset and holds every setting). Such a combination is refused, naming what conflicts."""
+    if preset not in PRESETS:
+        return  # resolve names the unknown preset
+    p = PRESETS[preset]
+    conflicts = [f"preset: {file_preset}"] if file_preset and file_preset != preset else []
+    conflicts += [f"{k}: {given[k]}" for k, v in p.settings.items() if k in given and given[k] != v]
+    conflicts += [f"options.{plugin}.{k}: {file_options[plugin][k]}" for plugin, opts in p.options.items()
+                  for k, v in opts.items() if k in file_options.get(plugin, {}) and not _same(file_options[plugin][k], v)]
+    if conflicts:
+        raise ConfigError(f"--preset {preset} and the --config file disagree ({', '.join(conflicts)}); the file would "
+                          f"win, so the preset would not apply: drop --preset, or those keys from the file")
+
+
+def _same(given: Any, value: Any) -> bool:
+    """Whether an option's value in a file equals a preset's; a run's unisd.json keeps -o text ("0.99")."""
+    if isinstance(given, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(given) == value
+        except ValueError:
+            return False
+    return bool(given == value)
+
+
 def resolve(preset: str, plugins: tuple[str, ...], overrides: Mapping[str, Mapping[str, Any]],
             file: Mapping[str, Any] | None = None, **settings: Any) -> TrainConfig:
     """Merge defaults, a preset, a config file's settings (`unisd.config_file.load`) and explicit settings
     (None means 'not given') into a TrainConfig. The file may name the preset and the plugins; given ones win."""
     given = dict(file or {})
     file_preset, file_plugins, file_options = given.pop("preset", ""), given.pop("plugins", ()), given.pop("options", {})
+    if preset and file:
+        _refuse_overruled(preset, file_preset, given, file_options)
     preset, plugins = preset or file_preset, plugins or tuple(file_plugins)
     base: dict[str, Any] = {}
     options: dict[str, dict[str, Any]] = {}

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,14 @@ import yaml
 
 from unisd import config as cfg
 from unisd.flags import click_type
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 and JSON do: `lr: 1e-5` (no dot) is a float, not text."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
 
 RUN_RECORD = "unisd_version"  # a key only the unisd.json of a finished run has
 FIELDS = {f.name: f for f in dataclasses.fields(cfg.TrainConfig)}
@@ -60,7 +69,7 @@ def _parse(path: Path) -> Any:
             raise cfg.ConfigError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}") from None
     if path.suffix in (".yaml", ".yml"):
         try:
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=_Loader)  # a SafeLoader
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""

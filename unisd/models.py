@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from unisd import errors
 
@@ -106,6 +107,19 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel
         raise
     except Exception as e:
         raise ModelError(errors.model_problem(spec, e)) from None
+    return model
+
+
+def build_on_meta(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The architecture on the meta device (no weights read), with the generation config `load_model` gives:
+    its end ids (generation_config.json often lists several) must be the same on a rank that never loads."""
+    source = resolve(spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=dtype)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json: from_pretrained keeps the one config.json implies, as here
+        pass
     return model
 
 

@@ -39,15 +39,21 @@ def rollout_stats(tokens: torch.Tensor, mask: torch.Tensor, n: int = NGRAM) -> d
 
 
 class TruncationWatch:
-    """Says once per run when the truncated share stays at or above TRUNCATED_SHARE for TRUNCATED_STEPS steps."""
+    """Says once per run when the truncated share of the student's own samples stays at or above TRUNCATED_SHARE
+    for TRUNCATED_STEPS steps; its streak is checkpointed, so a resume continues it."""
 
     def __init__(self, max_new_tokens: int) -> None:
         self.max_new_tokens = max_new_tokens
         self.streak = 0
         self.warned = False
 
-    def update(self, truncated_share: float) -> str:
-        """The warning line the first time the streak is reached, else ''."""
+    def update(self, truncated_share: float | None) -> str:
+        """The warning line the first time the streak is reached, else ''.
+
+        None: the student sampled nothing this step (gold or base-model completions, e.g. sft, gkd's off-policy
+        share); a cut gold demonstration says nothing of collapse, so the streak neither grows nor breaks."""
+        if truncated_share is None:
+            return ""
         self.streak = self.streak + 1 if truncated_share >= TRUNCATED_SHARE else 0
         if self.warned or self.streak < TRUNCATED_STEPS:
             return ""
@@ -56,6 +62,19 @@ class TruncationWatch:
                 f"at least {TRUNCATED_SHARE:.0%} for {TRUNCATED_STEPS} steps in a row: the student may be collapsing "
                 "into text that never ends; what usually helps: a larger --max-new-tokens, a lower --lr, "
                 "--skip-first-tokens 3, --mask-truncated, an EMA teacher (--plugins ema)")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"streak": self.streak, "warned": self.warned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.streak, self.warned = int(state["streak"]), bool(state["warned"])
+
+
+def own_truncated_share(metrics: dict[str, Any]) -> float | None:
+    """The truncated share among the completions the student sampled in a step (`step`'s `student_sampled` and
+    `student_truncated`, both shares of all its completions); None when it sampled none."""
+    sampled = metrics["student_sampled"]
+    return metrics["student_truncated"] / sampled if sampled else None
 
 
 def sample_records(step: int, prompts: Sequence[Prompt], rollout: Rollout, out: Outputs, tokenizer: PreTrainedTokenizerBase,

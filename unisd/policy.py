@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, cast
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from unisd import distributed, models, rollout
 from unisd.config import TrainConfig
@@ -76,11 +76,23 @@ class Model:
     def sharded(self) -> bool:
         return distributed.is_sharded(self.root)
 
-    def adapter(self) -> contextlib.AbstractContextManager:
-        """Inside it the model computes as this form does (the adapter switched off for the initial model)."""
-        if self.adapter_name is not None:
-            return models.active_adapter(self.model, self.adapter_name)
-        return _adapter_off(self.model) if self.adapter_off else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def adapter(self) -> Iterator[None]:
+        """Inside it the model computes as this form does: the initial model with the adapter off, a follower with
+        its own adapter on; a frozen form without dropout (eval mode, as a frozen copy without LoRA is), the
+        student's training mode restored after."""
+        if not self.adapter_off and self.adapter_name is None:
+            yield
+            return
+        training = self.model.training
+        self.model.eval()
+        try:
+            switch = (models.active_adapter(self.model, self.adapter_name) if self.adapter_name is not None
+                      else _adapter_off(self.model))
+            with switch:
+                yield
+        finally:
+            self.model.train(training)
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         with self.adapter():
@@ -248,9 +260,7 @@ class Policy:
 
     def _skeleton(self, dtype: torch.dtype) -> Model:
         """The plain architecture with the student's buffers, its weights not yet set (built on the meta device)."""
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(models.resolve(self.config.model)),
-                                                     dtype=dtype)
+        model = models.build_on_meta(self.config.model, dtype)
         model.requires_grad_(False).eval()
         root = HiddenStates(model)
         if self.config.fsdp:
@@ -392,9 +402,7 @@ def _by_unit(model: Any, names: list[str], units: list[torch.nn.Module]) -> list
 def _load(spec: str, world: distributed.World, sharded: bool) -> Any:
     """The model in fp32 on this rank's device; under --fsdp rank 0 alone reads it, the others build it on meta."""
     if sharded and not world.main:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(models.resolve(spec)),
-                                                    dtype=torch.float32)
+        return models.build_on_meta(spec)
     return models.load_model(spec).to(world.device)
 
 

@@ -20,6 +20,7 @@ from unisd.api import Plugin
 from unisd.config import TrainConfig
 from unisd.data import Example
 from unisd.hooks import Hooks
+from unisd.monitor import TruncationWatch
 from unisd.policy import Policy
 
 
@@ -42,6 +43,7 @@ class Run:
     scheduler: Any = None
     bad_steps: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)  # samples.jsonl rows of the last step (rank 0)
+    truncation: TruncationWatch | None = None  # the collapse warning's state, checkpointed (set by unisd.train)
 
     @property
     def plugins(self) -> list[Plugin]:

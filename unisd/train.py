@@ -50,21 +50,23 @@ def forward(run: Run, batch: Batch, teacher: Model | None) -> Outputs:
     """Student forward (grad) and one batched no-grad forward of every teacher view on the same completion.
 
     `teacher` None (the objective and the plugins need none, `Run.needs_teacher`): the student's forward alone.
+    The forwards see every sampled token (`batch.mask`); the loss and the log-probs cover the counted ones.
     """
     assert batch.tokens is not None and batch.mask is not None
+    counted = batch.mask if batch.loss_mask is None else batch.loss_mask
     pad = run.tokenizer.pad_token_id
     tok = lambda view: [render(run.tokenizer, p) for p in batch.prompts[view]]  # noqa: E731
     with _autocast(run):
         student_h = views.hidden(run.policy.student.hidden, tok("student"), batch.tokens, batch.mask, pad,
                                  views.one_batch(batch.tokens.shape[0]))
-    where = batch.mask.bool()
+    where = counted.bool()
     tokens = batch.tokens[where]
     student_head = run.policy.student.head
     c = run.config
     if teacher is None:
         lp_student = losses.logprobs_in_chunks(student_head, student_h[where], tokens, bf16=run.policy.bf16)
         per_token = _scatter(lp_student, where)
-        return Outputs(batch, batch.mask, losses.objective(c.divergence, torch.zeros_like(per_token), per_token),
+        return Outputs(batch, counted, losses.objective(c.divergence, torch.zeros_like(per_token), per_token),
                        {"student": per_token}, {"student": student_h})
     no_grad_views = [v for v in batch.prompts if v != "student"]  # "teacher" first, then plugin views
     rows = sum((tok(v) for v in no_grad_views), [])
@@ -87,7 +89,7 @@ def forward(run: Run, batch: Batch, teacher: Model | None) -> Outputs:
         for v in no_grad_views[1:]:
             logps[v] = losses.logprobs_in_chunks(teacher_head, view_h[v][where], tokens, bf16=run.policy.bf16)
     per_view = {v: _scatter(x, where) for v, x in logps.items()}
-    return Outputs(batch, batch.mask, losses.objective(c.divergence, _scatter(D, where), per_view["student"]),
+    return Outputs(batch, counted, losses.objective(c.divergence, _scatter(D, where), per_view["student"]),
                    per_view, {"student": student_h, "teacher": view_h["teacher"]})
 
 
@@ -133,16 +135,17 @@ def step(run: Run) -> dict[str, float]:
         batch = make_batch(run)
         t0 = time.perf_counter()
         rollout = hooks.completions(batch, run)
+        sampled = rollout is None
         if rollout is None:  # on-policy: the student samples
             prompt_ids = [render(run.tokenizer, p) for p in batch.prompts["student"]]
             rollout = run.policy.sample(prompt_ids, c.max_new_tokens, c.temperature, c.top_p, top_k=c.top_k)
         device = run.world.device
         batch.tokens, batch.truncated = rollout.tokens.to(device), rollout.truncated
-        batch.mask = rollout.mask.to(device)
+        batch.mask = batch.loss_mask = rollout.mask.to(device)
         if c.mask_truncated:
-            batch.mask = batch.mask * (~rollout.truncated).to(device, batch.mask.dtype)[:, None]
+            batch.loss_mask = batch.loss_mask * (~rollout.truncated).to(device, batch.mask.dtype)[:, None]
         if c.skip_first_tokens:
-            batch.mask = losses.without_first(batch.mask, c.skip_first_tokens)
+            batch.loss_mask = losses.without_first(batch.loss_mask, c.skip_first_tokens)
         t1 = time.perf_counter()
         batch.prompts.update(hooks.views(batch))
         # gradients are reduced over the ranks once per step: DDP's no_sync must hold the forward too
@@ -171,6 +174,9 @@ def step(run: Run) -> dict[str, float]:
         for k, v in {**{k: float(v.detach()) for k, v in terms.items()}, **out.metrics,
                      "completion_tokens": float(out.mask.sum()),
                      "truncated": float(rollout.truncated.float().mean()),
+                     # the same for the student's own samples alone (the collapse warning reads these)
+                     "student_sampled": float(sampled),
+                     "student_truncated": float(rollout.truncated.float().mean()) if sampled else 0.0,
                      **monitor.rollout_stats(rollout.tokens, rollout.mask)}.items():
             totals[k] = totals.get(k, 0.0) + v / c.grad_accum
     totals = distributed.mean(totals, run.world)
@@ -214,6 +220,7 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     policy = Policy(config, world, tokenizer)
     _say_what_differs(config, policy.model, world, echo)
     run = Run(config, policy, tokenizer, examples, hooks, world, Path(config.out))
+    run.truncation = monitor.TruncationWatch(config.max_new_tokens)
     run.kept = kept
     per_step = config.batch_size * config.grad_accum * world.size
     run.total_steps = config.max_steps or math.ceil(len(run.kept) / per_step)
@@ -297,7 +304,6 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     if main:
         checkpoint.truncate_metrics(metrics_path, run.step)
         checkpoint.truncate_metrics(samples_path, run.step)
-    truncation = monitor.TruncationWatch(config.max_new_tokens)
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None if main else True)
     with stop, (metrics_path.open("a") if main else contextlib.nullcontext()) as log, \
             tracking.Trackers(report_to if main else (), run.config.to_json(), out) as trackers:
@@ -309,7 +315,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
             trackers.log(metrics)
             monitor.append_jsonl(samples_path, run.samples)
             run.samples = []
-            warning = truncation.update(metrics["truncated"])
+            assert run.truncation is not None
+            warning = run.truncation.update(monitor.own_truncated_share(metrics))
             if warning:
                 echo(warning)
             bar.update(1)

@@ -5,6 +5,7 @@ Benchmark adapters shape `Example.answer` / `Example.rationale`; the wording liv
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from unisd.data.examples import Example
@@ -26,10 +27,17 @@ def demonstration(example: Example) -> str:
 TEACHER_TEMPLATE = f"{SOLVE_YOUR_WAY}\n\nReference solution:\n{{demonstration}}\n\nProblem: {{prompt}}"
 
 
+_PLACEHOLDER = re.compile(r"\{(demonstration|prompt)\}")
+
+
 def teacher_text(example: Example, demo: str | None = None, template: str = TEACHER_TEMPLATE) -> str:
-    """The instruction, a demonstration (the gold one by default), then the student prompt unchanged."""
+    """The instruction, a demonstration (the gold one by default), then the student prompt unchanged.
+
+    Both placeholders are filled in one pass: a demonstration or prompt that contains the text `{prompt}`
+    (code with f-strings) keeps it literally."""
     demo = demonstration(example) if demo is None else demo
-    return template.replace("{demonstration}", demo).replace("{prompt}", example.prompt)
+    values = {"demonstration": demo, "prompt": example.prompt}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
 def in_context(example: Example, text: str) -> str | list[dict[str, Any]]:
