@@ -111,7 +111,8 @@ def test_the_engine_gets_the_forms_weights_before_each_draw(tiny_model, tiny_dat
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_a_follower_is_a_frozen_copy_of_the_current_weights(tiny_model, tiny_data, tmp_path, lora):
-    run = _run(tiny_model, tiny_data, tmp_path / "out", lora=lora, lora_r=4, lora_alpha=8)
+    adapter = {"lora": True, "lora_r": 4, "lora_alpha": 8} if lora else {}
+    run = _run(tiny_model, tiny_data, tmp_path / "out", **adapter)
     if lora:
         _perturb_adapter(run.policy.model)
     trainable = [n for n, _ in run.policy.trainable()]
