@@ -94,6 +94,8 @@ class TrainConfig:
     skip_first_tokens: int = flag(0, "Leave the first N completion tokens of every sample out of the loss (SDFT's "
                                      "reference code skips 3).", low=0)
     log_samples: int = flag(10, "Every N steps, write a few prompts' completions to samples.jsonl (0: never).", low=0)
+    log_every: int = flag(10, "Where no progress bar shows (a log file, CI), print step, loss, lr, step time and time "
+                              "left every N steps and at the last (0: never).", low=0)
     fsdp: bool = flag(False, "Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
 
     def __post_init__(self) -> None:
@@ -112,6 +114,7 @@ class TrainConfig:
             (self.divergence != "jsd" or 0 < self.alpha < 1, "--alpha must be in (0, 1) for jsd (fkl and rkl are the endpoints)"),
             (self.save_every >= 0, "--save-every must be 0 or more"),
             (self.log_samples >= 0, "--log-samples must be 0 (never) or more"),
+            (self.log_every >= 0, "--log-every must be 0 (never) or more"),
             (self.skip_first_tokens >= 0, "--skip-first-tokens must be 0 or more"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),

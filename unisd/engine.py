@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from unisd import progress
 from unisd.models import ModelError
 
 # the weights are copied into the model object, so the engine core must live in this process
@@ -144,7 +145,8 @@ def start(config: Any, world: Any) -> Engine:
     length = 2 * config.max_prompt_tokens + config.max_new_tokens
     dtype = torch.bfloat16 if config.bf16 or world.device.type == "cuda" else torch.float32
     rng = rng_state()  # vLLM seeds the global generators at start; the run's own draws stay as they were
-    engine = Engine(folder, dtype, config.rollout_kv_cache_gb, min(length, limit or length), config.seed + world.rank,
-                    eager=config.rollout_eager, external=world.size > 1)
+    with progress.phase(f"vLLM engine: starting ({'eager' if config.rollout_eager else 'compiling its graphs'})"):
+        engine = Engine(folder, dtype, config.rollout_kv_cache_gb, min(length, limit or length), config.seed + world.rank,
+                        eager=config.rollout_eager, external=world.size > 1)
     set_rng_state(rng)
     return engine
