@@ -13,7 +13,7 @@ import click
 
 from unisd import config as cfg
 from unisd import config_file as config_files
-from unisd import tracking
+from unisd import quiet, tracking
 from unisd.ablate import ablate_command
 from unisd.flags import AT_LEAST_1, CONFIG_HELP, EXAMPLE, POSITIVE, OneLineGroup, errors_are_one_line, fail, trainer_flags
 from unisd.plugin import discover, load, parse_overrides, settle_objective
@@ -21,11 +21,14 @@ from unisd.plugin import discover, load, parse_overrides, settle_objective
 @click.group(cls=OneLineGroup,
              epilog=EXAMPLE.format("unisd train --model smollm2-135m --data train.jsonl --preset unisd-star --out runs/x"))
 @click.version_option(package_name="unisd")
-def main() -> None:
+@click.option("--verbose", is_flag=True,
+              help="Keep other libraries' warnings and log lines (vLLM, transformers, lm-eval), silenced by default.")
+def main(verbose: bool) -> None:
     """Self-distillation of causal LMs: the student samples, the same model shown the gold answer teaches.
 
     Each UniSD mechanism (ema, agree, contrast, match, clip) is a plugin; `unisd plugins` lists them.
     """
+    quiet.apply(verbose)
 
 
 @main.command(epilog=EXAMPLE.format(

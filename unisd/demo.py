@@ -41,6 +41,8 @@ def backend() -> str:
 def choose_backend() -> tuple[str, str]:
     """(engine, why not vLLM): vLLM for rollouts and evaluation when it imports; a vLLM build that does not
     load (e.g. one built against another torch) falls back to transformers as a missing one does."""
+    from unisd import engine  # noqa: F401  (sets vLLM's logging level before its first import)
+
     try:
         import vllm  # noqa: F401
     except ModuleNotFoundError:
