@@ -74,8 +74,9 @@ def train(config_file: str | None, model: str | None, data: str | None, out: str
         config = settle_objective(config, load(list(config.plugins), config.options),
                                   cfg.divergence_given(config.preset, settings) or "divergence" in file)
     if dry_run:
-        from unisd import memory
+        from unisd import memory, models
 
+        models.check(config.model)  # an uncached Hub id offline: one line, before the estimate reads its config
         click.echo(memory.report(config, world_size or int(os.environ.get("WORLD_SIZE", "1")), device_memory_gb))
         return
     trackers = tracking.parse(report_to)
@@ -159,6 +160,10 @@ def eval_cmd(model_specs: tuple[str, ...], tasks: str, limit: int | None, out: s
 
         engine.require()
     checkpoints = parse_models(model_specs)
+    from unisd import models
+
+    for spec in [*checkpoints.values(), *([base] if retention and base else [])]:
+        models.check(spec)  # all of them before the first is scored: one line, nothing written
     combined = evaluate(checkpoints, [t.strip() for t in tasks.split(",") if t.strip()], Path(out), limit,
                         list(include), base if retention else None, batch_size, echo=lambda m: click.echo(m, err=True),
                         max_gen_toks=max_gen_toks, backend=backend)
