@@ -265,7 +265,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     `report_to` names trackers (unisd.tracking) that get each metrics row and the configuration.
     """
     out = Path(config.out)
-    checkpoint.check_out_dir(out, resume=resume, overwrite=overwrite)
+    checkpoint.check_out_dir(out, resume=resume, overwrite=overwrite, extend=extend)
     run = prepare(config, echo)
     main = run.world.main
     echo = echo if main else (lambda m: None)  # one voice: rank 0 speaks and writes
