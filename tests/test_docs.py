@@ -91,7 +91,7 @@ def test_results_render_whatever_files_are_there(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     (tmp_path / "odd.json").write_text(json.dumps({"cells": "not a list", "n": 3}))
     text = generate.results(tmp_path)
-    assert "14.0 ± 5.0" in text  # the score table, from unisd.report
+    assert "14.0 [9.0, 19.0]" in text  # the score table, from unisd.report
     assert "| sd | 11.50 |" in text and "| fp32 | 4 | 64 | 1.25 |" in text and "| `rounds` | 2 |" in text
     assert "#### The report" in text and "| x | 35.0 |" in text  # the benchmark's own report, under the section
     assert "| `seconds` | 731 |" in text and "| `training_s.sft` | 58.7 |" in text and "| `truncated` | 0.25, 0.5 |" in text
