@@ -55,6 +55,14 @@ def test_the_flag_table_lists_every_trainer_flag():
             assert f"`--{name.replace('_', '-')}" in table, name
 
 
+def test_every_config_file_key_is_a_flag_in_the_table():
+    from unisd.config import TrainConfig
+
+    flags = set(re.findall(r"--[\w-]+", generate.flags("train")))
+    for name in TrainConfig.__dataclass_fields__:  # a --config file takes exactly these keys
+        assert ("--option" if name == "options" else f"--{name.replace('_', '-')}") in flags, name
+
+
 def test_the_combinations_table_says_what_the_config_checks(monkeypatch):
     from unisd.config import ConfigError, TrainConfig
 

@@ -36,7 +36,8 @@ def main(verbose: bool) -> None:
 @click.option("--config", "config_file", default=None, metavar="FILE", help=CONFIG_HELP)
 @click.option("--model", default=None, help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")
 @click.option("--data", default=None,
-              help="Benchmark name (mbpp, cos_e, ...) or a JSONL file of prompt/answer[/rationale] rows.")
+              help="A benchmark (scienceqa, mbpp, cos_e, toolalpaca, demo), a Hub dataset id (org/name), or a "
+                   ".jsonl/.json/.parquet/.csv file of messages, prompt/completion or prompt/answer[/rationale] rows.")
 @click.option("--out", default=None, help="Output folder: final model, checkpoints/, metrics.jsonl.")
 @click.option("--plugins", default="",
               help="Comma-separated mechanisms, applied in this order (e.g. ema,agree,clip).")

@@ -52,9 +52,10 @@ class TrainConfig:
     batch_size: int = flag(4, "Prompts per micro-batch.", low=1)
     grad_accum: int = flag(1, "Micro-batches per optimizer step.", low=1)
     lr: float = flag(2e-5, "Peak learning rate: AdamW, 10% warmup, cosine decay.", low=0, low_open=True)
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    warmup_ratio: float = flag(0.1, "Share of the steps over which the learning rate warms up linearly.", low=0, high=1,
+                               high_open=True)
+    weight_decay: float = flag(0.0, "AdamW weight decay.", low=0)
+    max_grad_norm: float = flag(1.0, "Clip the gradient's global norm to this before each update.", low=0, low_open=True)
     max_new_tokens: int = flag(256, "Rollout length limit.", low=1)
     max_prompt_tokens: int = flag(1024, "Longer prompts are dropped, never cut.", low=1)
     temperature: float = flag(0.7, "Rollout sampling temperature.", low=0, low_open=True)
@@ -75,7 +76,7 @@ class TrainConfig:
     seed: int = flag(42, "Seed for data order, sampling and plugins.", low=0)
     max_bad_steps: int = flag(3, "Stop after this many non-finite steps in a row.", low=1)
     save_every: int = flag(0, "Checkpoint every N steps (0: only at the end).", low=0)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = flag(2, "Resumable checkpoints kept in --out/checkpoints (the newest).", low=1)
     # LoRA (issue 28)
     lora: bool = flag(False, "Train a LoRA adapter instead of all weights; --out holds the merged model and, in "
                              "adapter/, the adapter in peft's format.")
@@ -119,6 +120,8 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay must be 0 or more"),
+            (self.max_grad_norm > 0, "max_grad_norm must be positive"),
             (self.rollout in ROLLOUTS, f"--rollout must be one of {', '.join(ROLLOUTS)}"),
             (self.rollout_kv_cache_gb > 0, "--rollout-kv-cache-gb must be positive"),
             (all(p in self.teacher_template for p in ("{demonstration}", "{prompt}")),
