@@ -15,7 +15,8 @@ from unisd import config as cfg
 from unisd import config_file as config_files
 from unisd import quiet, tracking
 from unisd.ablate import ablate_command
-from unisd.flags import AT_LEAST_1, CONFIG_HELP, EXAMPLE, POSITIVE, OneLineGroup, errors_are_one_line, fail, trainer_flags
+from unisd.flags import (AT_LEAST_1, CONFIG_HELP, EXAMPLE, POSITIVE, OneLineGroup, SectionedCommand, errors_are_one_line,
+                         fail, trainer_flags)
 from unisd.plugin import discover, load, parse_overrides, settle_objective
 
 @click.group(cls=OneLineGroup,
@@ -31,7 +32,7 @@ def main(verbose: bool) -> None:
     quiet.apply(verbose)
 
 
-@main.command(epilog=EXAMPLE.format(
+@main.command(cls=SectionedCommand, epilog=EXAMPLE.format(
     "unisd train --model smollm2-135m --data train.jsonl --plugins ema,clip -o clip.max=5 --out runs/x"))
 @click.option("--config", "config_file", default=None, metavar="FILE", help=CONFIG_HELP)
 @click.option("--model", default=None, help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")
