@@ -51,7 +51,7 @@ class TrainConfig:
     max_steps: int = flag(0, "Optimizer steps (default: one pass over the data).", low=0, show_default=False)
     batch_size: int = flag(4, "Prompts per micro-batch.", low=1)
     grad_accum: int = flag(1, "Micro-batches per optimizer step.", low=1)
-    lr: float = flag(2e-5, "Peak learning rate: AdamW, linear warmup (--warmup-ratio), cosine decay.", low=0, low_open=True)
+    lr: float = flag(2e-5, "Peak learning rate: AdamW, 10% warmup (--warmup-ratio), cosine decay.", low=0, low_open=True)
     warmup_ratio: float = flag(0.1, "Share of the steps over which the learning rate warms up linearly.", low=0, high=1,
                                high_open=True)
     weight_decay: float = flag(0.0, "AdamW weight decay.", low=0)
