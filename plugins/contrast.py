@@ -8,7 +8,8 @@
     L = weight · mean_b [ Σ_t m_t max(0, margin + |ℓθ_t − ℓ⁺_t| − |ℓθ_t − ℓ⁻_t|) / Σ_t m_t ]
 
 over the sequences that have a negative. Negatives are generated once at setup by the model itself
-(batched, seeded, with up to `max_new_tokens` = 1024 tokens as in the official job): a wrong option with
+(batched, seeded, with up to `max_new_tokens` tokens: the run's --max-new-tokens unless set; the official
+job allows 1024): a wrong option with
 an argument for it (multiple choice), code with a planted bug (MBPP/HumanEval), a corrupted tool call
 (ToolAlpaca), or the model's own attempt at the question (plain JSONL), each asked after the example's
 earlier turns (system prompt, conversation), as its student prompt is.
@@ -146,13 +147,13 @@ class Contrast(Plugin):
         weight: float = 0.1          # λ (official contrastive run: 0.1; UniSD*: 0.01)
         margin: float = 0.5          # hinge margin (official contrastive run: 0.5; UniSD*: 0.1)
         tries: int = 2               # generation attempts per example before it counts as without negative
-        max_new_tokens: int = 1024   # room to finish (official: 1024); a reply that still hits it is not used
+        max_new_tokens: int = 0      # room to finish (0: the run's --max-new-tokens; official: 1024); cut-off replies unused
 
         def __post_init__(self) -> None:
             if self.weight < 0 or self.margin < 0:
                 raise ValueError("contrast.weight and contrast.margin must be >= 0")
-            if self.tries < 1 or self.max_new_tokens < 1:
-                raise ValueError("contrast.tries and contrast.max_new_tokens must be at least 1")
+            if self.tries < 1 or self.max_new_tokens < 0:
+                raise ValueError("contrast.tries must be at least 1 and contrast.max_new_tokens 0 (the run's) or more")
 
     config: Config
 
@@ -166,7 +167,8 @@ class Contrast(Plugin):
         return f"{self.name or 'contrast'}:negative"
 
     def setup(self, run: RunView) -> None:
-        c, seed = self.config, run.config.seed
+        c, seed = dataclasses.replace(self.config, max_new_tokens=self.config.max_new_tokens or run.config.max_new_tokens), \
+            run.config.seed
         drawn = run.scheduled()  # only the examples this run's schedule reaches need a negative
         examples = [run.examples[i] for i in drawn]
         key = {"kind": "negatives-v4", "data": generation.data_digest(examples), "model": run.config.model,

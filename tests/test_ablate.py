@@ -134,9 +134,8 @@ def test_table_and_interactions_match_the_scores(study):
     assert lines[0] == "| run | tiny_a | tiny_b | Overall |"
     assert [ln.split(" | ")[0][2:] for ln in lines[2:2 + len(scores)]] == ["base", *RUNS]
     row, ci = scores["clip+match"], results["ci95"]["clip+match"]
-    half = {t: (ci[t][1] - ci[t][0]) / 2 for t in ci}
-    assert f"| clip+match | {row['tiny_a']:.1f} ± {half['tiny_a']:.1f} | {row['tiny_b']:.1f} ± {half['tiny_b']:.1f} |" \
-        in table
+    cell = {t: f"{row[t]:.1f} [{ci[t][0]:.1f}, {ci[t][1]:.1f}]" for t in ci}
+    assert f"| clip+match | {cell['tiny_a']} | {cell['tiny_b']} |" in table
     for name, per_task in results["items"].items():  # per-item scores: exact intervals of the 0/1 accuracies
         for task, values in per_task.items():
             assert len(values) == {"tiny_a": 24, "tiny_b": 12}[task]

@@ -63,7 +63,7 @@ def test_keyword_arguments_win_over_the_file(tmp_path: Path) -> None:
     ({"lora_targets": 3}, "lora_targets: expected a string, found 3"),
     ({"plugins": [1]}, "plugins: expected a list of plugin names"),
     ({"options": {"clip": 5}}, "options: expected a mapping plugin -> option -> value"),
-    ({"warmup_ratio": 1.5}, "warmup_ratio must be in [0, 1)"),
+    ({"warmup_ratio": 1.5}, "warmup_ratio: 1.5 is not in the range 0<=x<1"),
 ])
 def test_a_bad_key_or_value_is_one_line_naming_it_and_nothing_is_written(tmp_path: Path, tiny_data: Path,
                                                                          settings: dict, message: str) -> None:

@@ -83,7 +83,7 @@ def test_demo_trains_both_runs_and_writes_intervals_retention_and_charts(tiny_mo
     rows = table.splitlines()
     assert rows[0] == "| run | Demo | Overall |"
     assert [row.split("|")[1].strip() for row in rows[2:rows.index("")]] == ["base", "sft", "unisd-star"]
-    assert "±" in rows[2] and "Retention" in table and "Paired differences" in table
+    assert re.search(r"\| base \| \d+\.\d \[\d+\.\d, \d+\.\d\]", rows[2]) and "Retention" in table and "Paired differences" in table
     results = json.loads(paths["results"].read_text())
     assert set(results["paired"]) == {"sft", "unisd-star"} and "sft" in results["paired"]["unisd-star"]
     assert set(results["retention"]) == {"base", "sft", "unisd-star"}

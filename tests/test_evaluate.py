@@ -76,10 +76,10 @@ def test_eval_matches_direct_lm_eval_and_writes_table_and_chart(two_checkpoints,
     assert table.splitlines()[0] == "| run | tiny_mc | tiny_gen | Overall |"
     sd, ci = combined["scores"]["sd"], combined["ci95"]["sd"]
     mean = (sd["tiny_mc"] + sd["tiny_gen"]) / 2
-    cells = [f"{sd[t]:.1f} ± {(ci[t][1] - ci[t][0]) / 2:.1f}" for t in ("tiny_mc", "tiny_gen")]
+    cells = [f"{sd[t]:.1f} [{ci[t][0]:.1f}, {ci[t][1]:.1f}]" for t in ("tiny_mc", "tiny_gen")]
     whole = combined["overall_ci95"]["sd"]
     assert whole[0] <= mean <= whole[1]
-    overall_cell = f"{mean:.1f} ± {(whole[1] - whole[0]) / 2:.1f}"
+    overall_cell = f"{mean:.1f} [{whole[0]:.1f}, {whole[1]:.1f}]"
     assert f"| sd | {cells[0]} | {cells[1]} | {overall_cell} |" in table  # 3 items: no difference is significant
     assert "New tokens per answer at most: tiny_gen 4, capped with --max-gen-toks 4" in table
     assert "| constant answer | 66.7 (always 0) |" in table
@@ -209,4 +209,4 @@ def test_compare_merges_items_recomputes_tests_and_warns_on_different_orders(tmp
     table = (tmp_path / "c" / "table.md").read_text()
     # sd wins 10 items and loses none against base: exact McNemar p = 2 / 2^10
     assert "| sd | base | t | +50.0 ↑ | " in table and f"| {2 / 2 ** 10:.3g} | exact McNemar | 20 |" in table
-    assert "| sd | 70.0 ± " in table and " ↑ |" in table.splitlines()[3]
+    assert "| sd | 70.0 [" in table and " ↑ |" in table.splitlines()[3]

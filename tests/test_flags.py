@@ -25,3 +25,17 @@ def test_every_flag_field_is_an_option_of_train_and_ablate_with_the_same_type():
 def test_the_help_gives_the_default_from_the_config():
     help_of = {p.name: p.help for p in main.commands["train"].params}
     assert help_of["batch_size"].endswith("[4]") and help_of["divergence"].endswith("[fkl]")
+
+
+def test_train_help_lists_every_flag_under_a_heading_of_what_it_does():
+    from click.testing import CliRunner
+
+    from unisd.cli import main, train
+    from unisd.flags import HELP_SECTIONS, section_of
+
+    unplaced = [p.name for p in train.params if section_of(p.name) is None]
+    assert unplaced == [], "add these to unisd.flags.HELP_SECTIONS"
+    text = CliRunner().invoke(main, ["train", "--help"]).output
+    headings = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert headings == [*HELP_SECTIONS, "Options"]  # Options: --help alone
+    assert text.index("--warmup-ratio") < text.index("Sampling (rollouts):") < text.index("--top-p")

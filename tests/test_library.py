@@ -60,5 +60,5 @@ def test_the_readme_example_runs_as_written(tiny_model: Path, tiny_data: Path, t
     again = json.loads((tmp_path / "runs" / "again" / "unisd.json").read_text())
     assert again["config"]["model"] == "runs/x" and again["steps"] == 1
     [scores] = printed
-    assert set(scores) == {"x", "again"} and all("unisd_cose" in s for s in scores.values())
+    assert set(scores) == {"x", "again"} and all("unisd_demo" in s for s in scores.values())
     assert (tmp_path / "eval" / "table.md").is_file()

@@ -132,3 +132,7 @@ def test_the_plugin_example_is_a_working_plugin():
         mask = torch.ones(1, 4)
 
     assert gate.weights(Out()).tolist() == [[0.0, 1.0, 0.0, 1.0]]
+    Out.mask = torch.zeros(1, 4)  # --mask-truncated left every completion out: no quantile of nothing
+    assert gate.weights(Out()).tolist() == [[1.0, 1.0, 1.0, 1.0]]
+    hook = example[example.index("    def weights"):]
+    assert hook in (ROOT / "docs" / "plugins.md").read_text()  # the docs' copy has the same guard

@@ -386,3 +386,16 @@ def test_two_providers_of_an_exclusive_hook_are_refused_at_load_time():
     with pytest.raises(PluginError, match="plugins 's' and 't' both provide the completions hook"):
         Hooks(load(["s", "a", "t"], {}, found))
     assert [p.name for p in Hooks(load(["a", "c", "s"], {}, found)).plugins] == ["a", "c", "s"]  # c composes
+
+
+def test_resume_extend_lengthens_a_finished_run(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train(_config(tiny_model, tiny_data, out, max_steps=2, save_every=0), echo=lambda m: None)
+    with pytest.raises(checkpoint.OutputDirError, match="holds a finished run; .* or --resume --extend"):
+        train(_config(tiny_model, tiny_data, out, max_steps=3, save_every=0), resume=True, echo=lambda m: None)
+    messages: list[str] = []
+    train(_config(tiny_model, tiny_data, out, max_steps=3, save_every=0), resume=True, extend=True,
+          echo=messages.append)
+    assert "resumed at step 2 of 3" in messages
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((out / "unisd.json").read_text())["steps"] == 3

@@ -93,7 +93,7 @@ def markdown(table: Mapping[str, Mapping[str, float]], overall: Mapping[str, flo
              pairs: Mapping[tuple[str, str], float], plugins: tuple[str, ...],
              uncertainty: Mapping[str, Any] | None = None, gen_toks: Mapping[str, int] | None = None,
              max_gen_toks: int | None = None) -> str:
-    """table.md: scores ± 95% interval (paper layout), gains over plain SD and the interaction matrix, each
+    """table.md: scores [95% interval] (paper layout), gains over plain SD and the interaction matrix, each
     with its 95% interval (paired bootstrap over items), and the generation limit."""
     from unisd.report import generation_note, score_table
 

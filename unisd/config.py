@@ -53,10 +53,11 @@ class TrainConfig:
     grad_accum: int = flag(1, "Micro-batches per optimizer step.", low=1)
     num_generations: int = flag(1, "Completions sampled per prompt, each scored under the same views: a micro-batch "
                                     "is G samples of each of --batch-size prompts, weighted as G x B rows.", low=1)
-    lr: float = flag(2e-5, "Peak learning rate: AdamW, 10% warmup, cosine decay.", low=0, low_open=True)
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    lr: float = flag(2e-5, "Peak learning rate: AdamW, 10% warmup (--warmup-ratio), cosine decay.", low=0, low_open=True)
+    warmup_ratio: float = flag(0.1, "Share of the steps over which the learning rate warms up linearly.", low=0, high=1,
+                               high_open=True)
+    weight_decay: float = flag(0.0, "AdamW weight decay.", low=0)
+    max_grad_norm: float = flag(1.0, "Clip the gradient's global norm to this before each update.", low=0, low_open=True)
     max_new_tokens: int = flag(256, "Rollout length limit.", low=1)
     max_prompt_tokens: int = flag(1024, "Longer prompts are dropped, never cut.", low=1)
     temperature: float = flag(0.7, "Rollout sampling temperature.", low=0, low_open=True)
@@ -81,7 +82,7 @@ class TrainConfig:
                               "--data-seed train on the same order (unisd ablate --seeds).", low=-1, show_default=False)
     max_bad_steps: int = flag(3, "Stop after this many non-finite steps in a row.", low=1)
     save_every: int = flag(0, "Checkpoint every N steps (0: only at the end).", low=0)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = flag(2, "Resumable checkpoints kept in --out/checkpoints (the newest).", low=1)
     # LoRA (issue 28)
     lora: bool = flag(False, "Train a LoRA adapter instead of all weights; --out holds the merged model and, in "
                              "adapter/, the adapter in peft's format.")
@@ -100,6 +101,8 @@ class TrainConfig:
     skip_first_tokens: int = flag(0, "Leave the first N completion tokens of every sample out of the loss (SDFT's "
                                      "reference code skips 3).", low=0)
     log_samples: int = flag(10, "Every N steps, write a few prompts' completions to samples.jsonl (0: never).", low=0)
+    log_every: int = flag(10, "Where no progress bar shows (a log file, CI), print step, loss, lr, step time and time "
+                              "left every N steps and at the last (0: never).", low=0)
     fsdp: bool = flag(False, "Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
     push_to_hub: str = flag("", "Upload the finished output folder (model, card, adapter under --lora) to this Hub "
                                 "repository; the token and access are checked before training.", show_default=False)
@@ -125,10 +128,13 @@ class TrainConfig:
             (self.divergence != "jsd" or 0 < self.alpha < 1, "--alpha must be in (0, 1) for jsd (fkl and rkl are the endpoints)"),
             (self.save_every >= 0, "--save-every must be 0 or more"),
             (self.log_samples >= 0, "--log-samples must be 0 (never) or more"),
+            (self.log_every >= 0, "--log-every must be 0 (never) or more"),
             (self.skip_first_tokens >= 0, "--skip-first-tokens must be 0 or more"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay must be 0 or more"),
+            (self.max_grad_norm > 0, "max_grad_norm must be positive"),
             (self.rollout in ROLLOUTS, f"--rollout must be one of {', '.join(ROLLOUTS)}"),
             (self.rollout_kv_cache_gb > 0, "--rollout-kv-cache-gb must be positive"),
             (self.dist_timeout_min > 0, "--dist-timeout-min must be positive"),

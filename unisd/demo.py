@@ -12,8 +12,9 @@ recipe and this rate did not.
 """
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,8 +34,34 @@ RETENTION = 100  # documents per run for PPL_ret / PPL_fit: two full forwards pe
 
 
 def backend() -> str:
-    """The one place the demo picks its sampling engine: vLLM for rollouts and evaluation when it is installed."""
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    """The demo's sampling engine: `vllm` when it imports, else `hf` (transformers generate)."""
+    return choose_backend()[0]
+
+
+def choose_backend() -> tuple[str, str]:
+    """(engine, why not vLLM): vLLM for rollouts and evaluation when it imports; a vLLM build that does not
+    load (e.g. one built against another torch) falls back to transformers as a missing one does."""
+    from unisd import engine  # noqa: F401  (sets vLLM's logging level before its first import)
+
+    try:
+        import vllm  # noqa: F401
+    except ModuleNotFoundError:
+        return "hf", "vLLM not installed: transformers generate"
+    except Exception as error:  # a wheel built against another torch raises ImportError, OSError or RuntimeError
+        return "hf", f"vLLM did not import ({_first_line(error)}): transformers generate"
+    return "vllm", ""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _in_engine(error: BaseException) -> bool:
+    """Whether `error` was raised inside vLLM or unisd's engine wrapper (start, load or generate), so that
+    transformers can stand in; any other error is the run's own and is raised as it is."""
+    modules = [str(frame.f_globals.get("__name__", "")) for frame, _ in traceback.walk_tb(error.__traceback__)]
+    return any(name == "unisd.engine" or name.split(".")[0] == "vllm" for name in modules)
 
 
 def _difference(test: dict[str, Any]) -> str:
@@ -69,8 +96,8 @@ def run(out: Path, steps: int = STEPS, eval_limit: int = 200, batch_size: int = 
         overwrite: bool = False, echo: Callable[[str], None] = print, model: str = MODEL) -> dict[str, Path]:
     """Train SFT and UniSD*, score base / SFT / UniSD*, and return the paths of everything written."""
     started = time.time()
-    engine = backend()
-    echo(f"sampling backend: {engine}" + ("" if engine == "vllm" else " (vLLM not installed: transformers generate)"))
+    engine, why = choose_backend()
+    echo(f"sampling backend: {engine}" + (f" ({why})" if why else ""))
     checkpoints = {"base": model}
     bf16 = hardware.fast_bf16_cpu()  # emulated bf16 (an AVX2-only CPU) is several times slower than fp32
     echo(f"precision: {'bf16 mixed' if bf16 else 'fp32 (this CPU has no native bf16)'}")
@@ -81,7 +108,14 @@ def run(out: Path, steps: int = STEPS, eval_limit: int = 200, batch_size: int = 
         config = cfg.resolve(preset, (), options, model=model, data="demo", out=str(folder), max_steps=steps,
                              batch_size=batch_size, max_new_tokens=96, lr=lr, bf16=bf16, rollout=engine, save_every=0,
                              rollout_eager=True, **settings)  # a dozen steps never earn back vLLM's compilation
-        train(config, overwrite=overwrite, echo=echo)
+        try:
+            train(config, overwrite=overwrite, echo=echo)
+        except Exception as error:
+            if engine != "vllm" or not _in_engine(error):
+                raise
+            engine = "hf"
+            echo(f"sampling backend: hf (vLLM's engine failed, {_first_line(error)}: transformers generate)")
+            train(dataclasses.replace(config, rollout=engine), overwrite=True, echo=echo)
         checkpoints[preset] = str(folder)
     echo(f"[3/3] scoring base, SFT and UniSD* on {eval_limit} held-out additions, with retention")
     combined = evaluate.evaluate(checkpoints, [TASK], out / "eval", eval_limit, base=model, echo=echo,

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from unisd import progress
 from unisd.models import ModelError
 
 # the weights are copied into the model object, so the engine core must live in this process
@@ -228,8 +229,9 @@ def start(config: Any, world: Any) -> Engine:
     length = 2 * config.max_prompt_tokens + config.max_new_tokens
     dtype = torch.bfloat16 if config.bf16 or world.device.type == "cuda" else torch.float32
     rng = rng_state()  # vLLM seeds the global generators at start; the run's own draws stay as they were
-    engine = Engine(folder, dtype, config.rollout_kv_cache_gb, min(length, limit or length), config.seed + world.rank,
-                    eager=config.rollout_eager, external=world.size > 1, batch=config.batch_size * config.num_generations,
-                    sleep=config.rollout_sleep)
+    with progress.phase(f"vLLM engine: starting ({'eager' if config.rollout_eager else 'compiling its graphs'})"):
+        engine = Engine(folder, dtype, config.rollout_kv_cache_gb, min(length, limit or length), config.seed + world.rank,
+                        eager=config.rollout_eager, external=world.size > 1,
+                        batch=config.batch_size * config.num_generations, sleep=config.rollout_sleep)
     set_rng_state(rng)
     return engine

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from unisd import models, stats
+from unisd import models, quiet, stats
 from unisd.callable_module import make_callable
 from unisd.data import Example
 from unisd.data.prompts import demonstration
@@ -84,6 +84,7 @@ def run_lm_eval(path: str, tasks: list[str], limit: int | None, include: list[st
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    quiet.lm_eval()
     if backend == "vllm":
         from unisd import engine
 

@@ -71,6 +71,39 @@ def trainer_flags(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+# `unisd train --help` in sections by what the flags do (parameter names; anything unlisted goes under Options)
+HELP_SECTIONS: dict[str, tuple[str, ...]] = {
+    "What to train": ("config_file", "model", "data", "out", "plugins", "preset", "options", "data_config", "data_split",
+                      "columns", "teacher_template"),
+    "Schedule and optimizer": ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
+                               "max_grad_norm", "seed"),
+    "Sampling (rollouts)": ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p", "top_k", "rollout",
+                            "rollout_kv_cache_gb", "rollout_eager"),
+    "Objective": ("divergence", "alpha", "loss_temperature", "mask_truncated", "skip_first_tokens"),
+    "LoRA": ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+    "Precision, devices and memory": ("bf16", "fsdp", "dry_run", "device_memory_gb", "world_size"),
+    "Checkpoints, resuming and logging": ("save_every", "keep_checkpoints", "max_bad_steps", "resume", "extend",
+                                          "overwrite", "log_every", "log_samples", "report_to"),
+}
+
+
+class SectionedCommand(click.Command):
+    """A command whose --help lists its options under HELP_SECTIONS' headings instead of one long list."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx)}
+        for title, names in [*HELP_SECTIONS.items(), ("Options", tuple(n for n in records if not section_of(n)))]:
+            rows = [record for name in names if (record := records.get(name))]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def section_of(name: str | None) -> str | None:
+    """The help section a parameter is listed under (None: the closing Options section)."""
+    return next((title for title, names in HELP_SECTIONS.items() if name in names), None)
+
+
 class OneLineGroup(click.Group):
     """click's own usage errors (a bad flag value, an unknown option) as one `error:` line, exit 2."""
 

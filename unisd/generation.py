@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from unisd import distributed, models
+from unisd import distributed, models, progress
 from unisd.data import Example
 from unisd.sequences import Prompt, render
 
@@ -95,7 +95,8 @@ def generate(policy: Policy, prompts: Sequence[Prompt], max_new_tokens: int, see
     is untouched. Under torchrun every rank must call it (a sharded student samples on all ranks together)."""
     device, tokenizer = policy.world.device, policy.tokenizer
     replies: list[tuple[str, bool]] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            progress.phase(f"{desc}: {len(prompts)} prompts, up to {max_new_tokens} new tokens each"):
         torch.manual_seed(seed)
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=None, leave=False):
             rows = [render(tokenizer, p) for p in prompts[i:i + batch_size]]

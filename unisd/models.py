@@ -62,6 +62,22 @@ def resolve(spec: str) -> str:
     return str(target)
 
 
+def check(spec: str) -> None:
+    """That `spec` names a model that loads, reading its config only (for a .gguf file or an alias: that the file
+    is there), so that a bad spec is one error line before anything is loaded, scored or written."""
+    if spec in ALIASES or spec.endswith(".gguf"):
+        folder, name = _gguf_source(spec)
+        if not (Path(folder) / name).is_file():
+            raise ModelError(f"{Path(folder) / name}: no such GGUF file")
+        return
+    try:
+        AutoConfig.from_pretrained(resolve(spec))
+    except ModelError:
+        raise
+    except Exception as e:  # hub, transformers and OS errors alike: mapped to one line in unisd.errors
+        raise ModelError(errors.model_problem(spec, e)) from None
+
+
 def _looks_like_path(spec: str) -> bool:
     """A spec no Hub id can be: absolute, relative to . or ~, or more than one folder deep."""
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec

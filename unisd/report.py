@@ -42,8 +42,9 @@ def _columns(table: dict[str, dict[str, float]]) -> list[str]:
     return list(seen)
 
 
-def _half_width(ci: list[float] | tuple[float, float] | None) -> str:
-    return f" ± {(ci[1] - ci[0]) / 2:.1f}" if ci else ""
+def _interval(ci: list[float] | tuple[float, float] | None) -> str:
+    """The interval itself: intervals of 0/1 scores are asymmetric near 0 and 100, so `± half` would misstate them."""
+    return f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""
 
 
 def score_table(table: dict[str, dict[str, float]], ci95: dict[str, dict[str, list[float]]] | None = None,
@@ -51,7 +52,7 @@ def score_table(table: dict[str, dict[str, float]], ci95: dict[str, dict[str, li
                 overall_ci95: dict[str, list[float]] | None = None) -> str:
     """Markdown: rows = runs, columns = tasks + Overall, scores in percent with one decimal.
 
-    With ci95 (and overall_ci95) a cell reads `score ± half-width` of its 95% interval; marks[run][task]
+    With ci95 (and overall_ci95) a cell reads `score [low, high]`, its 95% interval; marks[run][task]
     is appended to it.
     """
     cols = _columns(table)
@@ -59,10 +60,22 @@ def score_table(table: dict[str, dict[str, float]], ci95: dict[str, dict[str, li
              "|---|" + "---|" * (len(cols) + 1)]
     for name, row in table.items():
         ci, mark = (ci95 or {}).get(name, {}), (marks or {}).get(name, {})
-        cells = [f"{row[c]:.1f}{_half_width(ci.get(c))}{mark.get(c, '')}" if c in row else "–" for c in cols]
-        whole = f"{overall(row, cols):.1f}{_half_width((overall_ci95 or {}).get(name))}"
+        cells = [f"{row[c]:.1f}{_interval(ci.get(c))}{mark.get(c, '')}" if c in row else "–" for c in cols]
+        whole = f"{overall(row, cols):.1f}{_interval((overall_ci95 or {}).get(name))}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {whole} |")
     return "\n".join(lines) + "\n"
+
+
+def overall_note(items: Mapping[str, Mapping[str, Mapping[str, float]]], tasks: list[str]) -> str:
+    """Over which items Overall is taken: the mean of a row's task scores; its interval resamples each task's
+    items (`items`: run -> task -> item -> score), so a task without per-item scores is not in it."""
+    counts = {t: max((len(per_task.get(t, {})) for per_task in items.values()), default=0) for t in tasks}
+    listed = ", ".join(f"{_label(t)} {n}" for t, n in counts.items() if n)
+    missing = [_label(t) for t, n in counts.items() if not n]
+    return ("Overall: the mean of a row's task scores, each task counting once"
+            + (f"; its interval resamples the items within each task ({listed} items)" if listed else "")
+            + (f"; {', '.join(missing)}: no per-item scores, so not in the interval" if missing and listed else "")
+            + ".")
 
 
 def significance_marks(paired: dict[str, dict[str, dict[str, Any]]], reference: str) -> dict[str, dict[str, str]]:
@@ -180,13 +193,14 @@ def reference_of(combined: dict[str, Any]) -> str | None:
 
 
 def write_comparison(combined: dict[str, Any], out: Path) -> None:
-    """table.md (scores ± interval, paired tests, answer spread, retention) and scores.png."""
+    """table.md (scores [interval], paired tests, answer spread, retention) and scores.png."""
     reference = reference_of(combined)
     marks = significance_marks(combined.get("paired", {}), reference) if reference else {}
     text = score_table(combined["scores"], combined.get("ci95"), marks, combined.get("overall_ci95"))
     if combined.get("ci95"):
-        text += (f"\n± half the 95% interval (exact Clopper-Pearson for 0/1 scores, bootstrap over items "
-                 f"otherwise); ↑ / ↓: the paired difference to {reference} excludes 0.\n")
+        text += (f"\n[low, high]: the 95% interval (exact Clopper-Pearson for 0/1 scores, bootstrap over items "
+                 f"otherwise); ↑ / ↓: the paired difference to {reference} excludes 0. "
+                 f"{overall_note(combined.get('items', {}), _columns(combined['scores']))}\n")
     text += "\n" + generation_note(combined.get("gen_toks", {}), combined.get("max_gen_toks"))
     if combined.get("paired"):
         text += "\nPaired differences over the same items (points):\n\n" + paired_table(combined["paired"])

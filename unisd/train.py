@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from unisd import checkpoint, distributed, hardware, hub, losses, models, monitor, report, tracking, views
+from unisd import checkpoint, distributed, hardware, hub, losses, models, monitor, progress, report, tracking, views
 from unisd.api import Batch, Outputs, TrainError
 from unisd.callable_module import make_callable
 from unisd.config import ConfigError, TrainConfig
@@ -190,6 +190,7 @@ def step(run: Run) -> dict[str, float]:
     else:
         run.bad_steps += 1
     run.optimizer.zero_grad(set_to_none=True)
+    lr = run.scheduler.get_last_lr()[0]  # the rate this update used, before the schedule moves on
     run.scheduler.step()
     run.step += 1
     timing["optimizer_s"] = time.perf_counter() - t4
@@ -197,7 +198,7 @@ def step(run: Run) -> dict[str, float]:
     if finite:
         hooks.after_step(run)
     timing["after_step_s"] = time.perf_counter() - t5
-    return {"step": run.step, **totals, "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0],
+    return {"step": run.step, **totals, "grad_norm": float(grad_norm), "lr": lr,
             "skipped": not finite, **timing, "step_time_s": time.perf_counter() - started}
 
 
@@ -288,7 +289,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     `report_to` names trackers (unisd.tracking) that get each metrics row and the configuration.
     """
     out = Path(config.out)
-    checkpoint.check_out_dir(out, resume=resume, overwrite=overwrite)
+    checkpoint.check_out_dir(out, resume=resume, overwrite=overwrite, extend=extend)
     hub_api = _hub_api(config)
     run = prepare(config, echo)
     main = run.world.main
@@ -305,6 +306,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
         checkpoint.truncate_metrics(metrics_path, run.step)
         checkpoint.truncate_metrics(samples_path, run.step)
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None if main else True)
+    lines = progress.StepLog(0 if progress.bar_shows() else config.log_every, run.total_steps)  # off a terminal
     with stop, (metrics_path.open("a") if main else contextlib.nullcontext()) as log, \
             tracking.Trackers(report_to if main else (), run.config.to_json(), out) as trackers:
         while run.step < run.total_steps:
@@ -321,6 +323,9 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
                 echo(warning)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            line = lines.line(metrics)
+            if line:
+                echo(line)
             if metrics["skipped"]:
                 echo(f"step {run.step}: non-finite loss or gradient, update skipped")
                 if run.bad_steps >= config.max_bad_steps:
