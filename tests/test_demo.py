@@ -91,5 +91,7 @@ def test_demo_trains_both_runs_and_writes_intervals_retention_and_charts(tiny_mo
     assert f"bootstrap over the first {demo.RETENTION} documents of each task" in table
     for png in (paths["chart"], paths["curves"]):
         assert matplotlib.image.imread(png).ndim == 3
-    assert messages[-len(paths) - 3] == demo.verdict(results)
+    assert messages[-len(paths) - 4] == demo.verdict(results)
+    assert messages[-len(paths) - 3].startswith("What UniSD*'s mechanisms did in this run: ")  # from its metrics
+    assert "ema/distance" in messages[-len(paths) - 3] and "clip/rate" in messages[-len(paths) - 3]
     assert messages[-len(paths) - 2] == demo.SCALE_FINDING

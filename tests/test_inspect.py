@@ -70,3 +70,12 @@ def test_a_folder_without_metrics_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "empty")])
     assert shown.exit_code == 2 and shown.output.startswith("error:") and shown.output.count("\n") == 1
+
+
+def test_the_summary_line_names_each_verdict(tmp_path: Path) -> None:
+    run = _write(tmp_path / "run", [{"step": 1, "loss": 1.0, "agree/removed": 0.0003, "clip/rate": 0.0}], [])
+    line = dr.summary(run, "UniSD*")
+    assert line.startswith("What UniSD*'s mechanisms did in this run: agree/removed barely acted")
+    assert "clip/rate never fired" in line and line.count("\n") == 0
+    assert dr.summary(_write(tmp_path / "plain", [{"step": 1, "loss": 1.0}], []), "SD") == \
+        "SD: no mechanism metrics were logged."

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from unisd import config as cfg
-from unisd import evaluate, hardware, report
+from unisd import divergence_report, evaluate, hardware, report
 from unisd.train import train
 
 MODEL = "smollm2-135m"
@@ -126,6 +126,7 @@ def run(out: Path, steps: int = STEPS, eval_limit: int = 200, batch_size: int = 
              "results": out / "eval" / "results.json"}
     echo("\n" + (out / "table.md").read_text())
     echo(verdict(combined))
+    echo(divergence_report.summary(out / "unisd-star", "UniSD*"))
     echo(SCALE_FINDING)
     echo(f"done in {time.time() - started:.0f} s")
     for name, path in paths.items():

@@ -117,6 +117,15 @@ def _verdict(key: str, values: list[tuple[int, float]], steps: int) -> str:
     return ""
 
 
+def summary(run: Path, name: str) -> str:
+    """One line: what each mechanism of `run` did by its metrics, for the metrics with a verdict."""
+    metrics, _ = read(run)
+    said = [f"{r['metric']} {r['verdict']}" for r in mechanisms(metrics) if r["verdict"]]
+    if not said:
+        return f"{name}: no mechanism metrics were logged."
+    return f"What {name}'s mechanisms did in this run: {'; '.join(said)} (`unisd inspect {run}` shows more)."
+
+
 def markdown(run: Path, metrics: list[dict[str, Any]], samples: list[dict[str, Any]]) -> str:
     lines = [f"# Where the divergence sits: {run}", "",
              f"{len(metrics)} steps in metrics.jsonl; {len(samples)} logged samples with per-token values "
