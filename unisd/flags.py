@@ -74,16 +74,18 @@ def trainer_flags(command: Callable[..., Any]) -> Callable[..., Any]:
 # `unisd train --help` in sections by what the flags do (parameter names; anything unlisted goes under Options)
 HELP_SECTIONS: dict[str, tuple[str, ...]] = {
     "What to train": ("config_file", "model", "data", "out", "plugins", "preset", "options", "data_config", "data_split",
-                      "columns", "teacher_template"),
-    "Schedule and optimizer": ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
-                               "max_grad_norm", "seed"),
+                      "columns", "teacher_template", "chat_template_kwargs", "teacher_chat_template_kwargs"),
+    "Schedule and optimizer": ("max_steps", "batch_size", "grad_accum", "num_generations", "lr", "warmup_ratio",
+                               "weight_decay", "max_grad_norm", "seed", "data_seed"),
     "Sampling (rollouts)": ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p", "top_k", "rollout",
-                            "rollout_kv_cache_gb", "rollout_eager"),
+                            "rollout_kv_cache_gb", "rollout_eager", "rollout_sleep"),
     "Objective": ("divergence", "alpha", "loss_temperature", "mask_truncated", "skip_first_tokens"),
     "LoRA": ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
-    "Precision, devices and memory": ("bf16", "fsdp", "dry_run", "device_memory_gb", "world_size"),
+    "Precision, devices and memory": ("bf16", "fsdp", "dist_timeout_min", "dry_run", "device", "device_memory_gb",
+                                      "world_size"),
     "Checkpoints, resuming and logging": ("save_every", "keep_checkpoints", "max_bad_steps", "resume", "extend",
-                                          "overwrite", "log_every", "log_samples", "report_to"),
+                                          "overwrite", "log_every", "log_samples", "report_to", "push_to_hub",
+                                          "hub_private"),
 }
 
 

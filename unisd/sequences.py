@@ -5,6 +5,7 @@ only the prompt differs. Left padding keeps the completion aligned at the same c
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -34,13 +35,27 @@ def render(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     if tokenizer.chat_template:
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                 **getattr(tokenizer, TEMPLATE_KWARGS, {}))
         except (TemplateError, TypeError) as e:  # Gemma: no system turn; Mistral: turns must alternate
             raise RenderError(f"the chat template refuses this conversation ({str(e).strip() or type(e).__name__})") from None
         _check_tools_rendered(text, messages)
     else:
         text = _plain(messages)
     return tokenizer(text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
+
+
+TEMPLATE_KWARGS = "unisd_template_kwargs"  # a tokenizer attribute: the chat template's variables for `render`
+
+
+def with_template_kwargs(tokenizer: PreTrainedTokenizerBase, kwargs: Mapping[str, Any]) -> PreTrainedTokenizerBase:
+    """The tokenizer whose chat template `render` fills with these variables too (e.g. enable_thinking=False): a
+    shallow copy, so the student's and the teacher's prompts can differ while sharing one vocabulary."""
+    if not kwargs:
+        return tokenizer
+    found = copy.copy(tokenizer)
+    setattr(found, TEMPLATE_KWARGS, dict(kwargs))
+    return found
 
 
 def _plain(messages: Sequence[Mapping[str, Any]]) -> str:

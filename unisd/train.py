@@ -30,7 +30,7 @@ from unisd.rng import rng_state, set_rng_state
 from unisd.policy import Model, Policy
 from unisd.rollout import ignored_settings
 from unisd.run import TEACHER_OBJECTIVES, Run, data_order, order_slice
-from unisd.sequences import RenderError, render
+from unisd.sequences import RenderError, render, with_template_kwargs
 
 __all__ = ["TrainError", "data_order", "forward", "make_batch", "prepare", "step", "train"]
 
@@ -55,7 +55,8 @@ def forward(run: Run, batch: Batch, teacher: Model | None) -> Outputs:
     assert batch.tokens is not None and batch.mask is not None
     counted = batch.mask if batch.loss_mask is None else batch.loss_mask
     pad = run.tokenizer.pad_token_id
-    tok = lambda view: [render(run.tokenizer, p) for p in batch.prompts[view]]  # noqa: E731
+    tok = lambda view: [render(run.tokenizer if view == "student" else run.teacher_tokenizer or run.tokenizer, p)  # noqa: E731
+                        for p in batch.prompts[view]]
     with _autocast(run):
         student_h = views.hidden(run.policy.student.hidden, tok("student"), batch.tokens, batch.mask, pad,
                                  views.one_batch(batch.tokens.shape[0]))
@@ -211,7 +212,8 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     hooks = Hooks(load_plugins(list(config.plugins), config.options))  # conflicts refused before any load
     config = settle_objective(config, hooks.plugins)
     examples = training_data(config)
-    tokenizer = models.load_tokenizer(config.model)
+    loaded = models.load_tokenizer(config.model)
+    tokenizer = with_template_kwargs(loaded, config.template_kwargs())
     world = distributed.init(config.dist_timeout_min)
     echo = echo if world.main else (lambda m: None)  # one voice under torchrun
     if config.fsdp and world.size == 1 and not distributed.under_torchrun():
@@ -222,6 +224,7 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     _say_what_differs(config, policy.model, world, echo)
     run = Run(config, policy, tokenizer, examples, hooks, world, Path(config.out))
     run.truncation = monitor.TruncationWatch(config.max_new_tokens)
+    run.teacher_tokenizer = with_template_kwargs(loaded, config.template_kwargs(teacher=True))
     run.kept = kept
     per_step = config.batch_size * config.grad_accum * world.size
     run.total_steps = config.max_steps or math.ceil(len(run.kept) / per_step)
