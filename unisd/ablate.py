@@ -76,7 +76,7 @@ def evaluate_one(name: str, model: str, record: Path, tasks: list[str], limit: i
             echo(f"{name}: evaluated earlier, not repeated")
             return {k: saved[k] for k in kept}
     echo(f"{name}: evaluating on {', '.join(tasks)}")
-    result = run_lm_eval(model, tasks, limit, include, batch_size, max_gen_toks, template_kwargs=template_kwargs)
+    result = run_lm_eval(model, tasks, limit, include, batch_size, max_gen_toks, "hf", template_kwargs)
     samples = result.pop("samples", {})
     found = {"scores": scores(result), "items": item_scores(samples, result), "answers": answer_spread(samples),
              "gen_toks": generation_limits(result)}
@@ -189,7 +189,7 @@ def _required(key: str, given: str | None, in_file: str | None) -> str:
 @click.option("--no-base", is_flag=True, help="Do not score the untrained --model as a reference row.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the estimated cost; write nothing.")
 @click.option("--sec-per-step", type=float, default=None, help="Seconds per plain-SD step, for the time estimate.")
-@trainer_flags
+@trainer_flags(skip=("eval_tasks", "eval_limit"))  # its own --eval-tasks and --eval-limit serve --eval-every too
 @click.option("--report-to", default="none", show_default=True, metavar="none|tensorboard|wandb|trackio|mlflow",
               help="Comma-separated trackers that get every run's metrics and configuration.")
 @errors_are_one_line
@@ -212,6 +212,8 @@ def ablate_command(config_file: str | None, model: str | None, data: str | None,
     model, data, out = (_required(key, given, file.pop(key, None))
                         for key, given in (("model", model), ("data", data), ("out", out)))
     settings = {**file, **{k: v for k, v in settings.items() if v is not None}}  # flags win over the file
+    if settings.get("eval_every"):  # each run scores itself on the study's own tasks
+        settings |= {"eval_tasks": eval_tasks, "eval_limit": eval_limit or 0}
     result = ablate(model, data, Path(out), components, combos, grid, split(baselines),
                     overrides, list(split(eval_tasks)), eval_limit, list(include),
                     eval_batch_size, not no_base, dry_run, sec_per_step, echo, click.echo,

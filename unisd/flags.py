@@ -55,11 +55,14 @@ def click_type(kind: str, spec: cfg.Flag) -> click.ParamType:
     return Finite(min=spec.low, max=spec.high, min_open=spec.low_open, max_open=spec.high_open)
 
 
-def trainer_flags(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add one click option per `flag` field of TrainConfig, in field order."""
+def trainer_flags(command: Callable[..., Any] | None = None, *, skip: tuple[str, ...] = ()) -> Any:
+    """Add one click option per `flag` field of TrainConfig, in field order, but those in `skip` (a command that
+    defines them itself: `@trainer_flags(skip=(...))`)."""
+    if command is None:
+        return functools.partial(trainer_flags, skip=skip)
     for f in reversed(dataclasses.fields(cfg.TrainConfig)):
         spec = f.metadata.get("flag")
-        if spec is None:
+        if spec is None or f.name in skip:
             continue
         name = "--" + f.name.replace("_", "-")
         if f.type == "bool":
@@ -86,6 +89,7 @@ HELP_SECTIONS: dict[str, tuple[str, ...]] = {
     "Checkpoints, resuming and logging": ("save_every", "keep_checkpoints", "max_bad_steps", "resume", "extend",
                                           "overwrite", "log_every", "log_samples", "report_to", "push_to_hub",
                                           "hub_private"),
+    "Evaluation while training": ("eval_every", "eval_tasks", "eval_limit", "eval_include", "keep_best"),
 }
 
 

@@ -43,6 +43,7 @@ class Run:
     scheduler: Any = None
     bad_steps: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)  # samples.jsonl rows of the last step (rank 0)
+    best: dict[str, Any] = field(default_factory=dict)  # --keep-best: {task, score, step} of the model in DIR/best
     teacher_tokenizer: PreTrainedTokenizerBase | None = None  # the teacher views' (--teacher-chat-template-kwargs)
     truncation: TruncationWatch | None = None  # the collapse warning's state, checkpointed (set by unisd.train)
 

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from unisd import checkpoint, distributed, hardware, hub, losses, models, monitor, progress, report, tracking, views
+from unisd import (checkpoint, distributed, hardware, hub, losses, midrun, models, monitor, progress, report, tracking,
+                   views)
 from unisd.api import Batch, Outputs, TrainError
 from unisd.callable_module import make_callable
 from unisd.config import ConfigError, TrainConfig
@@ -314,6 +315,13 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
             tracking.Trackers(report_to if main else (), run.config.to_json(), out) as trackers:
         while run.step < run.total_steps:
             metrics = _step_or_save(run)
+            if midrun.due(run):
+                scored = midrun.score(run)
+                metrics |= scored
+                echo(f"step {run.step}: " + ", ".join(f"{k} {v:.1f}" for k, v in scored.items()))
+                if config.keep_best and midrun.improved(run, scored):
+                    checkpoint.save_final(run, out / "best")
+                    echo(f"step {run.step}: the best {config.keep_best} so far, written to {out / 'best'}")
             if log is not None:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
