@@ -96,6 +96,8 @@ class TrainConfig:
     data_config: str = flag("", "The Hub dataset's configuration (subset), when --data is a Hub id.", show_default=False)
     data_split: str = flag("train", "The split to train on, of a Hub dataset or a benchmark.")
     columns: str = flag("", "Rename columns to a format's names: prompt=question,answer=label.", show_default=False)
+    teacher: str = flag("", "A separate frozen teacher in place of the initial model (Hub id, folder, .gguf or alias), "
+                            "shown the teacher prompt; its tokenizer must be the student's.", show_default=False)
     teacher_template: str = flag(TEACHER_TEMPLATE, "The teacher's last user turn, with {demonstration} and {prompt}.",
                                  show_default=False)
     chat_template_kwargs: str = flag("", "A JSON object of variables for the chat template wherever it renders a prompt "
@@ -157,6 +159,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.teacher and "ema" in self.plugins:
+            raise ConfigError("--teacher with the ema plugin: ema's teacher is an average of the student, which would "
+                              "replace --teacher's model; drop one of them")
         tasks = [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
         if self.eval_every and not tasks:
             raise ConfigError("--eval-every needs --eval-tasks (the lm-eval tasks to score, e.g. unisd_demo)")

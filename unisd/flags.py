@@ -77,7 +77,7 @@ def trainer_flags(command: Callable[..., Any] | None = None, *, skip: tuple[str,
 # `unisd train --help` in sections by what the flags do (parameter names; anything unlisted goes under Options)
 HELP_SECTIONS: dict[str, tuple[str, ...]] = {
     "What to train": ("config_file", "model", "data", "out", "plugins", "preset", "options", "data_config", "data_split",
-                      "columns", "teacher_template", "chat_template_kwargs", "teacher_chat_template_kwargs"),
+                      "columns", "teacher", "teacher_template", "chat_template_kwargs", "teacher_chat_template_kwargs"),
     "Schedule and optimizer": ("max_steps", "batch_size", "grad_accum", "num_generations", "lr", "warmup_ratio",
                                "weight_decay", "max_grad_norm", "seed", "data_seed"),
     "Sampling (rollouts)": ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p", "top_k", "rollout",

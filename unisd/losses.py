@@ -98,6 +98,9 @@ def distill_in_chunks(student_head: Callable[[torch.Tensor], torch.Tensor], stud
         z_s = head_logits(student_head, h_s, bf16)
         with torch.no_grad():
             z_t = head_logits(teacher_head, h_t, bf16)
+        if z_s.shape[-1] != z_t.shape[-1]:  # one tokenizer, embeddings padded to other sizes (Qwen2.5 0.5B vs 7B)
+            width = min(z_s.shape[-1], z_t.shape[-1])
+            z_s, z_t = z_s[..., :width], z_t[..., :width]
         return divergence(z_s, z_t, temperature), sampled_logprobs(z_s, tok), sampled_logprobs(z_t, tok)
 
     parts = [checkpoint(one_chunk, student_hidden[i:i + chunk], teacher_hidden[i:i + chunk], tokens[i:i + chunk],

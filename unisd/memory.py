@@ -85,6 +85,8 @@ def estimate(config: TrainConfig, shape: Shape, world_size: int, device: str = "
     trainable = config.lora_r * shape.lora if config.lora else P
     frozen_copy, ema = _needs(config)
     bf16_copy = 2 * shape.linear + 4 * (P - shape.linear)  # models.bf16_linears
+    teacher = shape_of(dataclasses.replace(config, model=config.teacher)) if config.teacher else shape  # --teacher
+    teacher_copy = 2 * teacher.linear + 4 * (teacher.params - teacher.linear)
     bf16_copies = bf16_compute and not config.fsdp  # policy.bf16_copies: --bf16, or any CUDA device
     # under LoRA the frozen base is held as the bf16 copies are (policy.bf16_copies), the adapter in fp32, and an
     # EMA teacher is a second adapter on that base (policy.follower): the size of the adapter, in fp32
@@ -96,9 +98,10 @@ def estimate(config: TrainConfig, shape: Shape, world_size: int, device: str = "
             (base + (4 * trainable if config.lora else 0)) / shard,
         "gradients (fp32)": 4 * trainable / shard,
         "AdamW state (fp32)": 8 * trainable / shard,
-        # under LoRA the frozen teacher is the student with its adapter off: no copy; FSDP keeps one dtype per
-        # unit, so a sharded teacher stays fp32 and needs no bf16 scoring copy
-        "frozen teacher": (bf16_copy if bf16_copies else 4 * P) / shard if frozen_copy and not config.lora else 0,
+        # under LoRA the frozen teacher is the student with its adapter off: no copy (unless --teacher names another
+        # model); FSDP keeps one dtype per unit, so a sharded teacher stays fp32 and needs no bf16 scoring copy
+        "frozen teacher": (teacher_copy if bf16_copies else 4 * teacher.params) / shard
+                          if frozen_copy and (config.teacher or not config.lora) else 0,
         "EMA teacher": (4 * trainable if adapter_ema else (4 * P + (bf16_copy if bf16_copies else 0)) / shard)
                        if ema else 0,
     }
@@ -108,7 +111,7 @@ def estimate(config: TrainConfig, shape: Shape, world_size: int, device: str = "
                                                              + engine.BUFFERS)
     elif bf16_copies and not config.lora:  # sharded weights (and a bf16 LoRA base) are sampled where they are
         parts["bf16 sampling copy"] = 2 * P
-    parts[SETUP] = _setup_transient(config, shape, bf16_copies, frozen_copy, ema and not adapter_ema)
+    parts[SETUP] = _setup_transient(config, teacher, bf16_copies, frozen_copy, ema and not adapter_ema)
     # autocast keeps the bf16 cast of each weight that trains until the student's forward ends (not under --fsdp:
     # there the cache is off, or a whole bf16 student would gather on every rank)
     trained_linear = config.lora_r * shape.lora if config.lora else shape.linear
@@ -121,7 +124,7 @@ def _setup_transient(config: TrainConfig, shape: Shape, bf16_copies: bool, froze
     """What a frozen bf16 copy costs while it is made, beyond what it keeps: it is loaded (the initial model) or
     built (the EMA scorer; none for an adapter EMA) in fp32 on the device, then its linear layers are converted
     (`Policy.initial`, `Policy.for_scoring`); before the first step, when no gradient or optimizer state exists yet."""
-    if not bf16_copies or not (ema_copy or (frozen_copy and not config.lora)):
+    if not bf16_copies or not (ema_copy or (frozen_copy and (config.teacher or not config.lora))):
         return 0.0
     return float(2 * shape.linear)  # 4 bytes per weight, less the 2 the bf16 linear layers keep
 

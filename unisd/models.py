@@ -276,3 +276,22 @@ def save_final(model: Any, tokenizer: PreTrainedTokenizerBase, out: Path, card: 
     tokenizer.save_pretrained(out)
     (out / "unisd.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     (out / "README.md").write_text(card)
+
+
+def check_teacher(student: PreTrainedTokenizerBase, spec: str, student_spec: str) -> None:
+    """--teacher's model must read and write the student's tokens: the same vocabulary, end and pad ids (a
+    teacher of another tokenizer would score other tokens; cross-tokenizer distillation is not done here)."""
+    teacher = load_tokenizer(spec)
+    differ = [name for name, same in (("vocabulary", teacher.get_vocab() == student.get_vocab()),
+                                      ("end id", teacher.eos_token_id == student.eos_token_id),
+                                      ("pad id", teacher.pad_token_id == student.pad_token_id)) if not same]
+    if differ:
+        raise ModelError(f"--teacher {spec}: its tokenizer differs from {student_spec}'s ({', '.join(differ)}); "
+                         "the teacher must share the student's tokenizer")
+
+
+def hidden_size(spec: str) -> int:
+    """The width of a model's final hidden states, from its config alone."""
+    config = AutoConfig.from_pretrained(resolve(spec))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.hidden_size)

@@ -202,12 +202,13 @@ class Policy:
     @property
     def initial(self) -> Model:
         """The frozen initial model: the LoRA student with its adapter off, or a copy loaded on first use
-        (never copied from the student, which may already have trained or been restored)."""
+        (never copied from the student, which may already have trained or been restored); with --teacher, that
+        model instead, held as the copy would be."""
         if self._initial is None:
-            if models.is_peft(self.model):
+            if models.is_peft(self.model) and not self.config.teacher:
                 self._initial = Model(self.model, self.student.root, adapter_off=True)
             else:
-                model = _load(self.config.model, self.world, sharded=self.config.fsdp)
+                model = _load(self.config.teacher or self.config.model, self.world, sharded=self.config.fsdp)
                 if self.bf16 and not self.config.fsdp:  # FSDP holds one dtype per unit: it stays fp32 there
                     models.bf16_linears(model)  # frozen: bf16 matmul weights compute what autocast would
                 model.requires_grad_(False).eval()

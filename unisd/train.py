@@ -215,6 +215,8 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     examples = training_data(config)
     loaded = models.load_tokenizer(config.model)
     tokenizer = with_template_kwargs(loaded, config.template_kwargs())
+    if config.teacher:
+        _check_teacher(config, loaded, hooks)
     world = distributed.init(config.dist_timeout_min)
     echo = echo if world.main else (lambda m: None)  # one voice under torchrun
     if config.fsdp and world.size == 1 and not distributed.under_torchrun():
@@ -238,6 +240,17 @@ def prepare(config: TrainConfig, echo: Callable[[str], None] = print) -> Run:
     run.scheduler = get_cosine_schedule_with_warmup(run.optimizer, int(config.warmup_ratio * run.total_steps),
                                                     run.total_steps)
     return run
+
+
+def _check_teacher(config: TrainConfig, tokenizer: Any, hooks: Hooks) -> None:
+    """--teacher's model: the student's tokenizer, and hidden states of the student's width where a plugin compares
+    them (match); checked before either model loads."""
+    models.check_teacher(tokenizer, config.teacher, config.model)
+    widths = {spec: models.hidden_size(spec) for spec in (config.model, config.teacher)}
+    if any(p.name == "match" for p in hooks.plugins) and len(set(widths.values())) > 1:
+        raise ConfigError(f"--teacher {config.teacher} has hidden states of width {widths[config.teacher]}, the student "
+                          f"{widths[config.model]}: the match plugin compares them; drop match or pick a teacher of "
+                          "the student's width")
 
 
 def _say_what_differs(config: TrainConfig, student: Any, world: Any, echo: Callable[[str], None]) -> None:
