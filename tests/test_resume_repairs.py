@@ -81,7 +81,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_resume_continues_once_space
     else:
         monkeypatch.setattr(torch, "save", full_on_the_second_checkpoint(save, RuntimeError(TORCH_FULL)))
     result = train(tiny_model, tiny_data, out, 3)
-    lines = [ln for ln in result.output.splitlines() if ln.strip() and not ln.startswith(("Loading", "warning:"))]
+    lines = [ln for ln in result.output.splitlines() if ln.strip() and not ln.startswith(("Loading", "warning:", "step "))]
     assert result.exit_code == 2 and lines == [
         f"error: cannot write checkpoint {out / 'checkpoints' / 'step-000002'}: the disk is full; the earlier "
         "checkpoints are intact (newest: step-000001): free some space, then the same command with --resume "
@@ -103,7 +103,7 @@ def test_a_full_disk_while_writing_the_final_model_names_the_checkpoint_to_resum
     monkeypatch.setattr(models, "save_final", full)
     out = tmp_path / "run"
     result = train(tiny_model, tiny_data, out, 1)
-    lines = [ln for ln in result.output.splitlines() if ln.strip() and not ln.startswith(("Loading", "warning:"))]
+    lines = [ln for ln in result.output.splitlines() if ln.strip() and not ln.startswith(("Loading", "warning:", "step "))]
     assert result.exit_code == 2 and lines == [
         f"error: cannot write the final model into {out}: the disk is full; the earlier checkpoints are intact "
         "(newest: step-000001): free some space, then the same command with --resume continues from it"], result.output
