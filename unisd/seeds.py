@@ -38,10 +38,6 @@ class Estimate:
     p_value: float
     seeds: int
 
-    def as_json(self, scale: float = 100.0) -> dict[str, object]:
-        return {"mean": scale * self.mean, "ci95": [scale * self.ci95[0], scale * self.ci95[1]], "df": self.df,
-                "p_value": self.p_value, "seeds": self.seeds, "method": "crossed seeds x items, Satterthwaite t"}
-
 
 def _item_term(x: np.ndarray) -> tuple[float, float]:
     """(σ_b²/I estimate, its degrees of freedom) of one task's [S, I] scores."""
