@@ -50,6 +50,7 @@ RECIPES: dict[str, Recipe] = {
     "sdft-2e-5": Recipe("sdft", 2e-5, "plain SD at SDFT's recipe (the sdft preset): EMA teacher every step at "
                                       "rate 0.01, forward KL, 3 skipped tokens, T 1"),
     "sdft-5e-6": Recipe("sdft", 5e-6, "the same at lr 5e-6"),
+    "sd-2e-5": Recipe("sd", 2e-5, "plain SD (the sd preset): frozen teacher, forward KL at T 0.7, no skipped tokens"),
     "opsd-5e-6": Recipe("opsd", 5e-6, "plain SD at OPSD's recipe (the opsd preset): fixed teacher, forward KL, "
                                       "grad-norm cap 0.1, T 1.1 / top-p 0.95 / top-k 20; lr of its issue-17 script"),
     "unisd-star-lora-2e-5": Recipe("unisd-star", 2e-5, "UniSD* at the paper's values, LoRA (r 64, alpha 128)",
