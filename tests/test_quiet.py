@@ -47,8 +47,10 @@ def test_lm_eval_outside_a_git_repository_says_nothing_unless_verbose(verbose, t
     if subprocess.run(["git", "--version"], capture_output=True).returncode != 0:
         pytest.skip("git is not installed")
     import lm_eval.evaluator
+    import lm_eval.loggers.utils
 
-    monkeypatch.setattr(lm_eval.evaluator, "get_git_commit_hash", lm_eval.evaluator.get_git_commit_hash)
+    # lm-eval's own lookup, whatever an earlier evaluation in this process left in its place
+    monkeypatch.setattr(lm_eval.evaluator, "get_git_commit_hash", lm_eval.loggers.utils.get_git_commit_hash)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     monkeypatch.chdir(tmp_path)
     quiet.apply(verbose)
