@@ -146,3 +146,17 @@ def test_a_resume_on_cuda_continues_to_the_same_weights(tiny_model, tiny_data, t
     trained, again = load_file(str(run / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert sorted(trained) == sorted(again)
     assert all(torch.equal(trained[k], again[k]) for k in trained)
+
+
+def test_the_engines_memory_share_is_what_this_device_has_free():
+    """The rule the engine starts with, on the real device: free/total less the margin, and one error line when
+    the engine cannot fit in what is free (a request larger than the whole card)."""
+    from unisd import engine
+    from unisd.models import ModelError
+
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    share = engine.memory_fraction(free, total, weights=2**30, kv=2**30)
+    assert 0 < share < free / total
+    with pytest.raises(ModelError, match="--rollout-kv-cache-gb"):
+        engine.memory_fraction(free, total, weights=total, kv=2**30)
