@@ -63,6 +63,22 @@ def test_verdict_claims_only_what_the_intervals_allow():
     assert "no difference is distinguishable from 0" in none and "excludes" not in none
 
 
+def test_the_last_line_reads_the_result_beside_the_scale_finding():
+    gain, none, loss = _paired(20.0, 14.0, 26.5, 1e-6)["unisd_demo"], _paired(1.0, -4.0, 6.0, 0.7)["unisd_demo"], \
+        _paired(-9.0, -16.0, -2.0, 0.01)["unisd_demo"]
+
+    def read(over_base, over_sft=None):
+        against = {"base": {"unisd_demo": over_base}} | ({"sft": {"unisd_demo": over_sft}} if over_sft else {})
+        return demo.meaning({"paired": {"unisd-star": against}})
+
+    assert "gained nothing measurable" in read(none) and "gained nothing measurable" in read(loss)
+    assert "cannot be told from SFT" in read(gain, none)
+    assert "SFT did better" in read(gain, loss)
+    assert "beat SFT on this one synthetic task" in read(gain, gain)
+    assert "right where it is wrong alone" in read(gain, none)
+    assert "gained nothing" in demo.meaning({})  # no test at all claims no gain
+
+
 def test_demo_trains_both_runs_and_writes_intervals_retention_and_charts(tiny_model, tmp_path):
     messages: list[str] = []
     paths = demo.run(tmp_path / "demo", steps=1, eval_limit=2, batch_size=2, echo=messages.append,
@@ -91,7 +107,8 @@ def test_demo_trains_both_runs_and_writes_intervals_retention_and_charts(tiny_mo
     assert f"bootstrap over the first {demo.RETENTION} documents of each task" in table
     for png in (paths["chart"], paths["curves"]):
         assert matplotlib.image.imread(png).ndim == 3
-    assert messages[-len(paths) - 4] == demo.verdict(results)
-    assert messages[-len(paths) - 3].startswith("What UniSD*'s mechanisms did in this run: ")  # from its metrics
-    assert "ema/distance" in messages[-len(paths) - 3] and "clip/rate" in messages[-len(paths) - 3]
-    assert messages[-len(paths) - 2] == demo.SCALE_FINDING
+    assert messages[-len(paths) - 5] == demo.verdict(results)
+    assert messages[-len(paths) - 4].startswith("What UniSD*'s mechanisms did in this run: ")  # from its metrics
+    assert "ema/distance" in messages[-len(paths) - 4] and "clip/rate" in messages[-len(paths) - 4]
+    assert messages[-len(paths) - 3] == demo.SCALE_FINDING
+    assert messages[-len(paths) - 2] == demo.meaning(results)

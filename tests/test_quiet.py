@@ -1,7 +1,9 @@
 """Other libraries' noise is silenced where it starts, and `unisd --verbose` brings it back."""
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import warnings
 
 import pytest
@@ -69,3 +71,33 @@ def test_the_command_line_quiets_every_command_unless_verbose(flags):
     result = CliRunner().invoke(main, [*flags, "presets"])
     assert result.exit_code == 0, result.output
     assert quiet.verbose == bool(flags)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_vllm_lines_logged_before_it_configures_logging_and_torch_cpp_warnings_are_silenced(verbose):
+    # vLLM logs the Triton line at import, before its handlers exist, so only its logger's own level stops it;
+    # torch reads TORCH_CPP_LOG_LEVEL once at import, so it must be set before torch is imported
+    script = ("import logging, os, sys\nfrom unisd import quiet\n"
+              f"quiet.apply({verbose})\n"
+              "logging.getLogger('vllm.triton_utils.importing').warning('Triton is installed')\n"
+              "print(os.environ.get('TORCH_CPP_LOG_LEVEL'), 'torch' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert ("Triton is installed" in done.stderr) == verbose
+    assert done.stdout.split() == (["None", "False"] if verbose else ["ERROR", "False"])
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_lm_eval_advice_for_its_own_command_line_is_dropped_unless_verbose(verbose, caplog):
+    import logging
+
+    quiet.apply(not verbose)
+    quiet.apply(verbose)  # applying twice leaves one filter, or none
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("lm_eval.api.task").warning("unisd_demo: Custom kwargs can be passed to `--metadata` in console")
+        logging.getLogger("lm_eval.models.vllm_causallms").warning("The `device` argument is ignored by the vLLM backend.")
+        logging.getLogger("lm_eval.evaluator").warning("generation_kwargs: {'max_gen_toks': 96} specified through cli")
+        logging.getLogger("lm_eval.evaluator").warning("a real problem")
+    assert [r.getMessage()[:14] for r in caplog.records] == (
+        ["unisd_demo: Cu", "The `device` a", "generation_kwa", "a real problem"] if verbose else ["a real problem"])

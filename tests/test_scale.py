@@ -14,7 +14,7 @@ import torch
 
 from unisd import config as cfg
 from unisd import train as tr
-from unisd.rollout import ignored_settings, sample
+from unisd.rollout import ignored_settings
 from unisd.sequences import render
 
 

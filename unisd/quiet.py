@@ -2,28 +2,52 @@
 brings it back).
 
 - vLLM's import-time lines ("Triton is installed, but doesn't include CPU backend") and per-request INFO:
-  its logging level, read once when vllm is first imported (so set before any command can import it);
+  its logging level, read once when vllm is first imported (so set before any command can import it), and
+  its package logger's own level, since the Triton line is logged before vLLM configures its handlers;
+- torch's C++ warnings printed outside Python (vLLM's CPU worker: "NUMA binding: Using MEMBIND policy"):
+  TORCH_CPP_LOG_LEVEL, which torch reads once at import, so it is set only while torch is not yet imported;
 - transformers 5's `is_gradient_checkpointing` deprecation, which peft triggers when it wraps a model for LoRA;
+- lm-eval's advice meant for its own command line (`--metadata` for a task that loads its data by function,
+  `do_sample` when generation settings are passed, vLLM ignoring `device`): filters on its loggers;
 - lm-eval's "fatal: not a git repository": it runs `git describe` for its results' `git_hash` and lets git
   write to the terminal when the working folder is not a repository.
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import sys
 import warnings
 
 verbose = False  # `unisd --verbose`: leave every library's own output alone
+
+LM_EVAL_ADVICE = {  # logger -> the start of the line it drops
+    "lm_eval.api.task": "Custom kwargs can be passed to `--metadata`",
+    "lm_eval.evaluator": "generation_kwargs: ",
+    "lm_eval.models.vllm_causallms": "The `device` argument is ignored by the vLLM backend",
+}
+
+
+def _drop_advice(record: logging.LogRecord) -> bool:
+    text = LM_EVAL_ADVICE.get(record.name)
+    return text is None or text not in record.getMessage()
 
 
 def apply(be_verbose: bool) -> None:
     """Silence the noise above for this process, or with `be_verbose` keep vLLM at its own INFO level."""
     global verbose
     verbose = be_verbose
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if be_verbose else "ERROR")  # before unisd.engine's ERROR
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+    for name in LM_EVAL_ADVICE:
+        logging.getLogger(name).removeFilter(_drop_advice)
+        if not be_verbose:
+            logging.getLogger(name).addFilter(_drop_advice)
     if be_verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")  # before unisd.engine would set ERROR
         return
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    if "torch" not in sys.modules:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
