@@ -53,6 +53,15 @@ CORPUS = [
 ] * 4
 
 
+@pytest.fixture
+def qwen_7b_config(tmp_path: Path) -> Path:
+    """A folder with Qwen2.5-7B's config.json alone: what --dry-run needs to estimate a 7B run."""
+    folder = tmp_path / "qwen-7b"
+    folder.mkdir()
+    shutil.copy(Path(__file__).parent / "fixtures" / "configs" / "Qwen2.5-7B-Instruct.json", folder / "config.json")
+    return folder
+
+
 def build_tiny_model(folder: Path, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
                      tokenizer: Any = None, tied: bool = True) -> Path:
     """A 2-layer Llama (hidden 32 by default) and a ~300-token BPE tokenizer with a ChatML template;

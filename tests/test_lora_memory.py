@@ -13,23 +13,9 @@ from unisd import config as cfg
 from unisd import memory
 from unisd.cli import main
 
-# Qwen2.5-7B-Instruct's config.json sizes (no weights: the estimate reads the config only)
-QWEN_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
-           "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-           "max_position_embeddings": 32768, "tie_word_embeddings": False, "rms_norm_eps": 1e-6}
-
-
-@pytest.fixture
-def qwen_7b(tmp_path: Path) -> Path:
-    folder = tmp_path / "qwen-7b"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(QWEN_7B))
-    return folder
-
-
 @pytest.mark.parametrize("rollout", ["hf", "vllm"])
-def test_7b_unisd_star_with_lora_and_bf16_needs_at_most_48_gb(qwen_7b: Path, tmp_path: Path, rollout: str) -> None:
-    result = CliRunner().invoke(main, ["train", "--model", str(qwen_7b), "--data", "demo", "--preset", "unisd-star",
+def test_7b_unisd_star_with_lora_and_bf16_needs_at_most_48_gb(qwen_7b_config: Path, tmp_path: Path, rollout: str) -> None:
+    result = CliRunner().invoke(main, ["train", "--model", str(qwen_7b_config), "--data", "demo", "--preset", "unisd-star",
                                        "--lora", "--bf16", "--batch-size", "4", "--max-new-tokens", "1024",
                                        "--rollout", rollout, "--dry-run", "--device-memory-gb", "80",
                                        "--out", str(tmp_path / "run")])

@@ -16,25 +16,10 @@ from unisd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Qwen2.5-7B-Instruct's config.json sizes (no weights: the estimate reads the config only)
-QWEN_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
-           "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-           "max_position_embeddings": 32768, "tie_word_embeddings": False, "rms_norm_eps": 1e-6}
 
-# Qwen2.5-1.5B-Instruct's (tied head)
-QWEN_1_5B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
-             "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
-             "max_position_embeddings": 32768, "tie_word_embeddings": True, "rms_norm_eps": 1e-6}
-SHAPES = {"Qwen/Qwen2.5-7B-Instruct": QWEN_7B, "Qwen/Qwen2.5-1.5B-Instruct": QWEN_1_5B}
+# the sizes in the models' config.json (no weights: the estimate reads the config only)
+SHAPES = {f"Qwen/{p.stem}": json.loads(p.read_text()) for p in (ROOT / "tests" / "fixtures" / "configs").glob("*.json")}
 GPU_GB = 80  # the GPUs the docs' commands are sized for (docs/distributed.md)
-
-
-@pytest.fixture
-def qwen_7b_config(tmp_path: Path) -> Path:
-    folder = tmp_path / "qwen-7b"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(QWEN_7B))
-    return folder
 
 
 def _config(model: Path, **kw) -> cfg.TrainConfig:
