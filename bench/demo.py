@@ -1,6 +1,11 @@
 """The Quickstart's demo, timed and kept: `unisd demo` run as it ships, its scores and its time in one JSON.
 
     python -m bench demo --work runs/demo --out bench/results/demo
+    python -m bench demo --quickstart --out bench/results/demo     # a fresh clone, `python3 dev.py demo`, bare PATH
+
+With --quickstart the command is the README's first one, run as a newcomer runs it: a clone of this commit
+in a temporary folder, no tox environment yet, a PATH of /usr/bin:/bin; the time then includes building the
+environment, and `environment_s` is that part (the whole, less the demo's own "done in" line).
 
 The demo is the first thing a user runs, so what it prints is a claim: this keeps the run that backs it
 (per-item scores are in the combined evaluation it stores), the seconds it took on this CPU (issue 30's
@@ -10,20 +15,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bench import provenance
-from unisd import demo, hardware
+from unisd import demo
 
 
 def arguments(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="runs/demo", help="the demo's output folder (replaced)")
     p.add_argument("--out", default="bench/results/demo")
+    p.add_argument("--quickstart", action="store_true",
+                   help="clone this commit into a temporary folder and time `python3 dev.py demo` there, environment included")
     return p.parse_args(argv)
+
+
+def quickstart(echo: Any) -> tuple[dict[str, Path], float]:
+    """(the demo's paths, the whole command's seconds): the README's first command in a fresh clone of HEAD with a
+    bare PATH, so the time includes building its tox environment; every line it prints goes to `echo`."""
+    clone = Path(tempfile.mkdtemp(prefix="unisd-quickstart-")) / "unisd"
+    subprocess.run(["git", "clone", "-q", str(provenance.ROOT), str(clone)], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")} | {"PATH": "/usr/bin:/bin"}
+    started = time.time()
+    run = subprocess.Popen(["python3", "dev.py", "demo"], cwd=clone, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    assert run.stdout is not None
+    for line in run.stdout:
+        echo(line.rstrip("\n"))
+    if run.wait() != 0:
+        raise SystemExit(f"error: `python3 dev.py demo` failed in {clone} (status {run.returncode})")
+    out = clone / "runs" / "demo"
+    paths = {"sft": out / "sft", "unisd-star": out / "unisd-star", "metrics": out / "unisd-star" / "metrics.jsonl",
+             "table": out / "table.md", "results": out / "eval" / "results.json"}
+    return paths, time.time() - started
+
+
+def said(lines: list[str], pattern: str) -> str:
+    """The first group of the last printed line that matches `pattern` ("" when none does)."""
+    found = [m.group(1) for line in lines if (m := re.match(pattern, line))]
+    return found[-1] if found else ""
 
 
 def training_log(metrics: Path) -> list[dict[str, Any]]:
@@ -33,20 +70,31 @@ def training_log(metrics: Path) -> list[dict[str, Any]]:
 def main(argv: list[str]) -> int:
     args = arguments(argv)
     work, out = Path(args.work), Path(args.out)
-    started = time.time()
-    paths = demo.run(work, overwrite=True, echo=lambda m: print(m, flush=True))
-    seconds = time.time() - started
+    lines: list[str] = []
+
+    def echo(message: str) -> None:
+        print(message, flush=True)
+        lines.extend(message.splitlines())
+
+    if args.quickstart:
+        paths, seconds = quickstart(echo)
+    else:
+        started = time.time()
+        paths = demo.run(work, overwrite=True, echo=echo)
+        seconds = time.time() - started
+    demo_seconds = float(said(lines, r"done in (\d+) s") or "nan")
     combined = json.loads(paths["results"].read_text())
     logs = {run: training_log(paths[run] / "metrics.jsonl") for run in demo.RUNS}
     result = {
         "description": "unisd demo as the Quickstart runs it: scores of base, SFT and UniSD* with 95% intervals and "
                        "paired tests, the sentence it ends with, its wall time and each run's training log.",
-        "model": demo.MODEL, "task": demo.TASK, "steps": demo.STEPS, "lr": demo.LR, "backend": demo.backend(),
-        "precision": "bf16 mixed" if hardware.fast_bf16_cpu() else "fp32 (no native bf16 on this CPU)",
-        "seconds": seconds,
+        "model": demo.MODEL, "task": demo.TASK, "steps": demo.STEPS, "lr": demo.LR,
+        "backend": said(lines, r"sampling backend: (.*)"), "precision": said(lines, r"precision: (.*)"),
+        "seconds": seconds, "demo_s": demo_seconds, "environment_s": seconds - demo_seconds,
+        "quickstart": "python3 dev.py demo in a fresh clone, bare PATH" if args.quickstart else "unisd demo in-process",
         "training_s": {run: sum(row["step_time_s"] for row in log) for run, log in logs.items()},
         "truncated_per_step": {run: [row["truncated"] for row in log if "truncated" in row] for run, log in logs.items()},
-        "verdict": demo.verdict(combined), "scale_finding": demo.SCALE_FINDING,
+        "verdict": demo.verdict(combined), "scale_finding": demo.SCALE_FINDING, "meaning": demo.meaning(combined),
         "scores": combined["scores"], "ci95": combined["ci95"], "paired": combined.get("paired", {}),
         "answers": combined.get("answers", {}), "retention": combined.get("retention", {}),
     }
