@@ -28,6 +28,8 @@ class FakeLLM:
 
     def __init__(self, **settings: Any) -> None:
         self.settings, self.calls, self.loads = settings, [], 0
+        core = types.SimpleNamespace(shutdown=lambda: self.calls.append("shutdown"))
+        self.llm_engine = types.SimpleNamespace(engine_core=core)
         FakeLLM.made.append(self)
 
     def collective_rpc(self, method: str, kwargs: dict[str, Any]) -> None:
@@ -179,3 +181,26 @@ def test_the_engine_loads_the_weights_once_per_optimizer_step(fake_vllm, tiny_mo
     run.policy.sample([[1, 2]], 4, 1.0, 1.0, initial=True)  # the initial weights, then the student's again
     run.policy.sample([[1, 2]], 4, 1.0, 1.0)
     assert llm.loads == 4
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_run_shuts_its_engine_down_when_it_ends_however_it_ends(fake_vllm, tiny_model: Path, tiny_data: Path,
+                                                                  tmp_path: Path, monkeypatch, fails):
+    # vLLM keeps what it allocated out of the garbage collector's sight until shutdown: a process training several
+    # runs (ablate, the demo) would keep every engine
+    config = cfg.resolve("sd", (), {}, model=str(tiny_model), data=str(tiny_data), out=str(tmp_path / "run"),
+                         batch_size=1, max_new_tokens=4, max_steps=2, rollout="vllm")
+    step = tr._step_or_save
+
+    def failing(run):
+        step(run)
+        raise RuntimeError("a plugin failed")
+
+    if fails:
+        monkeypatch.setattr(tr, "_step_or_save", failing)
+        with pytest.raises(RuntimeError, match="a plugin failed"):
+            tr.train(config, echo=lambda m: None)
+    else:
+        tr.train(config, echo=lambda m: None)
+    [llm] = FakeLLM.made
+    assert llm.calls.count("shutdown") == 1 and llm.calls[-1] == "shutdown"

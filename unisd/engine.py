@@ -8,6 +8,7 @@ provide the same `vllm` module.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import inspect
 import logging
@@ -210,6 +211,15 @@ class Engine:
             self.llm.sleep(level=2)
             self.held = None
         return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+    def close(self) -> None:
+        """Shut the engine down and give its memory back. vLLM hides what it allocates at start from the garbage
+        collector (gc.freeze) and only its shutdown undoes that, so a process that trains several runs (unisd
+        ablate, the demo) would otherwise keep every engine it ever started: about 5 GB each on CPU."""
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
 
 
 def start(config: Any, world: Any) -> Engine:

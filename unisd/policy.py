@@ -285,6 +285,12 @@ class Policy:
             self._engine = engine.start(self.config, self.world)
         return self._engine
 
+    def close(self) -> None:
+        """Stop the vLLM engine, if one started: the run is over, and its memory is the next run's."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
     def sample(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                top_k: int = 0, min_new_tokens: int = 0, initial: bool = False) -> rollout.Rollout:
         """One completion per prompt (token ids) from the student as it is now, or from the initial model."""

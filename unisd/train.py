@@ -309,66 +309,67 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     checkpoint.check_out_dir(out, resume=resume, overwrite=overwrite, extend=extend)
     hub_api = _hub_api(config)
     run = prepare(config, echo)
-    main = run.world.main
-    echo = echo if main else (lambda m: None)  # one voice: rank 0 speaks and writes
-    if overwrite and main:
-        checkpoint.clear(out)
-    distributed.barrier(run.world)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and checkpoint.restore(run, echo, extend):
-        echo(f"resumed at step {run.step} of {run.total_steps}")
-    stop = _StopOnSignal()
-    metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
-    if main:
-        checkpoint.truncate_metrics(metrics_path, run.step)
-        checkpoint.truncate_metrics(samples_path, run.step)
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None if main else True)
-    lines = progress.StepLog(0 if progress.bar_shows() else config.log_every, run.total_steps)  # off a terminal
-    with stop, (metrics_path.open("a") if main else contextlib.nullcontext()) as log, \
-            tracking.Trackers(report_to if main else (), run.config.to_json(), out) as trackers:
-        while run.step < run.total_steps:
-            metrics = _step_or_save(run)
-            if midrun.due(run):
-                scored = midrun.score(run)
-                metrics |= scored
-                echo(f"step {run.step}: " + ", ".join(f"{k} {v:.1f}" for k, v in scored.items()))
-                if config.keep_best and midrun.improved(run, scored):
-                    checkpoint.save_final(run, out / "best")
-                    echo(f"step {run.step}: the best {config.keep_best} so far, written to {out / 'best'}")
-            if log is not None:
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-            trackers.log(metrics)
-            monitor.append_jsonl(samples_path, run.samples)
-            run.samples = []
-            assert run.truncation is not None
-            warning = run.truncation.update(monitor.own_truncated_share(metrics))
-            if warning:
-                echo(warning)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            line = lines.line(metrics)
-            if line:
-                echo(line)
-            if metrics["skipped"]:
-                echo(f"step {run.step}: non-finite loss or gradient, update skipped")
-                if run.bad_steps >= config.max_bad_steps:
-                    saved = checkpoint.save(run)  # skipped steps changed no weight: this state is good
-                    raise TrainError(f"{run.bad_steps} non-finite steps in a row; stopped "
-                                     f"(checkpoint {saved.name} holds the last good weights)")
-            stopping = distributed.any_rank(bool(stop.signal), run.world)
-            if stopping or (config.save_every and run.step % config.save_every == 0):
-                checkpoint.save(run)
-            if stopping:
-                raise TrainError(f"stopped by {stop.signal or 'a signal'} at step {run.step}; resume with --resume")
-    bar.close()
-    checkpoint.save(run)
-    checkpoint.save_final(run)
-    if main:
-        report.training_curves(metrics_path, out / "curves.png")
-        if hub_api is not None:
-            echo(f"pushed to {hub.push(hub_api, config.push_to_hub, out, run.step)}")
-    distributed.barrier(run.world)
+    with contextlib.closing(run.policy):  # the vLLM engine's memory goes back when the run ends, however it ends
+        main = run.world.main
+        echo = echo if main else (lambda m: None)  # one voice: rank 0 speaks and writes
+        if overwrite and main:
+            checkpoint.clear(out)
+        distributed.barrier(run.world)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and checkpoint.restore(run, echo, extend):
+            echo(f"resumed at step {run.step} of {run.total_steps}")
+        stop = _StopOnSignal()
+        metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
+        if main:
+            checkpoint.truncate_metrics(metrics_path, run.step)
+            checkpoint.truncate_metrics(samples_path, run.step)
+        bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=None if main else True)
+        lines = progress.StepLog(0 if progress.bar_shows() else config.log_every, run.total_steps)  # off a terminal
+        with stop, (metrics_path.open("a") if main else contextlib.nullcontext()) as log, \
+                tracking.Trackers(report_to if main else (), run.config.to_json(), out) as trackers:
+            while run.step < run.total_steps:
+                metrics = _step_or_save(run)
+                if midrun.due(run):
+                    scored = midrun.score(run)
+                    metrics |= scored
+                    echo(f"step {run.step}: " + ", ".join(f"{k} {v:.1f}" for k, v in scored.items()))
+                    if config.keep_best and midrun.improved(run, scored):
+                        checkpoint.save_final(run, out / "best")
+                        echo(f"step {run.step}: the best {config.keep_best} so far, written to {out / 'best'}")
+                if log is not None:
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                trackers.log(metrics)
+                monitor.append_jsonl(samples_path, run.samples)
+                run.samples = []
+                assert run.truncation is not None
+                warning = run.truncation.update(monitor.own_truncated_share(metrics))
+                if warning:
+                    echo(warning)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                line = lines.line(metrics)
+                if line:
+                    echo(line)
+                if metrics["skipped"]:
+                    echo(f"step {run.step}: non-finite loss or gradient, update skipped")
+                    if run.bad_steps >= config.max_bad_steps:
+                        saved = checkpoint.save(run)  # skipped steps changed no weight: this state is good
+                        raise TrainError(f"{run.bad_steps} non-finite steps in a row; stopped "
+                                         f"(checkpoint {saved.name} holds the last good weights)")
+                stopping = distributed.any_rank(bool(stop.signal), run.world)
+                if stopping or (config.save_every and run.step % config.save_every == 0):
+                    checkpoint.save(run)
+                if stopping:
+                    raise TrainError(f"stopped by {stop.signal or 'a signal'} at step {run.step}; resume with --resume")
+        bar.close()
+        checkpoint.save(run)
+        checkpoint.save_final(run)
+        if main:
+            report.training_curves(metrics_path, out / "curves.png")
+            if hub_api is not None:
+                echo(f"pushed to {hub.push(hub_api, config.push_to_hub, out, run.step)}")
+        distributed.barrier(run.world)
     return out
 
 

@@ -1,0 +1,108 @@
+"""Whether UniSD*'s no-grad views may run in bf16 beside an fp32 student: the error it makes, batch by batch.
+
+    python -m tools.bf16_views [--model smollm2-135m] [--batches 4] [--batch-size 4] [--out FILE.json]
+
+The views (the teacher, agree's contexts, contrast's negative) need no gradient, so on hardware with fast
+bf16 they could run in bf16 while the student trains in fp32 (issue 40). This prepares a UniSD* run on the
+demo task, samples real batches, and computes each batch's loss terms twice on the same completions: all in
+fp32, then with the views' decoder in bf16 (their hidden states upcast to fp32 before the heads, which stay
+fp32; the student unchanged). It prints the relative error of the distillation loss and of each auxiliary
+term, and the largest change of agree's per-token weights. The bar: 1e-3 relative on the losses, 1e-2 on the
+weights. The error does not depend on whether the CPU computes bf16 natively or emulates it, so any machine
+can measure it; docs/performance.md quotes the result.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from unisd import config as cfg
+from unisd import losses, views
+from unisd.sequences import render
+from unisd.train import _teacher, forward, make_batch, prepare
+
+LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-3, 1e-2
+
+
+@contextlib.contextmanager
+def views_in_bf16() -> Iterator[None]:
+    """Run every no-grad `views.hidden` call (the views; the student's forward keeps its gradient) in bf16."""
+    fp32 = views.hidden
+
+    def hidden(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return fp32(*args, **kwargs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fp32(*args, **kwargs).float()
+
+    views.hidden = hidden  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        views.hidden = fp32  # type: ignore[assignment]
+
+
+def loss_terms(run: Any, batch: Any) -> tuple[dict[str, float], torch.Tensor | None]:
+    """The step's loss terms for this batch as `unisd.train.step` computes them, and agree's weights."""
+    out = forward(run, batch, _teacher(run))
+    weights = run.hooks.weights(out)
+    numerator, denominator = losses.weighted_sums(run.hooks.token_loss(out.divergence, out), out.mask, weights)
+    terms = {"distill": float(numerator.detach() / denominator.clamp_min(1e-12))}
+    terms |= {name: float(value.detach()) for name, value in run.hooks.aux_losses(out).items()}
+    return terms, None if weights is None else weights.detach() * out.mask
+
+
+def measure(model: str, batches: int, batch_size: int) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = cfg.resolve("unisd-star", (), {"contrast": {"max_new_tokens": "96"}}, model=model, data="demo",
+                             out=str(Path(tmp) / "run"), batch_size=batch_size, max_new_tokens=96, save_every=0,
+                             max_steps=batches, lr=2e-5, lora=True)
+        run = prepare(config, echo=print)
+        for _ in range(batches):
+            batch = make_batch(run)
+            rollout = run.policy.sample([render(run.tokenizer, p) for p in batch.prompts["student"]],
+                                        config.max_new_tokens, config.temperature, config.top_p)
+            batch.tokens, batch.truncated, batch.mask = rollout.tokens, rollout.truncated, rollout.mask
+            batch.loss_mask = rollout.mask
+            batch.prompts.update(run.hooks.views(batch))
+            reference, ref_weights = loss_terms(run, batch)
+            with views_in_bf16():
+                low, low_weights = loss_terms(run, batch)
+            error = {k: abs(low[k] - v) / abs(v) if v else abs(low[k]) for k, v in reference.items()}
+            weight_gap = float((low_weights - ref_weights).abs().max()) if ref_weights is not None else 0.0
+            rows.append({"fp32": reference, "bf16_views": low, "relative_error": error, "weights_max_change": weight_gap,
+                         "completion_tokens": int(rollout.mask.sum())})
+            print(f"batch {len(rows)}: " + ", ".join(f"{k} {v:.2e}" for k, v in error.items())
+                  + f"; agree weights max change {weight_gap:.2e}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = measure(args.model, args.batches, args.batch_size)
+    worst = {k: max(r["relative_error"][k] for r in rows) for k in rows[0]["relative_error"]}
+    weights = max(r["weights_max_change"] for r in rows)
+    passed = all(v <= LOSS_TOLERANCE for v in worst.values()) and weights <= WEIGHT_TOLERANCE
+    print("worst relative error: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items())
+          + f"; agree weights {weights:.2e}: " + ("within" if passed else "outside")
+          + f" the bar ({LOSS_TOLERANCE:g} on losses, {WEIGHT_TOLERANCE:g} on weights)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows, "worst": worst,
+                                              "weights_max_change": weights, "within": passed}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
