@@ -54,11 +54,11 @@ def test_the_readme_example_runs_as_written(tiny_model: Path, tiny_data: Path, t
     (tmp_path / "train.jsonl").write_text(tiny_data.read_text())
     printed: list = []
     exec(PYTHON_EXAMPLE, {"print": printed.append})
-    run = json.loads((tmp_path / "runs" / "x" / "unisd.json").read_text())["config"]
+    run = json.loads((tmp_path / "runs" / "y" / "unisd.json").read_text())["config"]
     assert (run["plugins"], run["options"], run["seed"], run["max_steps"]) == (["ema", "clip"], {"clip": {"max": 5.0}},
                                                                              1, 2)
     again = json.loads((tmp_path / "runs" / "again" / "unisd.json").read_text())
-    assert again["config"]["model"] == "runs/x" and again["steps"] == 1
+    assert again["config"]["model"] == "runs/y" and again["steps"] == 1
     [scores] = printed
-    assert set(scores) == {"x", "again"} and all("unisd_demo" in s for s in scores.values())
+    assert set(scores) == {"y", "again"} and all("unisd_demo" in s for s in scores.values())
     assert (tmp_path / "eval" / "table.md").is_file()

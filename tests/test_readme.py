@@ -12,31 +12,27 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.doc_examples import PAGE_PATHS, ROOT, blocks, shell_lines
 from unisd import config as cfg
 from unisd import plugin
 from unisd.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-PAGES = [README, *(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))]  # the hand-written pages
+PAGES = [path.read_text() for path in PAGE_PATHS]  # the hand-written pages
 
 
 def _blocks(language: str, text: str = README) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+    return blocks(text, language)
 
 
 def _commands(pages: list[str]) -> list[list[str]]:
     """Shell commands of the pages' sh blocks, continuation lines joined, env assignments dropped."""
     out = []
-    for block in (b for page in pages for b in _blocks("sh", page)):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip()
-            if not line:
-                continue
-            words = shlex.split(line.replace('"$(unisd tasks-path)"', "TASKS"))
-            while words and re.match(r"^[A-Z_]+=", words[0]):
-                words.pop(0)
-            out.append(words)
+    for line in (line for page in pages for b in blocks(page, "sh") for line in shell_lines(b)):
+        words = shlex.split(line.replace('"$(unisd tasks-path)"', "TASKS"))
+        while words and re.match(r"^[A-Z_]+=", words[0]):
+            words.pop(0)
+        out.append(words)
     return out
 
 
