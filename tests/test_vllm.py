@@ -6,6 +6,7 @@ must equal `generate`'s token for token, and log-probabilities the student's wit
 """
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sys
@@ -184,6 +185,8 @@ def _config(model: Path, data: Path, out: Path, **kw) -> cfg.TrainConfig:
 def test_train_with_vllm_rollout_checkpoints_resumes_exactly_and_saves(engine, model_dir, tiny_data, tmp_path,
                                                                        monkeypatch):
     monkeypatch.setattr(engine_module, "start", lambda config, world: engine)  # share the module's engine
+    closed: list[bool] = []
+    monkeypatch.setattr(engine, "close", lambda: closed.append(True))  # kept for the module's other tests
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     train(_config(model_dir, tiny_data, reference), echo=lambda m: None)
     train(_config(model_dir, tiny_data, resumed), echo=lambda m: None)
@@ -192,6 +195,7 @@ def test_train_with_vllm_rollout_checkpoints_resumes_exactly_and_saves(engine, m
     messages: list[str] = []
     train(_config(model_dir, tiny_data, resumed), resume=True, echo=messages.append)
     assert "resumed at step 2 of 3" in messages
+    assert closed == [True] * 3  # every run shut its engine down
     a, b = load_file(str(reference / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
@@ -243,6 +247,8 @@ def test_eval_backends_give_the_same_greedy_answers(model_dir, tmp_path):
         replies[backend] = [(r["doc_id"], [x.rstrip("\ufffd") for x in r["resps"][0]]) for r in rows]
         assert len(rows) == 3
     assert replies["hf"] == replies["vllm"]
+    # the evaluation's engine was shut down: vLLM's gc.freeze at start is undone, its memory collectable
+    assert gc.get_freeze_count() == 0
 
 
 def test_rollout_eager_reaches_the_engine_and_is_not_part_of_the_run_identity(tiny_model, tiny_data, tmp_path,

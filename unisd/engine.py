@@ -214,12 +214,18 @@ class Engine:
 
 
     def close(self) -> None:
-        """Shut the engine down and give its memory back. vLLM hides what it allocates at start from the garbage
-        collector (gc.freeze) and only its shutdown undoes that, so a process that trains several runs (unisd
-        ablate, the demo) would otherwise keep every engine it ever started: about 5 GB each on CPU."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Shut the engine down and give its memory back (`shut_down`)."""
+        shut_down(self.llm)
         del self.llm
         gc.collect()
+
+
+def shut_down(llm: Any) -> None:
+    """Stop a `vllm.LLM`. vLLM hides what it allocates at start from the garbage collector (gc.freeze) and only its
+    shutdown undoes that, so a process that starts several engines (unisd ablate's runs, the demo's runs and
+    evaluations, `unisd eval --backend vllm` of several models) would otherwise keep all of them: about 5 GB each
+    on CPU."""
+    llm.llm_engine.engine_core.shutdown()
 
 
 def start(config: Any, world: Any) -> Engine:

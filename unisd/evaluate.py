@@ -108,12 +108,24 @@ def run_lm_eval(path: Any, tasks: list[str], limit: int | None, include: list[st
     if missing:
         raise EvalError(f"unknown task(s) {', '.join(missing)} (unisd tasks: "
                         f"{', '.join(sorted(n for n in manager.all_tasks if n.startswith('unisd')))})")
-    return simple_evaluate(model=model, model_args=args, tasks=tasks, task_manager=manager, limit=limit,
-                           apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True,
-                           device="cuda" if cuda else "cpu", batch_size="auto" if backend == "vllm" else batch_size,
-                           random_seed=SEED,
-                           gen_kwargs=f"max_gen_toks={max_gen_toks}" if max_gen_toks else None,
-                           numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
+    device, batch = "cuda" if cuda else "cpu", "auto" if backend == "vllm" else batch_size
+    started = None
+    if backend == "vllm" and isinstance(path, str):  # made here, so that its engine is shut down after (shut_down)
+        from lm_eval.api.registry import get_model
+
+        made = get_model("vllm")
+        create = made.create_from_arg_obj if isinstance(args, dict) else made.create_from_arg_string
+        started = create(args, {"batch_size": batch, "max_batch_size": None, "device": device})
+        model, args = started, None
+    try:
+        return simple_evaluate(model=model, model_args=args, tasks=tasks, task_manager=manager, limit=limit,
+                               apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True,
+                               device=device, batch_size=batch, random_seed=SEED,
+                               gen_kwargs=f"max_gen_toks={max_gen_toks}" if max_gen_toks else None,
+                               numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
+    finally:
+        if started is not None:
+            engine.shut_down(started.model)
 
 
 @dataclass(frozen=True)
