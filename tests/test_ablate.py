@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -13,6 +14,7 @@ import unisd.plugin
 import unisd.train
 from unisd import ablation_plan, ablation_report, stats
 from unisd import config as cfg
+from unisd.ablate import evaluate_one
 from unisd.cli import main
 
 ANIMALS = [("barks", "dog"), ("says moo", "cow"), ("lives in water", "fish"), ("flies", "bird")]
@@ -231,3 +233,35 @@ def test_third_party_plugin_by_name(tmp_path, tiny_model, plugin_dist):
     assert result.exit_code == 0, result.output
     assert "clip+halve" in result.output and "halve[factor=0.9]" in result.output
     assert f"{1 + ablation_plan.TEACHER_FORWARD:.2f}" in result.output  # an unknown plugin counts as one extra view
+
+
+def test_eval_backend_vllm_needs_the_engine_before_anything_trains(tiny_model, tmp_path, monkeypatch):
+    from unisd import engine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["ablate", "--model", str(tiny_model), "--data", "demo", "--plugins", "clip",
+                                       "--eval-tasks", "unisd_demo", "--eval-backend", "vllm", "--out", str(out),
+                                       "--max-steps", "1"])
+    assert result.exit_code == 2 and result.output.strip() == f"error: {engine.MISSING}"
+    assert not out.exists()
+
+
+def test_the_eval_backend_reaches_lm_eval_and_a_record_serves_either(tmp_path, monkeypatch):
+    seen: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def run_lm_eval(model, tasks, limit, include, batch_size, max_gen_toks, backend, template_kwargs):
+        seen.append(backend)
+        raise Stop
+
+    monkeypatch.setattr(unisd.evaluate, "run_lm_eval", run_lm_eval)
+    record = tmp_path / "base.json"
+    with pytest.raises(Stop):
+        evaluate_one("base", "m", record, ["t"], 4, [], 4, lambda m: None, backend="vllm")
+    assert seen == ["vllm"]
+    kept = {"scores": {"t": 0.5}, "items": {}, "answers": {}, "gen_toks": {}}
+    record.write_text(json.dumps({"settings": {"tasks": ["t"], "limit": 4, "max_gen_toks": None}, **kept}))
+    assert evaluate_one("base", "m", record, ["t"], 4, [], 4, lambda m: None, backend="hf") == kept

@@ -59,9 +59,11 @@ def train_all(runs: list[Planned], configs_: Mapping[str, TrainConfig], echo: Ca
 
 def evaluate_one(name: str, model: str, record: Path, tasks: list[str], limit: int | None,
                  include: list[str], batch_size: int, echo: Callable[[str], None],
-                 max_gen_toks: int | None = None, template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                 max_gen_toks: int | None = None, template_kwargs: dict[str, Any] | None = None,
+                 backend: str = "hf") -> dict[str, Any]:
     """{scores, items (per-item scores), answers (answer spread), gen_toks} of one model, from record when it
-    holds these settings and is newer than the model."""
+    holds these settings and is newer than the model. `backend` is not a setting: greedy answers are the same
+    under either (tests/test_vllm.py), so a record made with one serves the other."""
     from unisd.evaluate import answer_spread, generation_limits, item_scores, run_lm_eval, scores
 
     settings: dict[str, Any] = {"tasks": tasks, "limit": limit, "max_gen_toks": max_gen_toks}
@@ -76,7 +78,7 @@ def evaluate_one(name: str, model: str, record: Path, tasks: list[str], limit: i
             echo(f"{name}: evaluated earlier, not repeated")
             return {k: saved[k] for k in kept}
     echo(f"{name}: evaluating on {', '.join(tasks)}")
-    result = run_lm_eval(model, tasks, limit, include, batch_size, max_gen_toks, "hf", template_kwargs)
+    result = run_lm_eval(model, tasks, limit, include, batch_size, max_gen_toks, backend, template_kwargs)
     samples = result.pop("samples", {})
     found = {"scores": scores(result), "items": item_scores(samples, result), "answers": answer_spread(samples),
              "gen_toks": generation_limits(result)}
@@ -90,7 +92,8 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
            limit: int | None, include: list[str], eval_batch_size: int = 4, base: bool = True,
            dry_run: bool = False, sec_per_step: float | None = None, echo: Callable[[str], None] = print,
            show: Callable[[str], None] = print, eval_max_gen_toks: int | None = None,
-           report_to: tuple[str, ...] = (), seeds: int = 1, **settings: Any) -> dict[str, Any] | None:
+           report_to: tuple[str, ...] = (), seeds: int = 1, eval_backend: str = "hf",
+           **settings: Any) -> dict[str, Any] | None:
     """Plan, validate, print the plan; then train, evaluate and analyse (unless dry_run).
 
     `seeds` > 1 trains every run with --seed, --seed + 1, ... on one data order and reports means over seeds
@@ -104,6 +107,13 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
     validate(configs_, available)
     if not tasks:
         raise ConfigError("--eval-tasks is empty")
+    if eval_backend == "vllm":
+        if next(iter(configs_.values())).template_kwargs():
+            raise ConfigError("--chat-template-kwargs: score with --eval-backend hf (lm-eval's vLLM model takes no "
+                              "template variables)")
+        from unisd import engine
+
+        engine.require()  # before anything trains: a missing engine is the first thing to say
     steps = next(iter(configs_.values())).max_steps
     rate = sec_per_step or measured_sec_per_unit(runs, configs_, available)
     per_seed = seeded(configs_, seeds)
@@ -121,7 +131,8 @@ def ablate(model: str, data: str, out: Path, plugins: tuple[str, ...], combos: s
         echo(warning)
     variables = next(iter(configs_.values())).template_kwargs()
     score = lambda name, path, record: evaluate_one(name, path, record, tasks, limit, include,  # noqa: E731
-                                                     eval_batch_size, echo, eval_max_gen_toks, variables)
+                                                     eval_batch_size, echo, eval_max_gen_toks, variables,
+                                                     eval_backend)
     evals = {"base": score("base", model, out / "evals" / "base.json")} if base else {}
     if seeds == 1:
         evals |= {r.name: score(r.name, configs_[r.name].out, out / "evals" / f"{r.folder}.json") for r in runs}
@@ -182,6 +193,9 @@ def _required(key: str, given: str | None, in_file: str | None) -> str:
 @click.option("--eval-tasks", required=True, help="Comma-separated lm-eval tasks or groups.")
 @click.option("--eval-limit", type=int, default=None, help="Score only the first N documents of each task.")
 @click.option("--eval-batch-size", type=int, default=4, show_default=True)
+@click.option("--eval-backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="What scores the runs: transformers, or lm-eval's vLLM model (unisd[vllm]; the same greedy "
+                   "answers, several times faster on CPU; --eval-batch-size does not apply).")
 @click.option("--eval-max-gen-toks", type=click.IntRange(min=1), default=None,
               help="Cap every task's new tokens per answer (the same for every run; the tasks' own limit is "
                    "1024, as in the paper) to keep a study cheap.")
@@ -195,7 +209,7 @@ def _required(key: str, given: str | None, in_file: str | None) -> str:
 @errors_are_one_line
 def ablate_command(config_file: str | None, model: str | None, data: str | None, out: str | None, plugins: str,
                    combos: str, grid: tuple[str, ...], baselines: str, seeds: int, options: tuple[str, ...], eval_tasks: str,
-                   eval_limit: int | None, eval_batch_size: int, eval_max_gen_toks: int | None,
+                   eval_limit: int | None, eval_batch_size: int, eval_backend: str, eval_max_gen_toks: int | None,
                    include: tuple[str, ...], no_base: bool, dry_run: bool,
                    sec_per_step: float | None, report_to: str, **settings: Any) -> None:
     """Train plain SD, each component, their combinations and option grids alike; score and compare them."""
@@ -217,7 +231,8 @@ def ablate_command(config_file: str | None, model: str | None, data: str | None,
     result = ablate(model, data, Path(out), components, combos, grid, split(baselines),
                     overrides, list(split(eval_tasks)), eval_limit, list(include),
                     eval_batch_size, not no_base, dry_run, sec_per_step, echo, click.echo,
-                    eval_max_gen_toks=eval_max_gen_toks, report_to=tracking.parse(report_to), seeds=seeds, **settings)
+                    eval_max_gen_toks=eval_max_gen_toks, report_to=tracking.parse(report_to), seeds=seeds,
+                    eval_backend=eval_backend, **settings)
     if result is not None:
         click.echo((Path(out) / "table.md").read_text())
         click.echo(f"results: {Path(out) / 'results.json'}")
