@@ -8,8 +8,9 @@ step) for two steps on the bundled demo data: fp32, saved every step and resumed
 resumed weights must equal the uninterrupted run's bit for bit), --bf16, --lora --bf16, and --fsdp in one
 torchrun process. With CUDA, one model of Qwen2.5-7B's shape (random weights, made on the GPU) takes a UniSD*
 --lora --bf16 step with 1024-token completions: its step time and phases, its peak GPU memory beside
---dry-run's estimate. With two GPUs also DDP and --fsdp across both; where vLLM imports, two tiny runs with
---rollout vllm. Each case runs under its own timeout, all of them inside --budget-s.
+--dry-run's estimate, and each phase as a fraction of the GPU's bound (`bench roofline`'s: bf16 matmul peak at the
+step's shapes, memory bandwidth for decoding). With two GPUs also DDP and --fsdp across both; where vLLM imports,
+two tiny runs with --rollout vllm. Each case runs under its own timeout, all of them inside --budget-s.
 
 DIR receives summary.txt (one PASS/FAIL line per case with its figures), gpu-smoke.json (the same, with
 provenance) and log.txt (the end of each failed case's output); models and runs go to DIR/scratch, removed
@@ -47,8 +48,22 @@ PHASES = ("step_time_s", "rollout_s", "forward_s", "backward_s", "optimizer_s", 
 QWEN_7B = {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
            "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
            "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
-# runs `unisd train` and, at exit (an out-of-memory error included), writes its peak CUDA memory to $UNISD_SMOKE_PEAK
+# runs `unisd train` and, at exit (an out-of-memory error included), writes its peak CUDA memory to $UNISD_SMOKE_PEAK;
+# with $UNISD_SMOKE_ROOFLINE, also its phases as fractions of this device's bounds (bench/roofline.py), measured
+# after the peak is read (registered first, so it runs last: its matmuls must not count in the run's memory)
 PEAK = """import atexit, json, os, sys, torch
+if os.environ.get("UNISD_SMOKE_ROOFLINE"):
+    from pathlib import Path
+    from bench import roofline
+    probes = roofline.Probes().__enter__()
+    def fractions():
+        args = sys.argv[1:]
+        try:
+            found = roofline.smoke_report(args, probes, Path(args[args.index("--out") + 1]) / "metrics.jsonl")
+        except Exception as e:
+            found = {"error": f"{type(e).__name__}: {e}"}
+        open(os.environ["UNISD_SMOKE_ROOFLINE"], "w").write(json.dumps(found))
+    atexit.register(fractions)
 def peak():
     if torch.cuda.is_initialized():
         found = {"allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
@@ -263,10 +278,22 @@ def dry_run_total_gb(args: list[str], env: dict[str, str], timeout_s: float) -> 
     return float(match.group(1)) if status == 0 and match else None
 
 
+def roofline_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The fractions of the bounds `bench.roofline.smoke_report` wrote, as figures: each phase's, the bf16 matmul
+    peak (TFLOP/s) and the memory bandwidth (GB/s) they are fractions of."""
+    if "error" in report:
+        return {"roofline_error": report["error"]}
+    bounds = report["bounds"]
+    return {**{f"{phase}_of_bound": round(v, 3) for phase, v in report["fractions"].items()},
+            "matmul_peak_tflops": round(bounds["matmul"]["bf16"]["peak_flops_per_s"] / 1e12, 1),
+            "bandwidth_gb_s": round(bounds["bandwidth"]["bytes_per_s"] / 1e9)}
+
+
 def run_7b(tiny: Path, scratch: Path, env: dict[str, str], device_gb: float, deadline: float) -> Outcome:
     """One UniSD* --lora --bf16 step of the 7B shape, batch 4, 1024 new tokens: phases, peak memory, the estimate."""
     found = Outcome("qwen7b-shape-unisd-star-lora-bf16")
     folder, out, peak = scratch / "qwen-7b-shape", scratch / "qwen-7b-run", scratch / "peak.json"
+    roofline = scratch / "roofline.json"
     flags = (*UNISD_STAR, "--lora", "--bf16")
     qwen_7b_shape(folder, tiny, weights=False)
     found.figures["dry_run_total_gb"] = dry_run_total_gb(
@@ -279,9 +306,11 @@ def run_7b(tiny: Path, scratch: Path, env: dict[str, str], device_gb: float, dea
         return found
     left = deadline - time.monotonic()
     status, found.log = launch(train_args(folder, out, flags, 0, 1, 4, 1024, entry=("-c", PEAK)),
-                               {**env, "UNISD_SMOKE_PEAK": str(peak)}, left)
+                               {**env, "UNISD_SMOKE_PEAK": str(peak), "UNISD_SMOKE_ROOFLINE": str(roofline)}, left)
     if peak.exists():
         found.figures |= {f"peak_{k}": round(v, 2) for k, v in json.loads(peak.read_text()).items()}
+    if roofline.exists():
+        found.figures |= roofline_figures(json.loads(roofline.read_text()))
     rows = metrics(out)
     if rows:
         found.figures |= {k: round(rows[0][k], 3) for k in (*PHASES, "completion_length") if k in rows[0]}

@@ -86,6 +86,14 @@ def make_rows(n: int, prompt_tokens: int, tokenizer: Any) -> list[dict[str, str]
     return rows
 
 
+def data_file(folder: Path, batch: int, prompt_tokens: int, tokenizer: Any) -> tuple[list[dict[str, str]], Path]:
+    """The rows of a cell (a few more than one batch, so agree finds other examples) and the JSONL file holding them."""
+    rows = make_rows(max(12, batch + 4), prompt_tokens, tokenizer)
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows, data
+
+
 def fixed_length_plugin(tokens: int) -> Any:
     """A plugin whose `completions` hook samples like the trainer, with EOS suppressed until `tokens`."""
     from unisd.api import Plugin
@@ -103,17 +111,27 @@ def fixed_length_plugin(tokens: int) -> Any:
     return FixedLength()
 
 
-def ours(preset: str, data: Path, out: Path, model: str, batch: int, completion: int, bf16: bool) -> Callable[[], dict]:
-    """A prepared unisd run of `preset`; the returned call does one step and gives its metrics."""
+def prepared(preset: str, data: Path, out: Path, model: str, batch: int, completion: int, bf16: bool,
+             **settings: Any) -> Any:
+    """A prepared unisd run (`unisd.train.prepare`) of `preset` whose sampled completions are exactly `completion`
+    tokens; `settings` are further TrainConfig fields (rollout="vllm")."""
     from unisd import config as cfg
     from unisd.hooks import Hooks
-    from unisd.train import prepare, step
+    from unisd.train import prepare
 
     config = cfg.resolve(preset, (), {}, model=model, data=str(data), out=str(out), max_steps=1000,
-                         batch_size=batch, max_new_tokens=completion, max_prompt_tokens=4096, bf16=bf16)
+                         batch_size=batch, max_new_tokens=completion, max_prompt_tokens=4096, bf16=bf16, **settings)
     run = prepare(config, echo=lambda m: None)
     if preset != "sft":  # sft's completions are the gold demonstrations
         run.hooks = Hooks([fixed_length_plugin(completion), *run.hooks.plugins])
+    return run
+
+
+def ours(preset: str, data: Path, out: Path, model: str, batch: int, completion: int, bf16: bool) -> Callable[[], dict]:
+    """A prepared unisd run of `preset`; the returned call does one step and gives its metrics."""
+    from unisd.train import step
+
+    run = prepared(preset, data, out, model, batch, completion, bf16)
     return lambda: step(run)
 
 
@@ -176,9 +194,7 @@ def measure(build: Callable[[], Callable[[], dict]], warm_up: bool) -> dict[str,
 
 def cell(precision: str, batch: int, completion: int, cases: list[str], rounds: int, model: str,
          tmp: Path, tokenizer: Any) -> dict[str, Any]:
-    rows = make_rows(max(12, batch + 4), 128, tokenizer)
-    data = tmp / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows, data = data_file(tmp, batch, 128, tokenizer)
     bf16 = precision == "bf16"
     builders = {c: (lambda c=c: trl_sdft(rows, tmp / c, model, batch, completion, bf16)) if c == "trl-sdft" else
                 (lambda c=c: ours(c, data, tmp / c, model, batch, completion, bf16)) for c in cases}

@@ -229,6 +229,18 @@ def rank_memory(path: Path = RESULTS / "rank-memory.json") -> str:
             f"{str(result.get('git_sha', '?'))[:10]}).\n")
 
 
+def roofline(path: Path = RESULTS / "roofline.json") -> str:
+    """Each phase of a step as a fraction of the machine's bound, from `python -m bench roofline`'s result (said so
+    when there is none)."""
+    if not path.is_file():
+        return "Not measured yet: run `python -m bench roofline` (it writes `bench/results/roofline.json`).\n"
+    result = json.loads(path.read_text())
+    machine = result.get("machine", {})
+    return (result["table"] + "\n\n" + result["bounds_line"] +
+            f" On {result.get('model', '?')}, {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores; "
+            f"`{result.get('command', '?')}` at {str(result.get('git_sha', '?'))[:10]}).\n")
+
+
 # --- results ----------------------------------------------------------------------------------------------------
 
 def _number(x: Any) -> str:
@@ -286,6 +298,12 @@ def _step_cells(result: dict[str, Any]) -> str:
             for c in cells]
     return (result["table"] + "\n\nRatios (medians of the same cell):\n\n"
             + _table(["precision", "batch", "completion", *names], rows) + _settings(result, ("cells", "table")))
+
+
+def _roofline_result(result: dict[str, Any]) -> str:
+    """A roofline result (`python -m bench roofline`): its bounds and its table of fractions."""
+    return result["bounds_line"] + "\n\n" + result["table"] + "\n" + _settings(result, ("cells", "table", "bounds",
+                                                                                     "bounds_line", "flop_model"))
 
 
 def _flat(x: Any) -> bool:
@@ -352,6 +370,8 @@ RENDERERS: list[tuple[Callable[[Any], bool], Callable[[dict[str, Any]], str]]] =
     (lambda r: isinstance(r, dict) and _is_score_table(r.get("scores")), _scores),
     (lambda r: isinstance(r, dict) and isinstance(r.get("cells"), list) and
         isinstance(r.get("table"), str) and all(isinstance(c, dict) and "ratios" in c for c in r["cells"]), _step_cells),
+    (lambda r: isinstance(r, dict) and isinstance(r.get("bounds"), dict) and isinstance(r.get("table"), str)
+        and isinstance(r.get("bounds_line"), str), _roofline_result),
 ]
 
 
@@ -403,6 +423,7 @@ def pages() -> dict[str, tuple[str, str]]:
     made["hooks.md"] = ("unisd.api.Plugin and unisd.hooks.Hooks", hooks())
     made["combinations.md"] = ("the checks of unisd.config.TrainConfig", combinations())
     made["results.md"] = ("bench/results/*.json", results())
+    made["roofline.md"] = ("bench/results/roofline.json", roofline())
     return made
 
 

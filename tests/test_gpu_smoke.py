@@ -80,3 +80,21 @@ def test_where_unisd_is_not_installed_the_smoke_script_registers_the_source_tree
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["unisd.plugins"]
     assert {ep.name: ep.value for ep in dist.entry_points if ep.group == "unisd.plugins"} == declared
     assert (site / "unisd_plugins" / "ema.py").is_file() and (site / "unisd_tasks").is_dir()
+
+
+def test_the_7b_case_reports_its_phases_as_fractions_of_the_bounds_through_the_same_child_script(tiny_model, tmp_path):
+    """On CUDA the 7B-shape step's fractions come from the child script's probes and `bench.roofline.smoke_report`;
+    the same script on CPU and the tiny model (one UniSD* --lora --bf16 step) must report every phase."""
+    from bench import gpu_smoke
+
+    report = tmp_path / "roofline.json"
+    args = gpu_smoke.train_args(tiny_model, tmp_path / "run", (*gpu_smoke.UNISD_STAR, "--lora", "--bf16"), 0, 1, 2, 4,
+                                entry=("-c", gpu_smoke.PEAK))
+    env = {**ENV, "UNISD_SMOKE_PEAK": str(tmp_path / "peak.json"), "UNISD_SMOKE_ROOFLINE": str(report)}
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(report.read_text())
+    assert set(found["fractions"]) == {"decode", "student", "teacher", "agree", "contrast", "backward"}, found
+    assert all(v > 0 for v in found["fractions"].values())
+    figures = gpu_smoke.roofline_figures(found)
+    assert figures["student_of_bound"] == round(found["fractions"]["student"], 3) and "bandwidth_gb_s" in figures

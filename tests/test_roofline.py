@@ -1,0 +1,91 @@
+"""The roofline benchmark: its FLOP and byte counts against hand counts, and one quick run on the tiny model."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bench import roofline
+
+ROOT = Path(__file__).resolve().parents[1]
+# 2 layers, hidden 32, MLP 64, 4 heads of 8, 2 KV heads, vocabulary 300: per layer q 32x32, k and v 32x16,
+# o 32x32, gate and up 32x64, down 64x32, i.e. 1024 + 512 + 512 + 1024 + 3 x 2048 = 9216 linear weights
+TINY = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2)
+
+
+def test_linear_weights_by_hand():
+    assert roofline.linear_params(roofline.Shape.of(TINY)) == 2 * 9216 == 18432
+
+
+def test_step_flops_by_hand():
+    # the student ran rows of 10 and 12 real tokens padded to 12, the teacher one row of 20; 8 logits each
+    found = roofline.step_flops(TINY, {"student": [(10, 12), (12, 12)], "teacher": [(20, 20)]},
+                                {"student": 8, "teacher": 8})
+    # linear 2 x 18432 x (10 + 12) = 811008; attention 4 x 2 layers x 4 heads x 8 x (10^2 + 12^2) = 62464;
+    # head 2 x 32 x 300 x 8 = 153600; padded: 2 x 18432 x 24 = 884736 and 256 x (144 + 144) = 73728
+    assert found["student"] == {"flops": 811008 + 62464 + 153600, "padded_flops": 884736 + 73728 + 153600}
+    # 2 x 18432 x 20 = 737280, 256 x 400 = 102400, no padding
+    assert found["teacher"] == {"flops": 737280 + 102400 + 153600, "padded_flops": 737280 + 102400 + 153600}
+    # backward: 2 x (linear + head) + 2 x attention; recomputed: the student's layers and head, the teacher's head
+    assert found["backward"] == {"flops": 2 * (811008 + 153600) + 2 * 62464,
+                                 "padded_flops": 2 * (884736 + 153600) + 2 * 73728,
+                                 "recompute_flops": 811008 + 62464 + 153600 + 153600}
+    lora = roofline.step_flops(TINY, {"student": [(10, 12), (12, 12)]}, {"student": 8}, lora=True)
+    # frozen weights: only the activations' gradients (1x) through the linear layers and the head
+    assert lora["backward"]["flops"] == (811008 + 153600) + 2 * 62464
+    assert lora["backward"]["recompute_flops"] == 811008 + 62464 + 153600  # no teacher head in the chunks
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_decoding_step_reads_every_weight_but_the_input_embedding(tied):
+    # 18432 linear + 5 norms of 32 + the head's 300 x 32 = 28192, tied or not
+    assert roofline.decode_weights(TINY) == 18432 + 5 * 32 + 300 * 32 == 28192
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY.to_dict(), "tie_word_embeddings": tied}))
+    held = sum(p.numel() for p in model.parameters())  # a tied matrix is one parameter
+    assert roofline.decode_weights(TINY) == held - (0 if tied else 300 * 32)
+
+
+def test_decode_bytes_by_hand():
+    # 8 steps of 2 sequences after 10 prompt positions, fp32: the weights 8 times; the KV cache, 2 (k, v) x 2 layers
+    # x 2 KV heads x 8 x 4 bytes = 256 bytes a position, read at 10, 11, ... 17 positions: 108 per sequence
+    assert roofline.decode_bytes(TINY, 2, 10, 8, 4) == {"weights": 28192 * 4 * 8, "kv_cache": 2 * 256 * 108}
+
+
+def test_the_gemms_of_a_pass_name_coinciding_shapes_together():
+    assert roofline.gemms(TINY, 100, 16) == {(100, 32, 32): "q/o", (100, 32, 16): "k/v", (100, 32, 64): "gate/up",
+                                             (100, 64, 32): "down", (16, 32, 300): "head"}
+
+
+def test_a_quick_run_reports_every_phase_as_a_fraction_of_its_bound(tiny_model, tmp_path):
+    out = tmp_path / "roofline.json"
+    assert roofline.main(["--model", str(tiny_model), "--quick", "--batch", "2", "--completion", "4", "--prompt", "16",
+                          "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"command", "git_sha", "versions", "machine", "description"} <= set(result)
+    assert result["bounds"]["matmul"]["fp32"]["peak_flops_per_s"] > 0 and result["bounds"]["bandwidth"]["bytes_per_s"] > 0
+    [cell] = result["cells"]
+    assert (cell["precision"], cell["batch"], cell["completion"], cell["rollout"]) == ("fp32", 2, 4, "hf")
+    cases = {c["case"]: c for c in cell["cases"]}
+    assert list(cases) == ["sd", "unisd-star", "sft"]
+    wanted = {"sd": {"decode", "student", "teacher", "backward", "optimizer"},
+              "unisd-star": {"decode", "student", "teacher", "agree", "contrast", "backward", "optimizer"},
+              "sft": {"student", "backward", "optimizer"}}
+    for name, case in cases.items():
+        assert set(case["phases"]) == wanted[name], name
+        assert all(p["fraction"] > 0 and p["seconds"] > 0 for p in case["phases"].values()), name
+    star = cases["unisd-star"]["probes"]
+    # logits only at the 2 x 4 completion positions, for the student, the teacher and each of agree's 3 contexts
+    assert star["head_positions"]["student"] == star["head_positions"]["teacher"] == 8
+    assert star["head_positions"]["agree"] == 3 * 8
+    assert len(star["rows"]["student"]) == 2 and all(w == star["rows"]["student"][0][1] for _, w in star["rows"]["student"])
+    assert "| fp32 | 2 | 4 | hf | unisd-star |" in result["table"]
+    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
+    assert spec and spec.loader
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    assert result["table"] in generate.roofline(out) and result["bounds_line"] in generate.roofline(out)
+    assert "Not measured yet" in generate.roofline(tmp_path / "absent.json")
