@@ -76,7 +76,8 @@ def measure(model: str, batches: int, batch_size: int) -> list[dict[str, Any]]:
             with views_in_bf16():
                 low, low_weights = loss_terms(run, batch)
             error = {k: abs(low[k] - v) / abs(v) if v else abs(low[k]) for k, v in reference.items()}
-            weight_gap = float((low_weights - ref_weights).abs().max()) if ref_weights is not None else 0.0
+            assert ref_weights is not None and low_weights is not None  # UniSD* weighs every token (agree)
+            weight_gap = float((low_weights - ref_weights).abs().max())
             rows.append({"fp32": reference, "bf16_views": low, "relative_error": error, "weights_max_change": weight_gap,
                          "completion_tokens": int(rollout.mask.sum())})
             print(f"batch {len(rows)}: " + ", ".join(f"{k} {v:.2e}" for k, v in error.items())
