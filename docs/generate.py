@@ -229,6 +229,32 @@ def rank_memory(path: Path = RESULTS / "rank-memory.json") -> str:
             f"{str(result.get('git_sha', '?'))[:10]}).\n")
 
 
+def seeded_study(path: Path = RESULTS / "seeded-study" / "results.json") -> str:
+    """Issue 42's study, one row a run: each seed's score, the mean over seeds and the paired differences against the
+    base and plain SD, with intervals over seeds and items (`unisd ablate --seeds`' result; said so when absent)."""
+    if not path.is_file():
+        return "Not run yet: the command below writes `bench/results/seeded-study/results.json`.\n"
+    result = json.loads(path.read_text())
+    task = result["tasks"][0]
+
+    def difference(run: str, reference: str) -> str:
+        test = result["paired"].get(run, {}).get(reference, {}).get("Overall")
+        if test is None:
+            return ""
+        (low, high), mark = test["ci95"], " ↑" if test["ci95"][0] > 0 else " ↓" if test["ci95"][1] < 0 else ""
+        return f"{test['difference']:+.1f} [{low:+.1f}, {high:+.1f}]{mark}"
+
+    rows = []
+    for run, score in result["overall"].items():
+        seeds = result["seeded_items"].get(run, [])
+        per_seed = ", ".join(f"{100 * sum(s[task].values()) / len(s[task]):.1f}" for s in seeds) if run != "base" else ""
+        low, high = result["overall_ci95"][run]
+        rows.append([run, per_seed, f"{score:.1f} [{low:.1f}, {high:.1f}]", difference(run, "base"), difference(run, "sd")])
+    return (_table(["run", "each seed", "mean [95% interval]", "vs base", "vs sd"], rows) +
+            f"\nPoints on {task} ({len(next(iter(result['items'].values()))[task])} items); intervals count seeds and items "
+            f"(crossed random effects, Satterthwaite t); ↑ / ↓: the paired interval excludes 0. `{result['command']}`.\n")
+
+
 def roofline(path: Path = RESULTS / "roofline.json") -> str:
     """Each phase of a step as a fraction of the machine's bound, from `python -m bench roofline`'s result (said so
     when there is none)."""
@@ -423,6 +449,7 @@ def pages() -> dict[str, tuple[str, str]]:
     made["hooks.md"] = ("unisd.api.Plugin and unisd.hooks.Hooks", hooks())
     made["combinations.md"] = ("the checks of unisd.config.TrainConfig", combinations())
     made["results.md"] = ("bench/results/*.json", results())
+    made["seeded-study.md"] = ("bench/results/seeded-study/results.json", seeded_study())
     made["roofline.md"] = ("bench/results/roofline.json", roofline())
     return made
 

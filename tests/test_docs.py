@@ -103,3 +103,23 @@ def test_results_render_whatever_files_are_there(tmp_path):
     assert "not readable as JSON" in text
     assert "`n` | 3" in text
     assert text.count("provenance incomplete: no command and no commit") == 2  # step.json, odd.json
+
+
+def test_the_seeded_study_table_shows_each_seed_the_mean_and_both_paired_differences(tmp_path):
+    assert "Not run yet" in generate.seeded_study(tmp_path / "absent.json")
+
+    def test(diff, low, high):
+        return {"Overall": {"difference": diff, "ci95": [low, high]}}
+
+    items = lambda *scores: {"t": {str(i): s for i, s in enumerate(scores)}}  # noqa: E731
+    result = {"command": "unisd ablate --seeds 2", "tasks": ["t"], "overall": {"base": 25.0, "sd": 62.5},
+              "overall_ci95": {"base": [1.0, 70.0], "sd": [20.0, 90.0]},
+              "items": {"base": items(0, 1, 0, 0)},
+              "seeded_items": {"base": [items(0, 1, 0, 0)], "sd": [items(1, 1, 0, 0), items(1, 1, 1, 0)]},
+              "paired": {"sd": {"base": test(37.5, 5.0, 70.0)}, "base": {"sd": test(-37.5, -70.0, -5.0)}}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(result))
+    rows = generate.seeded_study(path).splitlines()
+    assert rows[2] == "| base |  | 25.0 [1.0, 70.0] |  | -37.5 [-70.0, -5.0] ↓ |"
+    assert rows[3] == "| sd | 50.0, 75.0 | 62.5 [20.0, 90.0] | +37.5 [+5.0, +70.0] ↑ |  |"
+    assert "(4 items)" in rows[5] and "`unisd ablate --seeds 2`" in rows[5]
