@@ -98,6 +98,7 @@ def main(argv: list[str]) -> int:
         "backend": said(lines, r"sampling backend: (.*)"), "precision": said(lines, r"precision: (.*)"),
         "seconds": seconds, "demo_s": demo_seconds, "environment_s": seconds - demo_seconds,
         "quickstart": "python3 dev.py demo in a fresh clone, bare PATH" if args.quickstart else "unisd demo in-process",
+        "torch_index": os.environ.get("UNISD_TORCH_INDEX", "https://download.pytorch.org/whl/cpu"),
         "training_s": {run: sum(row["step_time_s"] for row in log) for run, log in logs.items()},
         "truncated_per_step": {run: [row["truncated"] for row in log if "truncated" in row] for run, log in logs.items()},
         "verdict": demo.verdict(combined), "scale_finding": demo.SCALE_FINDING, "meaning": demo.meaning(combined),
