@@ -233,7 +233,7 @@ def seeded_study(path: Path = RESULTS / "seeded-study" / "results.json") -> str:
     """Issue 42's study, one row a run: each seed's score, the mean over seeds and the paired differences against the
     base and plain SD, with intervals over seeds and items (`unisd ablate --seeds`' result; said so when absent)."""
     if not path.is_file():
-        return "Not run yet: the command below writes `bench/results/seeded-study/results.json`.\n"
+        return "Not run yet: `python -m bench seeded_study` writes `bench/results/seeded-study/results.json`.\n"
     result = json.loads(path.read_text())
     task = result["tasks"][0]
 

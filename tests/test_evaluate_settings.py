@@ -37,14 +37,29 @@ def test_lm_eval_gets_the_shared_settings_on_cpu(recorded, tiny_model):
 
 
 def test_lm_eval_on_vllm_and_a_gpu(recorded, tiny_model, monkeypatch):
+    import lm_eval.api.registry
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(engine, "lm_eval_backend", lambda: None)
+    made, stopped = [], []
+
+    class VLLM:  # lm-eval's vllm model type, made by unisd so that its engine can be shut down after scoring
+        model = "its vllm.LLM"
+
+        @classmethod
+        def create_from_arg_string(cls, args, extra):
+            made.append((args, extra))
+            return cls()
+
+    monkeypatch.setattr(lm_eval.api.registry, "get_model", lambda name: VLLM if name == "vllm" else None)
+    monkeypatch.setattr(engine, "shut_down", stopped.append)
     ev.run_lm_eval(str(tiny_model), ["unisd_cose"], None, [], 3, max_gen_toks=64, backend="vllm")
     (kwargs,) = recorded
-    assert kwargs["model"] == "vllm" and kwargs["device"] == "cuda" and kwargs["batch_size"] == "auto"
-    assert kwargs["model_args"] == (f"pretrained={tiny_model},dtype=bfloat16,seed=1234,"
-                                    f"kv_cache_memory_bytes={2 * 2 ** 30},enforce_eager=False")
-    assert kwargs["gen_kwargs"] == "max_gen_toks=64"
+    assert isinstance(kwargs["model"], VLLM) and kwargs["model_args"] is None
+    assert kwargs["device"] == "cuda" and kwargs["batch_size"] == "auto" and kwargs["gen_kwargs"] == "max_gen_toks=64"
+    assert made == [(f"pretrained={tiny_model},dtype=bfloat16,seed=1234,kv_cache_memory_bytes={2 * 2 ** 30},"
+                     "enforce_eager=False", {"batch_size": "auto", "max_batch_size": None, "device": "cuda"})]
+    assert stopped == ["its vllm.LLM"]  # shut down once scored
 
 
 def test_unknown_task_names_the_unisd_tasks(recorded, tiny_model):
