@@ -488,6 +488,43 @@ def table(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+RATIO_TARGET = 1.3  # UniSD*'s step over plain SD's, issue 40
+
+
+def matmul_work(case: dict[str, Any]) -> tuple[float, float]:
+    """(FLOPs, seconds) of a measured case's matrix phases: every forward, view and the backward."""
+    found = [v for v in case["phases"].values() if "flops" in v]
+    return sum(v["flops"] for v in found), sum(v["seconds"] for v in found)
+
+
+def ratio(cell: dict[str, Any], num: str = "unisd-star", den: str = "sd") -> dict[str, float] | None:
+    """`num`'s step over `den`'s in one cell: measured (`time`), in matrix FLOPs (`flops`), and what the extra FLOPs
+    alone would make of it at `den`'s own achieved matmul rate, everything else as in `den`'s step
+    (`at_equal_rate`). Above the target there, the FLOP count itself forbids the ratio unless the extra work runs
+    faster than the step it is added to."""
+    cases = {c["case"]: c for c in cell.get("cases", [])}
+    if num not in cases or den not in cases:
+        return None
+    (f_num, _), (f_den, s_den) = matmul_work(cases[num]), matmul_work(cases[den])
+    step_den = cases[den]["metrics"]["step_time_s"]
+    return {"time": cases[num]["metrics"]["step_time_s"] / step_den, "flops": f_num / f_den,
+            "at_equal_rate": (step_den + (f_num - f_den) * s_den / f_den) / step_den}
+
+
+def ratio_table(cells: list[dict[str, Any]]) -> str:
+    """Markdown: UniSD* over SD per cell, measured and as its FLOPs allow."""
+    lines = ["| precision | batch | completion | rollout | UniSD*/SD step | FLOPs | at SD's matmul rate | "
+             f"≤ {RATIO_TARGET} |", "|---|---:|---:|---|---:|---:|---:|---|"]
+    for c in cells:
+        r = ratio(c)
+        if r is not None:
+            verdict = ("met" if r["time"] <= RATIO_TARGET else
+                       "forbidden by the FLOPs" if r["at_equal_rate"] > RATIO_TARGET else "not met")
+            lines.append(f"| {c['precision']} | {c['batch']} | {c['completion']} | {c['rollout']} | {r['time']:.2f} | "
+                         f"{r['flops']:.2f} | {r['at_equal_rate']:.2f} | {verdict} |")
+    return "\n".join(lines)
+
+
 def bounds_line(bounds: dict[str, Any]) -> str:
     """The bounds in one sentence, for the table's caption."""
     rates = "; ".join(f"{p} {v['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({v['peak_shape']})"
@@ -511,7 +548,10 @@ def report(model: str, config: Any, cells: list[dict[str, Any]], bounds: dict[st
                            "backward": "2 x the student's forward; recompute_flops: activation checkpointing",
                            "decode": "decode_weights x bytes per element per step; the tied embedding once, as the head",
                            "optimizer": f"{OPTIMIZER_BYTES_PER_PARAMETER} bytes per trained parameter"},
-            "cells": cells, "bounds_line": bounds_line(bounds), "table": table(cells)}
+            "cells": cells, "bounds_line": bounds_line(bounds), "table": table(cells),
+            "ratios": [{k: c[k] for k in ("precision", "batch", "completion", "rollout")} | r
+                       for c in cells if (r := ratio(c)) is not None],
+            "ratio_table": ratio_table(cells)}
 
 
 def model_config(model: str) -> Any:
@@ -587,6 +627,7 @@ def main(argv: list[str]) -> int:
         return 1
     print(result["bounds_line"])
     print(result["table"])
+    print(result["ratio_table"])
     skipped = [c for c in cells if "skipped" in c]
     if skipped:
         print(f"skipped {len(skipped)} cells: {skipped[0]['skipped']}")

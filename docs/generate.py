@@ -260,11 +260,19 @@ def roofline(path: Path = RESULTS / "roofline.json") -> str:
     when there is none)."""
     if not path.is_file():
         return "Not measured yet: run `python -m bench roofline` (it writes `bench/results/roofline.json`).\n"
+    from bench.roofline import RATIO_TARGET, ratio_table
+
     result = json.loads(path.read_text())
     machine = result.get("machine", {})
+    flags = ", ".join(machine.get("bf16_flags", [])) or "none"
     return (result["table"] + "\n\n" + result["bounds_line"] +
-            f" On {result.get('model', '?')}, {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores; "
-            f"`{result.get('command', '?')}` at {str(result.get('git_sha', '?'))[:10]}).\n")
+            f" On {result.get('model', '?')}, {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores, "
+            f"AVX-512 {'yes' if machine.get('avx512') else 'no'}, native bf16 flags: {flags}; "
+            f"`{result.get('command', '?')}` at {str(result.get('git_sha', '?'))[:10]}).\n\n"
+            f"UniSD\\*'s step over plain SD's in the same cell: measured, in matrix FLOPs, and as UniSD\\*'s extra FLOPs "
+            f"would make it at SD's own achieved matmul rate (everything else as in SD's step). Where that last "
+            f"column exceeds {RATIO_TARGET}, the FLOP count itself forbids ≤ {RATIO_TARGET} unless the extra work "
+            f"runs faster than SD's own.\n\n" + ratio_table(result["cells"]) + "\n")
 
 
 # --- results ----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 
 from unisd import engine
 from unisd import evaluate as ev
+from unisd.shared_engine import SharedEngine
 
 
 @pytest.fixture
@@ -98,7 +99,8 @@ def test_evaluate_passes_its_settings_on_and_writes_every_file(monkeypatch, tmp_
     combined = ev.evaluate(checkpoints, ["t"], out, limit=5, batch_size=2, echo=lines.append, max_gen_toks=8)
     assert lines[0] == ("warning: these runs were trained on different data orders (a 11111111, b 22222222); "
                         "their differences mix method and data")
-    assert calls == [(checkpoints["a"], ["t"], 5, [], 2, 8, "hf", None), (checkpoints["b"], ["t"], 5, [], 2, 8, "hf", None)]
+    assert calls == [(checkpoints["a"], ["t"], 5, [], 2, 8, "hf", None, None),
+                     (checkpoints["b"], ["t"], 5, [], 2, 8, "hf", None, None)]
     assert combined["runs"]["a"] == {"preset": "sd", "order_sha256": "1" * 64}
     assert combined["scores"] == {"a": {"t": 0.0}, "b": {"t": 100.0}} and combined["gen_toks"] == {"t": 8}
     assert set(combined["paired"]) == {"b"} and combined["paired"]["b"]["a"]["t"]["n"] == 1
@@ -113,7 +115,9 @@ def test_evaluate_passes_its_settings_on_and_writes_every_file(monkeypatch, tmp_
 
     monkeypatch.setattr(ev, "run_lm_eval", lambda *args: calls.append(args) or {"results": {"t": {"acc,none": 0.5}}})
     again = ev.evaluate({"a": checkpoints["a"]}, ["t"], out, echo=lines.append, backend="vllm")
-    assert calls[-1] == (checkpoints["a"], ["t"], None, [], 4, None, "vllm", None)
+    # under vllm every checkpoint is offered the engine of the ones before it (unisd.shared_engine)
+    assert calls[-1][:-1] == (checkpoints["a"], ["t"], None, [], 4, None, "vllm", None)
+    assert isinstance(calls[-1][-1], SharedEngine) and calls[-1][-1].lm is None
     assert again["scores"] == {"a": {"t": 50.0}} and again["items"] == {"a": {}}
     assert (out / "a" / "samples.jsonl").read_text() == ""
 

@@ -88,4 +88,24 @@ def test_a_quick_run_reports_every_phase_as_a_fraction_of_its_bound(tiny_model, 
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
     assert result["table"] in generate.roofline(out) and result["bounds_line"] in generate.roofline(out)
+    assert result["ratio_table"] in generate.roofline(out) and "| fp32 | 2 | 4 | hf |" in result["ratio_table"]
+    assert set(result["ratios"][0]) == {"precision", "batch", "completion", "rollout", "time", "flops", "at_equal_rate"}
     assert "Not measured yet" in generate.roofline(tmp_path / "absent.json")
+
+
+def _measured(name: str, step: float, flops: float, seconds: float) -> dict:
+    return {"case": name, "metrics": {"step_time_s": step},
+            "phases": {"decode": {"bytes": 1.0, "seconds": 5.0}, "student": {"flops": flops, "seconds": seconds}}}
+
+
+@pytest.mark.parametrize("star_step, star_flops, verdict", [(16.0, 250.0, "forbidden by the FLOPs"),
+                                                           (12.0, 150.0, "met"), (15.0, 150.0, "not met")])
+def test_unisd_over_sd_by_hand(star_step, star_flops, verdict):
+    """SD: a 10 s step whose matrix phases do 100 FLOPs in 4 s; UniSD*'s extra FLOPs at that rate add 4 s per 100."""
+    cell = {"precision": "fp32", "batch": 4, "completion": 64, "rollout": "hf",
+            "cases": [_measured("sd", 10.0, 100.0, 4.0), _measured("unisd-star", star_step, star_flops, 9.0)]}
+    found = roofline.ratio(cell)
+    assert found == pytest.approx({"time": star_step / 10, "flops": star_flops / 100,
+                                   "at_equal_rate": (10 + (star_flops - 100) * 0.04) / 10})
+    assert roofline.ratio_table([cell]).splitlines()[-1].endswith(f"| {verdict} |")
+    assert roofline.ratio({**cell, "cases": cell["cases"][:1]}) is None

@@ -251,6 +251,39 @@ def test_eval_backends_give_the_same_greedy_answers(model_dir, tmp_path):
     assert gc.get_freeze_count() == 0
 
 
+@vllm_only
+def test_one_engine_scores_checkpoints_that_differ_only_in_weights(model_dir, tmp_path, monkeypatch):
+    """`unisd eval --backend vllm` of a model and a fine-tuned copy starts one engine and loads the copy's weights
+    into it: each model's greedy replies are transformers' replies for that model, and the two differ."""
+    pytest.importorskip("vllm")
+    from unisd import evaluate
+
+    tuned = Path(shutil.copytree(model_dir, tmp_path / "tuned"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * p.std())
+    model.save_pretrained(tuned)
+    started = []
+    start = evaluate.start_vllm
+    monkeypatch.setattr(evaluate, "start_vllm", lambda *a, **k: started.append(a) or start(*a, **k))
+    replies = {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / backend
+        result = CliRunner().invoke(main, ["eval", "--model", f"base={model_dir}", "--model", f"tuned={tuned}",
+                                           "--tasks", "unisd_demo", "--limit", "3", "--max-gen-toks", "12",
+                                           "--backend", backend, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        for name in ("base", "tuned"):
+            rows = [json.loads(x) for x in (out / name / "samples.jsonl").read_text().splitlines()]
+            replies[backend, name] = [(r["doc_id"], [x.rstrip("\ufffd") for x in r["resps"][0]]) for r in rows]
+    assert len(started) == 1
+    assert replies["hf", "base"] != replies["hf", "tuned"]
+    assert replies["vllm", "base"] == replies["hf", "base"] and replies["vllm", "tuned"] == replies["hf", "tuned"]
+    assert gc.get_freeze_count() == 0  # the shared engine was shut down at the end
+
+
 def test_rollout_eager_reaches_the_engine_and_is_not_part_of_the_run_identity(tiny_model, tiny_data, tmp_path,
                                                                              monkeypatch):
     from types import SimpleNamespace

