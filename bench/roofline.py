@@ -99,7 +99,8 @@ def head_flops(s: Shape, positions: int) -> float:
 
 
 def step_flops(config: Any, tokens: Mapping[str, Sequence[tuple[int, int]]],
-               completion_positions: Mapping[str, int], lora: bool = False) -> dict[str, dict[str, float]]:
+               completion_positions: Mapping[str, int], lora: bool = False,
+               checkpointed: bool = True) -> dict[str, dict[str, float]]:
     """FLOPs of each matmul phase of a step.
 
     `tokens`: phase ("student", "teacher", or a kind of view) -> (real length, padded width) of every row a
@@ -107,8 +108,9 @@ def step_flops(config: Any, tokens: Mapping[str, Sequence[tuple[int, int]]],
     Each phase gets `flops` (real tokens) and `padded_flops` (every padded column, as executed), plus
     "backward" from the student's: 2x its forward (1x for the linear layers and the head under `lora`, whose
     frozen weights need no gradient of their own; attention has no weights and stays 2x), and
-    `recompute_flops`: the forwards backward runs again (activation checkpointing of the student's layers,
-    the checkpointed head chunks: the student's head, and the teacher's, which is inside the same chunk).
+    `recompute_flops`: the forwards backward runs again (activation checkpointing of the student's layers unless
+    not `checkpointed` (--keep-activations), the checkpointed head chunks: the student's head, and the teacher's,
+    which is inside the same chunk).
     """
     s = Shape.of(config)
     found: dict[str, dict[str, float]] = {}
@@ -126,7 +128,7 @@ def step_flops(config: Any, tokens: Mapping[str, Sequence[tuple[int, int]]],
         recomputed_heads = head + head_flops(s, completion_positions.get("teacher", 0))
         found["backward"] = {"flops": weights * (linear + head) + 2.0 * attention,
                              "padded_flops": weights * (padded_linear + head) + 2.0 * padded_attention,
-                             "recompute_flops": linear + attention + recomputed_heads}
+                             "recompute_flops": (linear + attention if checkpointed else 0.0) + recomputed_heads}
     return found
 
 
@@ -136,6 +138,14 @@ def decode_weights(config: Any) -> int:
     one counts once, as the head it also is."""
     s = Shape.of(config)
     return linear_params(s) + (2 * s.layers + 1) * s.hidden + s.vocab * s.hidden
+
+
+def model_weights(config: Any) -> int:
+    """Every parameter: what a decoding step reads, and an untied input embedding."""
+    s = Shape.of(config)
+    tied = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "tie_word_embeddings",
+                   False)
+    return decode_weights(config) + (0 if tied else s.vocab * s.hidden)
 
 
 def decode_bytes(config: Any, batch: int, prompt: int, steps: int, bytes_per_element: int) -> dict[str, int]:
@@ -254,12 +264,12 @@ class Probes:
         self._undo: list[tuple[Any, str, Any]] = []
 
     def __enter__(self) -> "Probes":
-        from unisd import losses, train, views
+        from unisd import engine, losses, train, views
 
         for owner, name, wrap in ((train, "forward", self._forward), (views, "hidden", self._hidden),
                                   (losses, "distill_in_chunks", self._distill),
                                   (losses, "logprobs_in_chunks", self._logprobs), (losses, "head_logits", self._head),
-                                  (torch.Tensor, "backward", self._backward)):
+                                  (torch.Tensor, "backward", self._backward), (engine.Engine, "load", self._load)):
             original = getattr(owner, name)
             self._undo.append((owner, name, original))
             setattr(owner, name, wrap(original))
@@ -341,6 +351,14 @@ class Probes:
             self.seconds["backward"] += clock() - started
         return backward
 
+    def _load(self, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def load(engine: Any, *args: Any, **kwargs: Any) -> None:
+            started = clock()
+            original(engine, *args, **kwargs)
+            self.seconds["sampler_load"] += clock() - started
+        return load
+
     def record(self) -> dict[str, Any]:
         """What the probes saw, as plain JSON: seconds, rows and head positions per phase."""
         return {"seconds": dict(self.seconds), "rows": {k: [list(r) for r in v] for k, v in self.rows.items()},
@@ -368,11 +386,13 @@ def memory_phase(moved: float, seconds: float, bytes_per_s: float) -> dict[str, 
 
 
 def decode_phase(config: Any, measured: dict[str, Any], precision: str, bytes_per_s: float) -> dict[str, float]:
-    """The rollout: the weights every decoding step streams, over the rollout's seconds and the bandwidth; the KV
-    cache's bytes beside them (`fraction_with_kv_cache`). HF decodes after the left-padded prompt, the student's
-    pass's width less the completion."""
+    """The rollout: the weights every decoding step streams, over the rollout's seconds (less the copy of the
+    weights into a vLLM engine, `sampler_load`) and the bandwidth; the KV cache's bytes beside them
+    (`fraction_with_kv_cache`). HF decodes after the left-padded prompt, the student's pass's width less the
+    completion."""
     student = measured["probes"]["rows"]["student"]
-    prompt, seconds = student[0][1] - measured["completion"], measured["metrics"]["rollout_s"]
+    prompt = student[0][1] - measured["completion"]
+    seconds = measured["metrics"]["rollout_s"] - measured["probes"]["seconds"].get("sampler_load", 0.0)
     moved = decode_bytes(config, len(student), prompt, measured["completion"], BYTES[precision])
     found = memory_phase(moved["weights"], seconds, bytes_per_s)
     found["kv_cache_bytes"] = moved["kv_cache"]
@@ -380,17 +400,21 @@ def decode_phase(config: Any, measured: dict[str, Any], precision: str, bytes_pe
     return found
 
 
-def phases(config: Any, measured: dict[str, Any], bounds: dict[str, Any], precision: str, lora: bool = False) -> dict[str, Any]:
+def phases(config: Any, measured: dict[str, Any], bounds: dict[str, Any], precision: str, lora: bool = False,
+           checkpointed: bool = True) -> dict[str, Any]:
     """Every phase of one measured step against the bounds: decode (when the student sampled), the student's
     forward, the teacher and each kind of view, backward, and the optimizer (when its parameters are known)."""
     probes, metrics = measured["probes"], measured["metrics"]
     rows = {k: [tuple(r) for r in v] for k, v in probes["rows"].items()}
-    flops = step_flops(config, rows, probes["head_positions"], lora)
+    flops = step_flops(config, rows, probes["head_positions"], lora, checkpointed)
     peak = bounds["matmul"][precision]["peak_flops_per_s"]
     bandwidth_bound = bounds["bandwidth"]["bytes_per_s"]
     found: dict[str, Any] = {}
     if measured.get("sampled") and metrics.get("rollout_s"):
         found["decode"] = decode_phase(config, measured, precision, bandwidth_bound)
+    if probes["seconds"].get("sampler_load"):  # the student's weights read, the engine's written: at least
+        found["sampler_load"] = memory_phase(2 * model_weights(config) * BYTES[precision],
+                                             probes["seconds"]["sampler_load"], bandwidth_bound)
     for phase, counted in flops.items():
         found[phase] = matmul_phase(counted, probes["seconds"].get(phase, 0.0), peak)
     if measured.get("trained_parameters") and metrics.get("optimizer_s"):
@@ -402,7 +426,7 @@ def phases(config: Any, measured: dict[str, Any], bounds: dict[str, Any], precis
 def rest_of_forward(measured: dict[str, Any]) -> float:
     """Seconds of the trainer's forward phase outside the timed passes and head matmuls: the log-softmaxes and
     divergences over the vocabulary, the plugins' weights and losses, the views' prompts."""
-    timed = sum(v for k, v in measured["probes"]["seconds"].items() if k != "backward")
+    timed = sum(v for k, v in measured["probes"]["seconds"].items() if k not in ("backward", "sampler_load"))
     return measured["metrics"].get("forward_s", 0.0) - timed
 
 
@@ -416,13 +440,13 @@ def padding(found: dict[str, Any]) -> float:
 # --- running the grid -------------------------------------------------------------------------------------------
 
 def measure_case(case: str, data: Path, folder: Path, model: str, batch: int, completion: int, precision: str,
-                 rollout: str) -> dict[str, Any]:
+                 rollout: str, keep_activations: bool = False) -> dict[str, Any]:
     """A fresh run of `case`, one warm-up step (AdamW state, first touch of memory, the engine's start), then one
     step measured by the trainer's own phase metrics and the probes."""
     from unisd.train import step
 
     run = bench_step.prepared(case, data, folder / f"{case}-{rollout}", model, batch, completion, precision == "bf16",
-                              rollout=rollout)
+                              rollout=rollout, keep_activations=keep_activations)
     step(run)
     with Probes() as probes:
         metrics = step(run)
@@ -434,13 +458,13 @@ def measure_case(case: str, data: Path, folder: Path, model: str, batch: int, co
 
 
 def measure_cell(precision: str, batch: int, completion: int, rollout: str, cases: list[str], model: str,
-                 prompt: int, tmp: Path, tokenizer: Any) -> dict[str, Any]:
+                 prompt: int, tmp: Path, tokenizer: Any, keep_activations: bool = False) -> dict[str, Any]:
     folder = tmp / f"{precision}-b{batch}-t{completion}-{rollout}"
     folder.mkdir()
     _, data = bench_step.data_file(folder, batch, prompt, tokenizer)
     found = []
     for case in cases:
-        found.append(measure_case(case, data, folder, model, batch, completion, precision, rollout))
+        found.append(measure_case(case, data, folder, model, batch, completion, precision, rollout, keep_activations))
         print(f"  [{precision} B{batch} T{completion} {rollout}] {case:10s} step "
               f"{found[-1]['metrics']['step_time_s']:6.2f} s", flush=True)
     return {"precision": precision, "batch": batch, "completion": completion, "rollout": rollout, "cases": found}
@@ -467,7 +491,7 @@ def head_chunk() -> int:
 
 def view_columns(cells: list[dict[str, Any]]) -> list[str]:
     """The table's phase columns: decoding, the student, the teacher, each kind of view seen, backward, optimizer."""
-    order = ["decode", "student", "teacher"]
+    order = ["decode", "sampler_load", "student", "teacher"]
     seen = {p for c in cells for case in c.get("cases", []) for p in case.get("phases", {})}
     views = sorted(seen - {*order, "backward", "optimizer"})
     return [*order, *views, "backward", "optimizer"]
@@ -534,19 +558,23 @@ def bounds_line(bounds: dict[str, Any]) -> str:
             f"{bounds['bandwidth']['tensor_mib']} MiB tensors).")
 
 
-def report(model: str, config: Any, cells: list[dict[str, Any]], bounds: dict[str, Any], prompt: int) -> dict[str, Any]:
+def report(model: str, config: Any, cells: list[dict[str, Any]], bounds: dict[str, Any], prompt: int,
+           keep_activations: bool = False) -> dict[str, Any]:
     """The result: every measured case's phases against the bounds, the table, and what the numbers mean."""
     for cell in cells:
         for case in cell.get("cases", []):
-            case["phases"] = phases(config, case, bounds, cell["precision"])
+            case["phases"] = phases(config, case, bounds, cell["precision"], checkpointed=not keep_activations)
     return {"description": ("Each phase of one SD, UniSD* and SFT step as a fraction of the machine's bound: "
                             "matmul phases as achieved FLOP/s over the matmul peak, decoding and the optimizer as "
                             "bytes streamed per second over the memory bandwidth."),
             "model": model, "prompt_tokens": prompt, "threads": torch.get_num_threads(), "bounds": bounds,
+            "keep_activations": keep_activations,
             "flop_model": {"linear": "2 x weights x tokens", "attention": "4 x layers x heads x head_dim x L^2 per row",
                            "head": "2 x hidden x vocab x counted completion positions",
                            "backward": "2 x the student's forward; recompute_flops: activation checkpointing",
                            "decode": "decode_weights x bytes per element per step; the tied embedding once, as the head",
+                           "sampler_load": "2 x every weight x bytes per element: read from the student, written into "
+                                           "the vLLM engine (its repacking for the CPU kernels not counted)",
                            "optimizer": f"{OPTIMIZER_BYTES_PER_PARAMETER} bytes per trained parameter"},
             "cells": cells, "bounds_line": bounds_line(bounds), "table": table(cells),
             "ratios": [{k: c[k] for k in ("precision", "batch", "completion", "rollout")} | r
@@ -582,6 +610,8 @@ def options(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--rollout", nargs="+", choices=("hf", "vllm"))
     ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     ap.add_argument("--prompt", type=int, default=128, help="prompt length in tokens")
+    ap.add_argument("--keep-activations", action="store_true",
+                    help="train without activation checkpointing (unisd train --keep-activations)")
     ap.add_argument("--out", default="bench/results/roofline.json")
     args = ap.parse_args(argv)
     args.precision = args.precision or (["fp32"] if args.quick else list(DTYPES))
@@ -614,13 +644,13 @@ def main(argv: list[str]) -> int:
                 continue
             cases = [c for c in args.cases if c != "sft" or rollout == "hf"]  # sft samples nothing
             cells.append(measure_cell(precision, batch, completion, rollout, cases, args.model, args.prompt, Path(tmp),
-                                      tokenizer))
+                                      tokenizer, args.keep_activations))
             # bounds at the shapes measured so far, the bandwidth again (the best so far is the bound: a busy moment
             # must not lower it); written after every cell, so a grid cut short keeps what it measured
             bounds["matmul"] = measure_matmuls(config, shapes_used(cells, head_chunk()), bounds.get("matmul"), device,
                                                min_s)
             bounds["bandwidth"] = max(bounds["bandwidth"], bandwidth(mib, device, min_s), key=lambda b: b["bytes_per_s"])
-            result = report(args.model, config, cells, bounds, args.prompt)
+            result = report(args.model, config, cells, bounds, args.prompt, args.keep_activations)
             path = provenance.write(args.out, result, ["roofline", *argv])
     if not any("cases" in c for c in cells):
         print("nothing measured: every cell was skipped")
@@ -650,5 +680,5 @@ def smoke_report(argv: list[str], probes: Probes, metrics_path: Path) -> dict[st
     bounds = {"bandwidth": bandwidth(1024 if device == "cuda" else 64, device, 0.05)}
     bounds["matmul"] = measure_matmuls(config, shapes_used([{"precision": "bf16", "cases": [measured]}], head_chunk()),
                                        None, device, 0.05)
-    found = phases(config, measured, bounds, "bf16", lora="--lora" in argv)
+    found = phases(config, measured, bounds, "bf16", lora="--lora" in argv, checkpointed="--keep-activations" not in argv)
     return {"bounds": bounds, "phases": found, "fractions": {k: v["fraction"] for k, v in found.items()}}

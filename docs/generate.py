@@ -259,7 +259,8 @@ def roofline(path: Path = RESULTS / "roofline.json") -> str:
     """Each phase of a step as a fraction of the machine's bound, from `python -m bench roofline`'s result (said so
     when there is none)."""
     if not path.is_file():
-        return "Not measured yet: run `python -m bench roofline` (it writes `bench/results/roofline.json`).\n"
+        shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        return f"Not measured yet: run `python -m bench roofline --out {shown}`.\n"
     from bench.roofline import RATIO_TARGET, ratio_table
 
     result = json.loads(path.read_text())
@@ -336,8 +337,8 @@ def _step_cells(result: dict[str, Any]) -> str:
 
 def _roofline_result(result: dict[str, Any]) -> str:
     """A roofline result (`python -m bench roofline`): its bounds and its table of fractions."""
-    return result["bounds_line"] + "\n\n" + result["table"] + "\n" + _settings(result, ("cells", "table", "bounds",
-                                                                                     "bounds_line", "flop_model"))
+    return result["bounds_line"] + "\n\n" + result["table"] + "\n" + _settings(
+        result, ("cells", "table", "bounds", "bounds_line", "flop_model", "ratios", "ratio_table"))
 
 
 def _flat(x: Any) -> bool:
@@ -459,6 +460,8 @@ def pages() -> dict[str, tuple[str, str]]:
     made["results.md"] = ("bench/results/*.json", results())
     made["seeded-study.md"] = ("bench/results/seeded-study/results.json", seeded_study())
     made["roofline.md"] = ("bench/results/roofline.json", roofline())
+    kept = RESULTS / "roofline-keep-activations.json"
+    made["roofline-keep-activations.md"] = (str(kept.relative_to(ROOT)), roofline(kept))
     return made
 
 

@@ -182,3 +182,15 @@ def test_every_documented_gpu_command_fits_its_gpus(processes, args, tmp_path):
                                        str(GPU_GB), "--world-size", str(processes)])
     assert result.exit_code == 0, result.output
     assert f"fits in {GPU_GB} GB per device" in result.output, result.output
+
+
+def test_kept_activations_are_every_layers_working_set(tiny_model):
+    """Without recomputation each layer keeps its working set (6 x hidden + 3 x intermediate per token) instead of
+    its fp32 input alone (hidden per token)."""
+    shape = memory.shape_of(_config(tiny_model))
+    recomputed = memory.estimate(_config(tiny_model), shape, 1, device="cpu")["activations (estimate)"]
+    kept = memory.estimate(_config(tiny_model, keep_activations=True), shape, 1, device="cpu")["activations (estimate)"]
+    c = _config(tiny_model)
+    rows_tokens = c.batch_size * c.num_generations * (c.max_prompt_tokens + c.max_new_tokens)
+    per_layer = 4 * rows_tokens * (6 * shape.hidden + 3 * shape.intermediate) - 4 * rows_tokens * shape.hidden
+    assert kept - recomputed == shape.layers * per_layer

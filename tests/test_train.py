@@ -243,6 +243,22 @@ def test_prepare_recomputes_activations_without_reentrant_checkpointing(tiny_mod
     assert all(m._gradient_checkpointing_func.keywords == {"use_reentrant": False} for m in layers)
 
 
+def test_keep_activations_trains_the_same_weights_without_recomputing(tiny_model, tiny_data, tmp_path):
+    """--keep-activations turns the checkpointing off and changes nothing else: two steps give the weights two
+    steps with recomputation give (up to the order of float sums), and the weights moved."""
+    initial = {n: p.detach().clone() for n, p in AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters()}
+    weights = {}
+    for keep in (False, True):
+        run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / str(keep), keep_activations=keep))
+        assert run.policy.model.is_gradient_checkpointing is not keep
+        for _ in range(2):
+            tr.step(run)
+        weights[keep] = {n: p.detach().clone() for n, p in run.policy.model.named_parameters()}
+    assert weights[False].keys() == weights[True].keys() == initial.keys()
+    assert all(torch.allclose(weights[False][n], weights[True][n], atol=1e-6) for n in initial)
+    assert max(float((weights[True][n] - initial[n]).abs().max()) for n in initial) > 1e-4
+
+
 def test_a_missing_vllm_is_said_before_anything_loads(tmp_path, monkeypatch):
     def missing() -> None:
         raise cfg.ConfigError("no engine")

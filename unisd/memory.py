@@ -7,8 +7,9 @@ and AdamW state for what trains (sharded over the ranks under --fsdp; DDP's buck
 themselves, `gradient_as_bucket_view`), the frozen teacher, the EMA average and its bf16 scorer (under LoRA
 an adapter on the same base), the sampling
 copy or the vLLM engine with its KV cache and its own buffers, autocast's bf16 copies of the weights that
-train, and activations (an estimate: each layer's input is kept for the recomputation that gradient
-checkpointing does in backward; the no-grad forward scores the teacher views B rows at a time).
+train, and activations (an estimate: each layer's input is kept for the recomputation that activation
+checkpointing does in backward, every layer's working set under --keep-activations; the no-grad forward scores
+the teacher views B rows at a time).
 
 The total is the peak: a step's gradients, optimizer state and activations, or, before the first step, a
 frozen copy loaded in fp32 on the device and converted to bf16 there (`peak`).
@@ -143,15 +144,15 @@ def _teacher_rows(config: TrainConfig) -> int:
 
 
 def _activations(config: TrainConfig, shape: Shape, bf16_compute: bool, teacher_rows: int) -> dict[str, float]:
-    """A step's activations: each layer's input kept for the recomputation (the fp32 residual stream), the largest
-    single layer's working set (over B rows: the backward's recomputation, or one of the no-grad forwards, which
-    take the teacher views' rows B at a time), the vocabulary chunks of the loss, and the teacher views' final
-    hidden states (every view's rows)."""
+    """A step's activations: each layer's input kept for the recomputation (the fp32 residual stream), or under
+    --keep-activations every layer's working set, the largest single layer's working set (over B rows: the
+    backward's recomputation, or one of the no-grad forwards, which take the teacher views' rows B at a time), the
+    vocabulary chunks of the loss, and the teacher views' final hidden states (every view's rows)."""
     length = config.max_prompt_tokens + config.max_new_tokens
     B = config.batch_size * config.num_generations              # rows of a micro-batch
     inner = 2 if bf16_compute else 4                             # a layer's projections come out in bf16 under autocast
-    kept = 4 * B * length * shape.hidden * shape.layers
     one_layer = inner * B * length * (6 * shape.hidden + 3 * shape.intermediate)
+    kept = (one_layer if config.keep_activations else 4 * B * length * shape.hidden) * shape.layers
     vocab_chunks = 3 * 4 * 512 * shape.vocab                     # losses.distill_in_chunks: 512 positions at a time
     return {"activations (estimate)": float(kept + one_layer + vocab_chunks),
             "teacher views' hidden states": float(4 * teacher_rows * B * length * shape.hidden)}

@@ -147,6 +147,15 @@ class Model:
             distributed.lerp_(params[name], w, rate)
 
 
+def _checkpoint_activations(model: Any) -> None:
+    """Recompute each layer's activations in backward: a step's memory then barely grows with length, for a third
+    more backward work (docs/performance.md, the roofline); on CUDA activations dominate."""
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x deprecated the old
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class Policy:
     """The trainable student and every form of it a run needs (see the module doc)."""
 
@@ -155,12 +164,8 @@ class Policy:
         model = _load(config.model, world, sharded=config.fsdp)
         if config.lora and bf16_copies(config.bf16, world.device) and not config.fsdp:  # one dtype per FSDP unit
             models.bf16_linears(model)  # the frozen base as autocast computes it; only the adapter keeps fp32
-        # recompute each layer's activations in backward: a step's memory then barely grows with length, for
-        # some step time (docs/performance.md); on CUDA activations dominate
-        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x deprecated the old
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not config.keep_activations:
+            _checkpoint_activations(model)
         if config.lora:
             model = models.add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
         model.train()
