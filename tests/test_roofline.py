@@ -89,7 +89,7 @@ def test_a_quick_run_reports_every_phase_as_a_fraction_of_its_bound(tiny_model, 
     spec.loader.exec_module(generate)
     assert result["table"] in generate.roofline(out) and result["bounds_line"] in generate.roofline(out)
     assert result["ratio_table"] in generate.roofline(out) and "| fp32 | 2 | 4 | hf |" in result["ratio_table"]
-    assert set(result["ratios"][0]) == {"precision", "batch", "completion", "rollout", "time", "flops", "at_equal_rate"}
+    assert set(result["ratios"][0]) == {"precision", "batch", "completion", "rollout", "time", "flops", "floor"}
     assert "Not measured yet" in generate.roofline(tmp_path / "absent.json")
 
 
@@ -98,14 +98,15 @@ def _measured(name: str, step: float, flops: float, seconds: float) -> dict:
             "phases": {"decode": {"bytes": 1.0, "seconds": 5.0}, "student": {"flops": flops, "seconds": seconds}}}
 
 
-@pytest.mark.parametrize("star_step, star_flops, verdict", [(16.0, 250.0, "forbidden by the FLOPs"),
-                                                           (12.0, 150.0, "met"), (15.0, 150.0, "not met")])
+@pytest.mark.parametrize("star_step, star_flops, verdict", [(16.0, 600.0, "forbidden by the FLOPs"),
+                                                           (12.0, 300.0, "met"), (15.0, 300.0, "not met")])
 def test_unisd_over_sd_by_hand(star_step, star_flops, verdict):
-    """SD: a 10 s step whose matrix phases do 100 FLOPs in 4 s; UniSD*'s extra FLOPs at that rate add 4 s per 100."""
+    """SD: a 10 s step of 100 matrix FLOPs; at a peak of 100 FLOP/s UniSD*'s extra FLOPs add 1 s per 100."""
     cell = {"precision": "fp32", "batch": 4, "completion": 64, "rollout": "hf",
             "cases": [_measured("sd", 10.0, 100.0, 4.0), _measured("unisd-star", star_step, star_flops, 9.0)]}
-    found = roofline.ratio(cell)
+    found = roofline.ratio(cell, 100.0)
     assert found == pytest.approx({"time": star_step / 10, "flops": star_flops / 100,
-                                   "at_equal_rate": (10 + (star_flops - 100) * 0.04) / 10})
-    assert roofline.ratio_table([cell]).splitlines()[-1].endswith(f"| {verdict} |")
-    assert roofline.ratio({**cell, "cases": cell["cases"][:1]}) is None
+                                   "floor": (10 + (star_flops - 100) / 100) / 10})
+    bounds = {"matmul": {"fp32": {"peak_flops_per_s": 100.0}}}
+    assert roofline.ratio_table([cell], bounds).splitlines()[-1].endswith(f"| {verdict} |")
+    assert roofline.ratio({**cell, "cases": cell["cases"][:1]}, 100.0) is None
