@@ -261,6 +261,8 @@ def roofline(path: Path = RESULTS / "roofline.json") -> str:
     if not path.is_file():
         shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         return f"Not measured yet: run `python -m bench roofline --out {shown}`.\n"
+    if str(ROOT) not in sys.path:  # the benchmarks' package, where mkdocs runs this file as its hook
+        sys.path.insert(0, str(ROOT))
     from bench.roofline import RATIO_TARGET, ratio_table
 
     result = json.loads(path.read_text())
