@@ -462,8 +462,8 @@ def pages() -> dict[str, tuple[str, str]]:
     made["results.md"] = ("bench/results/*.json", results())
     made["seeded-study.md"] = ("bench/results/seeded-study/results.json", seeded_study())
     made["roofline.md"] = ("bench/results/roofline.json", roofline())
-    kept = RESULTS / "roofline-keep-activations.json"
-    made["roofline-keep-activations.md"] = (str(kept.relative_to(ROOT)), roofline(kept))
+    for variant in ("roofline-keep-activations", "roofline-bf16"):
+        made[f"{variant}.md"] = (f"bench/results/{variant}.json", roofline(RESULTS / f"{variant}.json"))
     return made
 
 
