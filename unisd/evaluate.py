@@ -93,23 +93,24 @@ def run_lm_eval(path: Any, tasks: list[str], limit: int | None, include: list[st
 
     quiet.lm_eval()
     manager = task_manager(tasks, include)
+    started = None  # an engine made here for this run alone, shut down after it
     if backend == "vllm" and isinstance(path, str):
         if shared is not None:
-            return run_lm_eval(shared.holding(path, local_folder(path)), tasks, limit, include, batch_size,
-                               max_gen_toks, backend)
-        lm = start_vllm(path, template_kwargs)
-        try:
-            return run_lm_eval(lm, tasks, limit, include, batch_size, max_gen_toks, backend)
-        finally:
-            engine.shut_down(lm.model)
+            path = shared.holding(path, local_folder(path))
+        else:
+            path = started = start_vllm(path, template_kwargs)
     device, batch = "cuda" if torch.cuda.is_available() else "cpu", "auto" if backend == "vllm" else batch_size
     # an lm-eval model already holding the weights (unisd.midrun, start_vllm) comes with its own settings
     model, args = (path, None) if not isinstance(path, str) else (backend, model_args(path, backend, template_kwargs))
-    return simple_evaluate(model=model, model_args=args, tasks=tasks, task_manager=manager, limit=limit,
-                           apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True,
-                           device=device, batch_size=batch, random_seed=SEED,
-                           gen_kwargs=f"max_gen_toks={max_gen_toks}" if max_gen_toks else None,
-                           numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
+    try:
+        return simple_evaluate(model=model, model_args=args, tasks=tasks, task_manager=manager, limit=limit,
+                               apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True,
+                               device=device, batch_size=batch, random_seed=SEED,
+                               gen_kwargs=f"max_gen_toks={max_gen_toks}" if max_gen_toks else None,
+                               numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
+    finally:
+        if started is not None:
+            engine.shut_down(started.model)
 
 
 def task_manager(tasks: list[str], include: list[str]) -> Any:
