@@ -5,7 +5,8 @@
 
 One run measures the bounds and the steps. Bounds: the matmul rate of `F.linear` at the model's own GEMM
 shapes (tokens x hidden into q, k, v, o, gate, up, down; the head's chunk of positions into the vocabulary), for
-the token counts the measured steps used, fp32 and bf16 (the peak is the fastest shape); and the memory
+the token counts the measured steps used, fp32 and bf16 (the peak is the fastest shape), and at the same shapes
+the two products of the backward (input and weight gradient), whose kernels may be slower; and the memory
 bandwidth of a STREAM-like copy and scale over tensors far larger than the caches (bytes read + written / s).
 
 Steps: bench/step.py's runs (~`--prompt`-token prompts, every sampled completion exactly `--completion`
@@ -199,10 +200,21 @@ def gemms(config: Any, tokens: int, head_rows: int) -> dict[tuple[int, int, int]
     return found
 
 
-def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, min_s: float) -> float:
-    """FLOP/s of `F.linear` ([m, k] activations, [n, k] weight: the layout the model's layers use)."""
-    x, w = torch.randn(m, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)
-    return best_rate(2.0 * m * k * n, lambda: F.linear(x, w), min_s)
+def linear_rates(m: int, k: int, n: int, dtype: torch.dtype, device: str, min_s: float) -> dict[str, float]:
+    """FLOP/s of the three products of a linear layer at one shape ([m, k] activations X, [n, k] weight W, [m, n]
+    output gradient dY): the forward `F.linear`, and the two that autograd runs for its backward, the input
+    gradient dY W and the weight gradient dYᵀ X. They are timed apart because a library may run these layouts at
+    very different rates (an emulated bf16 does)."""
+    x, w, dy = (torch.randn(*size, dtype=dtype, device=device) for size in ((m, k), (n, k), (m, n)))
+    work = 2.0 * m * k * n
+    return {"flops_per_s": best_rate(work, lambda: F.linear(x, w), min_s),
+            "input_grad_flops_per_s": best_rate(work, lambda: dy.mm(w), min_s),
+            "weight_grad_flops_per_s": best_rate(work, lambda: dy.t().mm(x), min_s)}
+
+
+def backward_rate(shape: Mapping[str, float]) -> float:
+    """FLOP/s of a linear layer's backward at a measured shape: both gradients, equal FLOPs each."""
+    return 2.0 / (1.0 / shape["input_grad_flops_per_s"] + 1.0 / shape["weight_grad_flops_per_s"])
 
 
 def bandwidth(mib: int, device: str, min_s: float) -> dict[str, float]:
@@ -218,21 +230,29 @@ def bandwidth(mib: int, device: str, min_s: float) -> dict[str, float]:
 
 def measure_matmuls(config: Any, wanted: Sequence[tuple[str, int, int]], known: dict[str, Any] | None, device: str,
                     min_s: float) -> dict[str, Any]:
-    """Per precision, the rate of every GEMM shape of `wanted` (precision, pass tokens, head rows) not yet in
-    `known`, and the peak over all of them."""
+    """Per precision, the forward's and the backward's rates at every GEMM shape of `wanted` (precision, pass
+    tokens, head rows) not yet in `known`, and the peak of each over all of them (the backward's only where every
+    shape has it: results measured before it was timed lack it)."""
     found: dict[str, dict[str, Any]] = {p: {"shapes": list(v["shapes"])} for p, v in (known or {}).items()}
     for precision, tokens, head_rows in wanted:
         shapes = found.setdefault(precision, {"shapes": []})["shapes"]
         done = {(r["m"], r["k"], r["n"]) for r in shapes}
         for (m, k, n), name in gemms(config, tokens, head_rows).items():
             if (m, k, n) not in done:
-                rate = matmul_rate(m, k, n, DTYPES[precision], device, min_s)
-                shapes.append({"gemm": name, "m": m, "k": k, "n": n, "flops_per_s": rate})
+                shapes.append({"gemm": name, "m": m, "k": k, "n": n,
+                               **linear_rates(m, k, n, DTYPES[precision], device, min_s)})
                 done.add((m, k, n))
     for entry in found.values():
         top = max(entry["shapes"], key=lambda r: r["flops_per_s"])
-        entry |= {"peak_flops_per_s": top["flops_per_s"], "peak_shape": f"{top['gemm']} {top['m']}x{top['k']}x{top['n']}"}
+        entry |= {"peak_flops_per_s": top["flops_per_s"], "peak_shape": shape_name(top)}
+        if all("input_grad_flops_per_s" in r for r in entry["shapes"]):
+            top = max(entry["shapes"], key=backward_rate)
+            entry |= {"backward_peak_flops_per_s": backward_rate(top), "backward_peak_shape": shape_name(top)}
     return found
+
+
+def shape_name(shape: Mapping[str, Any]) -> str:
+    return f"{shape['gemm']} {shape['m']}x{shape['k']}x{shape['n']}"
 
 
 # --- timing the phases of one step ---------------------------------------------------------------------------
@@ -378,6 +398,14 @@ def matmul_phase(flops: dict[str, float], seconds: float, peak: float) -> dict[s
     return found
 
 
+def kernel_fraction(backward: Mapping[str, float], peak: float, backward_peak: float) -> float:
+    """The backward's seconds at the peaks of the kernels it runs (its gradient products at the backward's peak,
+    the forwards it recomputes at the forward's) over the seconds it took: how close it comes to what this
+    machine's own kernels allow, where they multiply the backward's layouts slower than the forward's."""
+    ideal = backward["flops"] / backward_peak + backward.get("recompute_flops", 0.0) / peak
+    return ideal / backward["seconds"]
+
+
 def memory_phase(moved: float, seconds: float, bytes_per_s: float) -> dict[str, float]:
     """A memory-bound phase: the bytes it must stream, achieved bytes/s and fraction of the bandwidth."""
     found = {"seconds": seconds, "bytes": moved, "bytes_per_s": moved / seconds if seconds else 0.0}
@@ -417,6 +445,9 @@ def phases(config: Any, measured: dict[str, Any], bounds: dict[str, Any], precis
                                              probes["seconds"]["sampler_load"], bandwidth_bound)
     for phase, counted in flops.items():
         found[phase] = matmul_phase(counted, probes["seconds"].get(phase, 0.0), peak)
+    backward_peak = bounds["matmul"][precision].get("backward_peak_flops_per_s")
+    if "backward" in found and backward_peak and found["backward"]["seconds"]:
+        found["backward"]["kernel_fraction"] = kernel_fraction(found["backward"], peak, backward_peak)
     if measured.get("trained_parameters") and metrics.get("optimizer_s"):
         found["optimizer"] = memory_phase(OPTIMIZER_BYTES_PER_PARAMETER * measured["trained_parameters"],
                                           metrics["optimizer_s"], bandwidth_bound)
@@ -498,18 +529,39 @@ def view_columns(cells: list[dict[str, Any]]) -> list[str]:
 
 
 def table(cells: list[dict[str, Any]]) -> str:
-    """Markdown: a row per cell and case, each phase as its fraction of the bound and (its seconds)."""
+    """Markdown: a row per cell and case, each phase as its fraction of the bound and (its seconds); beside the
+    backward, where the bounds timed the backward's kernels, its fraction of what they allow (`kernel_fraction`)."""
     columns = view_columns(cells)
-    lines = ["| precision | batch | completion | rollout | case | " + " | ".join(columns)
-             + " | rest of forward s | padding | step s |", "|---|---:|---:|---|---|" + "---:|" * (len(columns) + 3)]
+    kernels = any("kernel_fraction" in case["phases"].get("backward", {}) for c in cells for case in c.get("cases", []))
+    at = columns.index("backward") + 1
+    header = [*columns[:at], *(["backward at its kernels"] if kernels else []), *columns[at:]]
+    lines = ["| precision | batch | completion | rollout | case | " + " | ".join(header)
+             + " | rest of forward s | padding | step s |", "|---|---:|---:|---|---|" + "---:|" * (len(header) + 3)]
     for c in cells:
         for case in c.get("cases", []):
             found = case["phases"]
             shown = [f"{found[p]['fraction']:.1%} ({found[p]['seconds']:.2f} s)" if p in found else "" for p in columns]
+            if kernels:
+                shown.insert(at, f"{found['backward']['kernel_fraction']:.1%}" if "kernel_fraction" in
+                             found.get("backward", {}) else "")
             lines.append(f"| {c['precision']} | {c['batch']} | {c['completion']} | {c['rollout']} | {case['case']} | "
                          + " | ".join(shown) + f" | {rest_of_forward(case):.2f} | {padding(found):.0%} | "
                          f"{case['metrics']['step_time_s']:.2f} |")
     return "\n".join(lines)
+
+
+def kernel_table(bounds: dict[str, Any]) -> str:
+    """Markdown: the shape sweep, each precision's three products of a linear layer at every shape measured, in
+    GFLOP/s (empty where the result predates the backward's products)."""
+    lines = ["| precision | gemm | m x k x n | forward X Wᵀ | input gradient dY W | weight gradient dYᵀ X | backward |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for precision, entry in bounds.get("matmul", {}).items():
+        for r in sorted(entry["shapes"], key=lambda r: (r["m"], r["k"], r["n"])):
+            if "input_grad_flops_per_s" in r:
+                rates = (r["flops_per_s"], r["input_grad_flops_per_s"], r["weight_grad_flops_per_s"], backward_rate(r))
+                lines.append(f"| {precision} | {r['gemm']} | {r['m']}x{r['k']}x{r['n']} | "
+                             + " | ".join(f"{x / 1e9:.1f}" for x in rates) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 RATIO_TARGET = 1.3  # UniSD*'s step over plain SD's, issue 40
@@ -550,6 +602,8 @@ def ratio_table(cells: list[dict[str, Any]], bounds: dict[str, Any]) -> str:
 def bounds_line(bounds: dict[str, Any]) -> str:
     """The bounds in one sentence, for the table's caption."""
     rates = "; ".join(f"{p} {v['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({v['peak_shape']})"
+                      + (f", its backward's products {v['backward_peak_flops_per_s'] / 1e9:.1f} GFLOP/s "
+                         f"({v['backward_peak_shape']})" if "backward_peak_flops_per_s" in v else "")
                       for p, v in bounds.get("matmul", {}).items())
     return (f"Matmul peak: {rates or 'not measured'}. Memory bandwidth: "
             f"{bounds['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s (STREAM copy/scale, "
@@ -575,6 +629,7 @@ def report(model: str, config: Any, cells: list[dict[str, Any]], bounds: dict[st
                                            "the vLLM engine (its repacking for the CPU kernels not counted)",
                            "optimizer": f"{OPTIMIZER_BYTES_PER_PARAMETER} bytes per trained parameter"},
             "cells": cells, "bounds_line": bounds_line(bounds), "table": table(cells),
+            "kernel_table": kernel_table(bounds),
             "ratios": [{k: c[k] for k in ("precision", "batch", "completion", "rollout")} | r for c in cells
                        if "cases" in c and (r := ratio(c, bounds["matmul"][c["precision"]]["peak_flops_per_s"]))],
             "ratio_table": ratio_table(cells, bounds)}

@@ -263,9 +263,10 @@ def roofline(path: Path = RESULTS / "roofline.json") -> str:
         return f"Not measured yet: run `python -m bench roofline --out {shown}`.\n"
     if str(ROOT) not in sys.path:  # the benchmarks' package, where mkdocs runs this file as its hook
         sys.path.insert(0, str(ROOT))
-    from bench.roofline import RATIO_TARGET, ratio_table
+    from bench.roofline import RATIO_TARGET, kernel_table, ratio_table
 
     result = json.loads(path.read_text())
+    kernels = kernel_table(result["bounds"])
     machine = result.get("machine", {})
     flags = ", ".join(machine.get("bf16_flags", [])) or "none"
     return (result["table"] + "\n\n" + result["bounds_line"] +
@@ -275,7 +276,9 @@ def roofline(path: Path = RESULTS / "roofline.json") -> str:
             f"UniSD\\*'s step over plain SD's in the same cell: measured, in matrix FLOPs, and the least it could be "
             f"with SD's step as measured and UniSD\\*'s extra FLOPs at the matmul peak. Where that floor exceeds "
             f"{RATIO_TARGET}, the FLOP count itself forbids ≤ {RATIO_TARGET} on this machine (a faster SD step would "
-            f"only raise it).\n\n" + ratio_table(result["cells"], result["bounds"]) + "\n")
+            f"only raise it).\n\n" + ratio_table(result["cells"], result["bounds"]) + "\n"
+            + (f"\nThe shape sweep behind the bounds: each product of a linear layer at every shape the steps used, "
+               f"GFLOP/s (the backward both gradients, equal FLOPs each).\n\n{kernels}\n" if kernels else ""))
 
 
 # --- results ----------------------------------------------------------------------------------------------------

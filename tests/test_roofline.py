@@ -60,6 +60,28 @@ def test_the_gemms_of_a_pass_name_coinciding_shapes_together():
                                              (100, 64, 32): "down", (16, 32, 300): "head"}
 
 
+def test_the_sweep_times_the_forward_and_both_gradients_at_every_shape():
+    found = roofline.measure_matmuls(TINY, [("fp32", 100, 16)], None, "cpu", 0.001)["fp32"]
+    assert [(r["m"], r["k"], r["n"]) for r in found["shapes"]] == list(roofline.gemms(TINY, 100, 16))
+    for r in found["shapes"]:
+        assert min(r["flops_per_s"], r["input_grad_flops_per_s"], r["weight_grad_flops_per_s"]) > 0
+    assert found["backward_peak_flops_per_s"] == max(map(roofline.backward_rate, found["shapes"]))
+    assert found["peak_flops_per_s"] == max(r["flops_per_s"] for r in found["shapes"])
+    # a result measured before the backward's products were timed keeps its forward peak and has no backward peak
+    old = {"fp32": {"shapes": [{k: v for k, v in r.items() if "grad" not in k} for r in found["shapes"]]}}
+    assert "backward_peak_flops_per_s" not in roofline.measure_matmuls(TINY, [], old, "cpu", 0.001)["fp32"]
+    assert roofline.kernel_table({"matmul": old}) == ""
+    assert roofline.kernel_table({"matmul": {"fp32": found}}).count("| fp32 |") == len(found["shapes"])
+
+
+def test_the_backward_against_its_own_kernels_by_hand():
+    """Equal FLOPs through a 1- and a 3-FLOP/s product take 1 + 1/3 s per 2 FLOPs: 1.5 FLOP/s. A backward of 100
+    gradient FLOPs at 25 FLOP/s and 50 recomputed at 50 FLOP/s needs 5 s; done in 10 s it reaches half of that."""
+    assert roofline.backward_rate({"input_grad_flops_per_s": 1.0, "weight_grad_flops_per_s": 3.0}) == 1.5
+    assert roofline.kernel_fraction({"flops": 100.0, "recompute_flops": 50.0, "seconds": 10.0}, 50.0, 25.0) == 0.5
+    assert roofline.kernel_fraction({"flops": 100.0, "seconds": 8.0}, 50.0, 25.0) == 0.5
+
+
 def test_a_quick_run_reports_every_phase_as_a_fraction_of_its_bound(tiny_model, tmp_path):
     out = tmp_path / "roofline.json"
     assert roofline.main(["--model", str(tiny_model), "--quick", "--batch", "2", "--completion", "4", "--prompt", "16",
@@ -82,13 +104,15 @@ def test_a_quick_run_reports_every_phase_as_a_fraction_of_its_bound(tiny_model, 
     assert star["head_positions"]["student"] == star["head_positions"]["teacher"] == 8
     assert star["head_positions"]["agree"] == 3 * 8
     assert len(star["rows"]["student"]) == 2 and all(w == star["rows"]["student"][0][1] for _, w in star["rows"]["student"])
-    assert "| fp32 | 2 | 4 | hf | unisd-star |" in result["table"]
+    assert "| fp32 | 2 | 4 | hf | unisd-star |" in result["table"] and "backward at its kernels" in result["table"]
+    assert all(c["phases"]["backward"]["kernel_fraction"] > 0 for c in cases.values())
     spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
     assert spec and spec.loader
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
     assert result["table"] in generate.roofline(out) and result["bounds_line"] in generate.roofline(out)
     assert result["ratio_table"] in generate.roofline(out) and "| fp32 | 2 | 4 | hf |" in result["ratio_table"]
+    assert result["kernel_table"] and result["kernel_table"] in generate.roofline(out)
     assert set(result["ratios"][0]) == {"precision", "batch", "completion", "rollout", "time", "flops", "floor"}
     assert "Not measured yet" in generate.roofline(tmp_path / "absent.json")
 
