@@ -279,13 +279,16 @@ def dry_run_total_gb(args: list[str], env: dict[str, str], timeout_s: float) -> 
 
 
 def roofline_figures(report: dict[str, Any]) -> dict[str, Any]:
-    """The fractions of the bounds `bench.roofline.smoke_report` wrote, as figures: each phase's, the bf16 matmul
-    peak (TFLOP/s) and the memory bandwidth (GB/s) they are fractions of."""
+    """The fractions of the bounds `bench.roofline.smoke_report` wrote, as figures: each phase's, the backward's of
+    its own kernels' peaks, the bf16 matmul peaks (TFLOP/s, the forward's and the backward's products) and the
+    memory bandwidth (GB/s) they are fractions of."""
     if "error" in report:
         return {"roofline_error": report["error"]}
-    bounds = report["bounds"]
+    bounds, backward = report["bounds"], report["phases"]["backward"]
     return {**{f"{phase}_of_bound": round(v, 3) for phase, v in report["fractions"].items()},
+            "backward_of_its_kernels": round(backward["kernel_fraction"], 3),
             "matmul_peak_tflops": round(bounds["matmul"]["bf16"]["peak_flops_per_s"] / 1e12, 1),
+            "backward_peak_tflops": round(bounds["matmul"]["bf16"]["backward_peak_flops_per_s"] / 1e12, 1),
             "bandwidth_gb_s": round(bounds["bandwidth"]["bytes_per_s"] / 1e9)}
 
 

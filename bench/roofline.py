@@ -586,7 +586,8 @@ def ratio(cell: dict[str, Any], peak: float, num: str = "unisd-star", den: str =
 
 
 def ratio_table(cells: list[dict[str, Any]], bounds: dict[str, Any]) -> str:
-    """Markdown: UniSD* over SD per cell, measured, in FLOPs, and its floor at the matmul peak."""
+    """Markdown: UniSD* over SD per cell, measured, in FLOPs, and its floor at the matmul peak ("" where no cell
+    ran both)."""
     lines = ["| precision | batch | completion | rollout | UniSD*/SD step | FLOPs | floor at the matmul peak | "
              f"≤ {RATIO_TARGET} |", "|---|---:|---:|---|---:|---:|---:|---|"]
     for c in cells:
@@ -596,7 +597,7 @@ def ratio_table(cells: list[dict[str, Any]], bounds: dict[str, Any]) -> str:
                        "forbidden by the FLOPs" if r["floor"] > RATIO_TARGET else "not met")
             lines.append(f"| {c['precision']} | {c['batch']} | {c['completion']} | {c['rollout']} | {r['time']:.2f} | "
                          f"{r['flops']:.2f} | {r['floor']:.2f} | {verdict} |")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def bounds_line(bounds: dict[str, Any]) -> str:

@@ -266,17 +266,17 @@ def roofline(path: Path = RESULTS / "roofline.json") -> str:
     from bench.roofline import RATIO_TARGET, kernel_table, ratio_table
 
     result = json.loads(path.read_text())
-    kernels = kernel_table(result["bounds"])
+    kernels, ratios = kernel_table(result["bounds"]), ratio_table(result["cells"], result["bounds"])
     machine = result.get("machine", {})
     flags = ", ".join(machine.get("bf16_flags", [])) or "none"
     return (result["table"] + "\n\n" + result["bounds_line"] +
             f" On {result.get('model', '?')}, {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores, "
             f"AVX-512 {'yes' if machine.get('avx512') else 'no'}, native bf16 flags: {flags}; "
-            f"`{result.get('command', '?')}` at {str(result.get('git_sha', '?'))[:10]}).\n\n"
-            f"UniSD\\*'s step over plain SD's in the same cell: measured, in matrix FLOPs, and the least it could be "
-            f"with SD's step as measured and UniSD\\*'s extra FLOPs at the matmul peak. Where that floor exceeds "
-            f"{RATIO_TARGET}, the FLOP count itself forbids ≤ {RATIO_TARGET} on this machine (a faster SD step would "
-            f"only raise it).\n\n" + ratio_table(result["cells"], result["bounds"]) + "\n"
+            f"`{result.get('command', '?')}` at {str(result.get('git_sha', '?'))[:10]}).\n"
+            + (f"\nUniSD\\*'s step over plain SD's in the same cell: measured, in matrix FLOPs, and the least it could "
+               f"be with SD's step as measured and UniSD\\*'s extra FLOPs at the matmul peak. Where that floor exceeds "
+               f"{RATIO_TARGET}, the FLOP count itself forbids ≤ {RATIO_TARGET} on this machine (a faster SD step "
+               f"would only raise it).\n\n{ratios}\n" if ratios else "")
             + (f"\nThe shape sweep behind the bounds: each product of a linear layer at every shape the steps used, "
                f"GFLOP/s (the backward both gradients, equal FLOPs each).\n\n{kernels}\n" if kernels else ""))
 
@@ -465,7 +465,7 @@ def pages() -> dict[str, tuple[str, str]]:
     made["results.md"] = ("bench/results/*.json", results())
     made["seeded-study.md"] = ("bench/results/seeded-study/results.json", seeded_study())
     made["roofline.md"] = ("bench/results/roofline.json", roofline())
-    for variant in ("roofline-keep-activations", "roofline-bf16"):
+    for variant in ("roofline-keep-activations", "roofline-bf16", "roofline-decode-batch"):
         made[f"{variant}.md"] = (f"bench/results/{variant}.json", roofline(RESULTS / f"{variant}.json"))
     return made
 

@@ -98,3 +98,5 @@ def test_the_7b_case_reports_its_phases_as_fractions_of_the_bounds_through_the_s
     assert all(v > 0 for v in found["fractions"].values())
     figures = gpu_smoke.roofline_figures(found)
     assert figures["student_of_bound"] == round(found["fractions"]["student"], 3) and "bandwidth_gb_s" in figures
+    assert figures["backward_of_its_kernels"] == round(found["phases"]["backward"]["kernel_fraction"], 3) > 0
+    assert figures["backward_peak_tflops"] >= 0

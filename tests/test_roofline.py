@@ -134,3 +134,4 @@ def test_unisd_over_sd_by_hand(star_step, star_flops, verdict):
     bounds = {"matmul": {"fp32": {"peak_flops_per_s": 100.0}}}
     assert roofline.ratio_table([cell], bounds).splitlines()[-1].endswith(f"| {verdict} |")
     assert roofline.ratio({**cell, "cases": cell["cases"][:1]}, 100.0) is None
+    assert roofline.ratio_table([{**cell, "cases": cell["cases"][:1]}], bounds) == ""
