@@ -15,14 +15,18 @@ around the functions the trainer's forward calls (monkeypatched here, for that s
 of the student, of the primary teacher (the frozen initial model; UniSD*'s EMA teacher) and of each kind of
 view (agree's contexts, contrast's negatives), each head matmul, and the backward. A matmul phase's FLOPs
 come from the token counts those timers saw and the model's shape (`step_flops`); its fraction is
-FLOPs / seconds / the matmul peak of its precision. Decoding and the optimizer are memory-bound: a
-decoding step streams every weight once (`decode_weights`), fused AdamW with gradient clipping reads and
-writes 40 bytes per trained parameter; their fraction is bytes / seconds / the bandwidth. Take the
-numbers from a quiet machine: one measured step per case.
+FLOPs / seconds / the matmul peak of its precision. The optimizer is memory-bound: fused AdamW with gradient
+clipping reads and writes 40 bytes per trained parameter, its fraction bytes / seconds / the bandwidth. The
+rollout's fraction is the least time it could take over the time it took (`rollout_bound`): the prefill's FLOPs
+at the matmul peak, then each decoding step at the slower of its weights' bytes (`decode_weights`) over the
+bandwidth and its FLOPs over the peak. Take the numbers from a quiet machine: one measured step per case.
+The fractions are derived from the measurements the result stores (`derive`), so a stored result can be read
+again by a later version of this file.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import gc
 import importlib.util
@@ -413,24 +417,53 @@ def memory_phase(moved: float, seconds: float, bytes_per_s: float) -> dict[str, 
     return found
 
 
-def decode_phase(config: Any, measured: dict[str, Any], precision: str, bytes_per_s: float) -> dict[str, float]:
-    """The rollout: the weights every decoding step streams, over the rollout's seconds (less the copy of the
-    weights into a vLLM engine, `sampler_load`) and the bandwidth; the KV cache's bytes beside them
-    (`fraction_with_kv_cache`). HF decodes after the left-padded prompt, the student's pass's width less the
-    completion."""
-    student = measured["probes"]["rows"]["student"]
-    prompt = student[0][1] - measured["completion"]
-    seconds = measured["metrics"]["rollout_s"] - measured["probes"]["seconds"].get("sampler_load", 0.0)
-    moved = decode_bytes(config, len(student), prompt, measured["completion"], BYTES[precision])
-    found = memory_phase(moved["weights"], seconds, bytes_per_s)
-    found["kv_cache_bytes"] = moved["kv_cache"]
-    found["fraction_with_kv_cache"] = (moved["weights"] + moved["kv_cache"]) / seconds / bytes_per_s
+def rollout_bound(config: Any, batch: int, prompt: int, steps: int, bytes_per_element: int, peak: float,
+                  bytes_per_s: float) -> dict[str, float]:
+    """The least time a rollout of `steps` tokens after `prompt`-token prompts can take here. The prefill runs the
+    prompts through the decoder and the head once (its FLOPs at the matmul `peak`, or its weights' read if that is
+    slower); each of the other steps - 1 tokens is a decoding step that reads every weight (`decode_weights`) and
+    multiplies `batch` rows by them, at the slower of its bytes over the bandwidth and its FLOPs (linear, head, and
+    attention over the context so far) over the peak: a few rows are bound by the bytes, many by the FLOPs.
+    `with_kv_cache_s` adds the KV cache's reads to each step's bytes."""
+    s = Shape.of(config)
+    weights = decode_weights(config) * bytes_per_element
+    prefill_flops = sum(decoder_flops(s, [prompt] * batch)) + head_flops(s, batch)
+    found = {"prefill_s": max(prefill_flops / peak, weights / bytes_per_s), "prefill_flops": prefill_flops,
+             "decode_s": 0.0, "decode_flops": 0.0, "flops_bound_steps": 0, "with_kv_cache_s": 0.0}
+    kv_per_position = 2 * s.layers * s.kv_heads * s.head_dim * bytes_per_element
+    for t in range(1, steps):
+        context = prompt + t  # the positions each row's new token attends to, itself included
+        flops = 2.0 * decode_weights(config) * batch + 4.0 * s.layers * s.heads * s.head_dim * context * batch
+        compute, read = flops / peak, weights / bytes_per_s
+        found["decode_s"] += max(compute, read)
+        found["decode_flops"] += flops
+        found["flops_bound_steps"] += compute > read
+        found["with_kv_cache_s"] += max(compute, read + batch * context * kv_per_position / bytes_per_s)
+    found["with_kv_cache_s"] += found["prefill_s"]
     return found
+
+
+def sampling_phase(config: Any, measured: dict[str, Any], precision: str, bounds: dict[str, Any]) -> dict[str, float]:
+    """The rollout against its roofline (`rollout_bound`): the least time it could take over the time it took (less
+    the copy of the weights into a vLLM engine, `sampler_load`); beside it, the weights' bytes of every decoding
+    step per second over the bandwidth alone (`bandwidth_fraction`, which a compute-bound prefill or a large batch
+    pulls down) and the bound with the KV cache's reads (`fraction_with_kv_cache`). HF decodes after the
+    left-padded prompt, the student's pass's width less the completion."""
+    student = measured["probes"]["rows"]["student"]
+    prompt, steps = student[0][1] - measured["completion"], measured["completion"]
+    seconds = measured["metrics"]["rollout_s"] - measured["probes"]["seconds"].get("sampler_load", 0.0)
+    bytes_per_s = bounds["bandwidth"]["bytes_per_s"]
+    bound = rollout_bound(config, len(student), prompt, steps, BYTES[precision],
+                          bounds["matmul"][precision]["peak_flops_per_s"], bytes_per_s)
+    moved = decode_bytes(config, len(student), prompt, steps, BYTES[precision])
+    return {**bound, "seconds": seconds, "fraction": (bound["prefill_s"] + bound["decode_s"]) / seconds,
+            "fraction_with_kv_cache": bound["with_kv_cache_s"] / seconds, "bytes": moved["weights"],
+            "kv_cache_bytes": moved["kv_cache"], "bandwidth_fraction": moved["weights"] / seconds / bytes_per_s}
 
 
 def phases(config: Any, measured: dict[str, Any], bounds: dict[str, Any], precision: str, lora: bool = False,
            checkpointed: bool = True) -> dict[str, Any]:
-    """Every phase of one measured step against the bounds: decode (when the student sampled), the student's
+    """Every phase of one measured step against the bounds: sampling (when the student sampled), the student's
     forward, the teacher and each kind of view, backward, and the optimizer (when its parameters are known)."""
     probes, metrics = measured["probes"], measured["metrics"]
     rows = {k: [tuple(r) for r in v] for k, v in probes["rows"].items()}
@@ -439,7 +472,7 @@ def phases(config: Any, measured: dict[str, Any], bounds: dict[str, Any], precis
     bandwidth_bound = bounds["bandwidth"]["bytes_per_s"]
     found: dict[str, Any] = {}
     if measured.get("sampled") and metrics.get("rollout_s"):
-        found["decode"] = decode_phase(config, measured, precision, bandwidth_bound)
+        found["sampling"] = sampling_phase(config, measured, precision, bounds)
     if probes["seconds"].get("sampler_load"):  # the student's weights read, the engine's written: at least
         found["sampler_load"] = memory_phase(2 * model_weights(config) * BYTES[precision],
                                              probes["seconds"]["sampler_load"], bandwidth_bound)
@@ -503,13 +536,17 @@ def measure_cell(precision: str, batch: int, completion: int, rollout: str, case
 
 def shapes_used(cells: list[dict[str, Any]], chunk: int) -> list[tuple[str, int, int]]:
     """(precision, tokens, head rows) of every student pass measured: its padded tokens, and the head's largest
-    chunk of positions (the head runs `chunk` positions at a time)."""
+    chunk of positions (the head runs `chunk` positions at a time); and where the student sampled, a decoding
+    step's: one token a row, through the decoder and the head."""
     found = []
     for cell in cells:
         for case in cell.get("cases", []):
             probes = case["probes"]
             tokens = sum(w for _, w in probes["rows"]["student"])
             found.append((cell["precision"], tokens, min(chunk, probes["head_positions"].get("student", 0))))
+            if case.get("sampled"):
+                rows = len(probes["rows"]["student"])
+                found.append((cell["precision"], rows, rows))
     return list(dict.fromkeys(found))
 
 
@@ -522,7 +559,7 @@ def head_chunk() -> int:
 
 def view_columns(cells: list[dict[str, Any]]) -> list[str]:
     """The table's phase columns: decoding, the student, the teacher, each kind of view seen, backward, optimizer."""
-    order = ["decode", "sampler_load", "student", "teacher"]
+    order = ["sampling", "sampler_load", "student", "teacher"]
     seen = {p for c in cells for case in c.get("cases", []) for p in case.get("phases", {})}
     views = sorted(seen - {*order, "backward", "optimizer"})
     return [*order, *views, "backward", "optimizer"]
@@ -618,14 +655,17 @@ def report(model: str, config: Any, cells: list[dict[str, Any]], bounds: dict[st
         for case in cell.get("cases", []):
             case["phases"] = phases(config, case, bounds, cell["precision"], checkpointed=not keep_activations)
     return {"description": ("Each phase of one SD, UniSD* and SFT step as a fraction of the machine's bound: "
-                            "matmul phases as achieved FLOP/s over the matmul peak, decoding and the optimizer as "
-                            "bytes streamed per second over the memory bandwidth."),
-            "model": model, "prompt_tokens": prompt, "threads": torch.get_num_threads(), "bounds": bounds,
-            "keep_activations": keep_activations,
+                            "matmul phases as achieved FLOP/s over the matmul peak, the optimizer as bytes streamed "
+                            "per second over the memory bandwidth, the rollout as the least time its FLOPs and "
+                            "bytes allow over the time it took."),
+            "model": model, "config": config.to_dict(), "prompt_tokens": prompt, "threads": torch.get_num_threads(),
+            "bounds": bounds, "keep_activations": keep_activations,
             "flop_model": {"linear": "2 x weights x tokens", "attention": "4 x layers x heads x head_dim x L^2 per row",
                            "head": "2 x hidden x vocab x counted completion positions",
                            "backward": "2 x the student's forward; recompute_flops: activation checkpointing",
-                           "decode": "decode_weights x bytes per element per step; the tied embedding once, as the head",
+                           "sampling": "the prefill's FLOPs at the matmul peak, then per decoding step the slower of "
+                                      "decode_weights x bytes per element over the bandwidth (the tied embedding "
+                                      "once, as the head) and its FLOPs over the matmul peak",
                            "sampler_load": "2 x every weight x bytes per element: read from the student, written into "
                                            "the vLLM engine (its repacking for the CPU kernels not counted)",
                            "optimizer": f"{OPTIMIZER_BYTES_PER_PARAMETER} bytes per trained parameter"},
@@ -634,6 +674,17 @@ def report(model: str, config: Any, cells: list[dict[str, Any]], bounds: dict[st
             "ratios": [{k: c[k] for k in ("precision", "batch", "completion", "rollout")} | r for c in cells
                        if "cases" in c and (r := ratio(c, bounds["matmul"][c["precision"]]["peak_flops_per_s"]))],
             "ratio_table": ratio_table(cells, bounds)}
+
+
+def derive(result: dict[str, Any]) -> dict[str, Any]:
+    """A stored result as this code derives it from its measurements (the cells' timers and metrics, the bounds):
+    the phases, tables and ratios docs/generate.py shows, so a better FLOP or byte model needs no new run."""
+    from transformers import AutoConfig
+
+    config = (AutoConfig.for_model(**result["config"]) if "config" in result else model_config(result["model"]))
+    derived = report(result["model"], config, copy.deepcopy(result["cells"]), result["bounds"],
+                     result["prompt_tokens"], result.get("keep_activations", False))
+    return {**result, **derived, "threads": result["threads"]}
 
 
 def model_config(model: str) -> Any:

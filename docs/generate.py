@@ -263,9 +263,9 @@ def roofline(path: Path = RESULTS / "roofline.json") -> str:
         return f"Not measured yet: run `python -m bench roofline --out {shown}`.\n"
     if str(ROOT) not in sys.path:  # the benchmarks' package, where mkdocs runs this file as its hook
         sys.path.insert(0, str(ROOT))
-    from bench.roofline import RATIO_TARGET, kernel_table, ratio_table
+    from bench.roofline import RATIO_TARGET, derive, kernel_table, ratio_table
 
-    result = json.loads(path.read_text())
+    result = derive(json.loads(path.read_text()))
     kernels, ratios = kernel_table(result["bounds"]), ratio_table(result["cells"], result["bounds"])
     machine = result.get("machine", {})
     flags = ", ".join(machine.get("bf16_flags", [])) or "none"
@@ -341,9 +341,14 @@ def _step_cells(result: dict[str, Any]) -> str:
 
 
 def _roofline_result(result: dict[str, Any]) -> str:
-    """A roofline result (`python -m bench roofline`): its bounds and its table of fractions."""
+    """A roofline result (`python -m bench roofline`): its bounds and its table of fractions, as this code derives
+    them from the file's measurements (as in performance.md)."""
+    from bench.roofline import derive
+
+    result = derive(result)
     return result["bounds_line"] + "\n\n" + result["table"] + "\n" + _settings(
-        result, ("cells", "table", "bounds", "bounds_line", "flop_model", "ratios", "ratio_table"))
+        result, ("cells", "table", "bounds", "bounds_line", "flop_model", "ratios", "ratio_table", "kernel_table",
+                 "config"))
 
 
 def _flat(x: Any) -> bool:

@@ -94,7 +94,7 @@ def test_the_7b_case_reports_its_phases_as_fractions_of_the_bounds_through_the_s
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(report.read_text())
-    assert set(found["fractions"]) == {"decode", "student", "teacher", "agree", "contrast", "backward"}, found
+    assert set(found["fractions"]) == {"sampling", "student", "teacher", "agree", "contrast", "backward"}, found
     assert all(v > 0 for v in found["fractions"].values())
     figures = gpu_smoke.roofline_figures(found)
     assert figures["student_of_bound"] == round(found["fractions"]["student"], 3) and "bandwidth_gb_s" in figures

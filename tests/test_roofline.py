@@ -55,6 +55,25 @@ def test_decode_bytes_by_hand():
     assert roofline.decode_bytes(TINY, 2, 10, 8, 4) == {"weights": 28192 * 4 * 8, "kv_cache": 2 * 256 * 108}
 
 
+def test_the_rollouts_roofline_by_hand():
+    """2 rows, 10-token prompts, 3 tokens at a peak of 1 FLOP/s and a bandwidth that reads the fp32 weights
+    (28192 x 4 = 112768 bytes) in 118600 s: the prefill is FLOP-bound, the first decoding step bound by the bytes,
+    the second by the FLOPs."""
+    bandwidth = 112768 / 118600
+    found = roofline.rollout_bound(TINY, 2, 10, 3, 4, 1.0, bandwidth)
+    # prefill: linear 2 x 18432 x 20 = 737280, attention 256 x (100 + 100) = 51200, the head 2 x 32 x 300 x 2 = 38400
+    assert found["prefill_flops"] == found["prefill_s"] == 737280 + 51200 + 38400
+    # step t attends to 10 + t positions: 2 x 28192 x 2 = 112768 weight FLOPs, 4 x 2 x 4 x 8 x (10 + t) x 2 attention
+    steps = [112768 + 256 * 11 * 2, 112768 + 256 * 12 * 2]  # 118400, 118912
+    assert found["decode_flops"] == sum(steps) and found["flops_bound_steps"] == 1
+    assert found["decode_s"] == pytest.approx(118600 + 118912)
+    # the KV cache: 2 (k, v) x 2 layers x 2 KV heads x 8 x 4 bytes = 256 bytes a position, (10 + t) x 2 rows
+    kv = [max(f, 118600 + 256 * (10 + t) * 2 / bandwidth) for t, f in ((1, steps[0]), (2, steps[1]))]
+    assert found["with_kv_cache_s"] == pytest.approx(found["prefill_s"] + sum(kv))
+    many = roofline.rollout_bound(TINY, 64, 10, 3, 4, 1.0, bandwidth)  # 64 rows: every step's FLOPs outweigh its bytes
+    assert many["flops_bound_steps"] == 2 and many["decode_s"] == many["decode_flops"]
+
+
 def test_the_gemms_of_a_pass_name_coinciding_shapes_together():
     assert roofline.gemms(TINY, 100, 16) == {(100, 32, 32): "q/o", (100, 32, 16): "k/v", (100, 32, 64): "gate/up",
                                              (100, 64, 32): "down", (16, 32, 300): "head"}
@@ -89,12 +108,14 @@ def test_a_quick_run_reports_every_phase_as_a_fraction_of_its_bound(tiny_model, 
     result = json.loads(out.read_text())
     assert {"command", "git_sha", "versions", "machine", "description"} <= set(result)
     assert result["bounds"]["matmul"]["fp32"]["peak_flops_per_s"] > 0 and result["bounds"]["bandwidth"]["bytes_per_s"] > 0
+    # the sweep holds a decoding step's shapes too: one token for each of the 2 rows, through the layers and the head
+    assert {(r["m"], r["gemm"]) for r in result["bounds"]["matmul"]["fp32"]["shapes"] if r["m"] == 2} >= {(2, "head")}
     [cell] = result["cells"]
     assert (cell["precision"], cell["batch"], cell["completion"], cell["rollout"]) == ("fp32", 2, 4, "hf")
     cases = {c["case"]: c for c in cell["cases"]}
     assert list(cases) == ["sd", "unisd-star", "sft"]
-    wanted = {"sd": {"decode", "student", "teacher", "backward", "optimizer"},
-              "unisd-star": {"decode", "student", "teacher", "agree", "contrast", "backward", "optimizer"},
+    wanted = {"sd": {"sampling", "student", "teacher", "backward", "optimizer"},
+              "unisd-star": {"sampling", "student", "teacher", "agree", "contrast", "backward", "optimizer"},
               "sft": {"student", "backward", "optimizer"}}
     for name, case in cases.items():
         assert set(case["phases"]) == wanted[name], name
@@ -106,6 +127,14 @@ def test_a_quick_run_reports_every_phase_as_a_fraction_of_its_bound(tiny_model, 
     assert len(star["rows"]["student"]) == 2 and all(w == star["rows"]["student"][0][1] for _, w in star["rows"]["student"])
     assert "| fp32 | 2 | 4 | hf | unisd-star |" in result["table"] and "backward at its kernels" in result["table"]
     assert all(c["phases"]["backward"]["kernel_fraction"] > 0 for c in cases.values())
+    sampling = cases["sd"]["phases"]["sampling"]
+    assert sampling["fraction"] == pytest.approx((sampling["prefill_s"] + sampling["decode_s"]) / sampling["seconds"])
+    assert sampling["bandwidth_fraction"] == pytest.approx(sampling["bytes"] / sampling["seconds"]
+                                                          / result["bounds"]["bandwidth"]["bytes_per_s"])
+    # the fractions come again from the stored measurements alone: the docs derive them with the code as it is
+    assert roofline.derive(result)["table"] == result["table"]
+    slow_memory = {**result, "bounds": {**result["bounds"], "bandwidth": {**result["bounds"]["bandwidth"], "bytes_per_s": 1.0}}}
+    assert roofline.derive(slow_memory)["cells"][0]["cases"][0]["phases"]["sampling"]["fraction"] > sampling["fraction"]
     spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
     assert spec and spec.loader
     generate = importlib.util.module_from_spec(spec)
@@ -119,7 +148,7 @@ def test_a_quick_run_reports_every_phase_as_a_fraction_of_its_bound(tiny_model, 
 
 def _measured(name: str, step: float, flops: float, seconds: float) -> dict:
     return {"case": name, "metrics": {"step_time_s": step},
-            "phases": {"decode": {"bytes": 1.0, "seconds": 5.0}, "student": {"flops": flops, "seconds": seconds}}}
+            "phases": {"sampling": {"bytes": 1.0, "seconds": 5.0}, "student": {"flops": flops, "seconds": seconds}}}
 
 
 @pytest.mark.parametrize("star_step, star_flops, verdict", [(16.0, 600.0, "forbidden by the FLOPs"),
