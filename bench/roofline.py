@@ -447,8 +447,9 @@ def sampling_phase(config: Any, measured: dict[str, Any], precision: str, bounds
     """The rollout against its roofline (`rollout_bound`): the least time it could take over the time it took (less
     the copy of the weights into a vLLM engine, `sampler_load`); beside it, the weights' bytes of every decoding
     step per second over the bandwidth alone (`bandwidth_fraction`, which a compute-bound prefill or a large batch
-    pulls down) and the bound with the KV cache's reads (`fraction_with_kv_cache`). HF decodes after the
-    left-padded prompt, the student's pass's width less the completion."""
+    pulls down), the bound with the KV cache's reads (`fraction_with_kv_cache`), and where the sweep timed a
+    decoding step's shapes, the time at those kernels' rates over the time taken (`kernel_fraction`). HF decodes
+    after the left-padded prompt, the student's pass's width less the completion."""
     student = measured["probes"]["rows"]["student"]
     prompt, steps = student[0][1] - measured["completion"], measured["completion"]
     seconds = measured["metrics"]["rollout_s"] - measured["probes"]["seconds"].get("sampler_load", 0.0)
@@ -456,9 +457,26 @@ def sampling_phase(config: Any, measured: dict[str, Any], precision: str, bounds
     bound = rollout_bound(config, len(student), prompt, steps, BYTES[precision],
                           bounds["matmul"][precision]["peak_flops_per_s"], bytes_per_s)
     moved = decode_bytes(config, len(student), prompt, steps, BYTES[precision])
-    return {**bound, "seconds": seconds, "fraction": (bound["prefill_s"] + bound["decode_s"]) / seconds,
-            "fraction_with_kv_cache": bound["with_kv_cache_s"] / seconds, "bytes": moved["weights"],
-            "kv_cache_bytes": moved["kv_cache"], "bandwidth_fraction": moved["weights"] / seconds / bytes_per_s}
+    found = {**bound, "seconds": seconds, "fraction": (bound["prefill_s"] + bound["decode_s"]) / seconds,
+             "fraction_with_kv_cache": bound["with_kv_cache_s"] / seconds, "bytes": moved["weights"],
+             "kv_cache_bytes": moved["kv_cache"], "bandwidth_fraction": moved["weights"] / seconds / bytes_per_s}
+    step = decode_step_at_kernels(config, len(student), bounds["matmul"][precision]["shapes"])
+    if step is not None:
+        found["kernel_fraction"] = (bound["prefill_s"] + (steps - 1) * step) / seconds
+    return found
+
+
+def decode_step_at_kernels(config: Any, rows: int, shapes: Sequence[Mapping[str, Any]]) -> float | None:
+    """Seconds of one decoding step's products (one row a sequence through every layer and the head) at the rates
+    `F.linear` reached at those shapes in the sweep; None where the sweep did not time them. Longer than the
+    roofline's step where the library cannot multiply a few rows at the bandwidth or the peak."""
+    rates = {(r["m"], r["k"], r["n"]): r["flops_per_s"] for r in shapes}
+    layers, seconds = Shape.of(config).layers, 0.0
+    for (m, k, n), name in gemms(config, rows, rows).items():
+        if (m, k, n) not in rates:
+            return None
+        seconds += sum(1 if part == "head" else layers for part in name.split("/")) * 2.0 * m * k * n / rates[m, k, n]
+    return seconds
 
 
 def phases(config: Any, measured: dict[str, Any], bounds: dict[str, Any], precision: str, lora: bool = False,
@@ -566,21 +584,26 @@ def view_columns(cells: list[dict[str, Any]]) -> list[str]:
 
 
 def table(cells: list[dict[str, Any]]) -> str:
-    """Markdown: a row per cell and case, each phase as its fraction of the bound and (its seconds); beside the
-    backward, where the bounds timed the backward's kernels, its fraction of what they allow (`kernel_fraction`)."""
+    """Markdown: a row per cell and case, each phase as its fraction of the bound and (its seconds); beside sampling
+    and the backward, where the sweep timed their kernels, their fraction of what those allow (`kernel_fraction`)."""
     columns = view_columns(cells)
-    kernels = any("kernel_fraction" in case["phases"].get("backward", {}) for c in cells for case in c.get("cases", []))
-    at = columns.index("backward") + 1
-    header = [*columns[:at], *(["backward at its kernels"] if kernels else []), *columns[at:]]
+    header: list[str] = []
+    for p in columns:
+        header.append(p)
+        if any("kernel_fraction" in case["phases"].get(p, {}) for c in cells for case in c.get("cases", [])):
+            header.append(f"{p} at its kernels")
     lines = ["| precision | batch | completion | rollout | case | " + " | ".join(header)
              + " | rest of forward s | padding | step s |", "|---|---:|---:|---|---|" + "---:|" * (len(header) + 3)]
     for c in cells:
         for case in c.get("cases", []):
             found = case["phases"]
-            shown = [f"{found[p]['fraction']:.1%} ({found[p]['seconds']:.2f} s)" if p in found else "" for p in columns]
-            if kernels:
-                shown.insert(at, f"{found['backward']['kernel_fraction']:.1%}" if "kernel_fraction" in
-                             found.get("backward", {}) else "")
+            shown = []
+            for h in header:
+                phase = found.get(h.removesuffix(" at its kernels"), {})
+                if h.endswith(" at its kernels"):
+                    shown.append(f"{phase['kernel_fraction']:.1%}" if "kernel_fraction" in phase else "")
+                else:
+                    shown.append(f"{phase['fraction']:.1%} ({phase['seconds']:.2f} s)" if phase else "")
             lines.append(f"| {c['precision']} | {c['batch']} | {c['completion']} | {c['rollout']} | {case['case']} | "
                          + " | ".join(shown) + f" | {rest_of_forward(case):.2f} | {padding(found):.0%} | "
                          f"{case['metrics']['step_time_s']:.2f} |")

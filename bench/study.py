@@ -1,5 +1,6 @@
-"""The small-scale study of issue 14: base -> sft, sd, gkd, sdft, unisd-star on the same data and order,
-scored in domain and out of domain with 95% intervals, paired tests and retention.
+"""The small-scale study of issue 14: base -> sft, sd, gkd, sdft, unisd-star, trained alike, scored with intervals.
+
+On the same data and order, scored in domain and out of domain with 95% intervals, paired tests and retention.
 
 Also measures, per training task, whether the demonstration-conditioned teacher prefers the gold
 demonstration over the student's own (wrong) greedy reply, and how much each UniSD* mechanism acted

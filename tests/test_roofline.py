@@ -74,6 +74,15 @@ def test_the_rollouts_roofline_by_hand():
     assert many["flops_bound_steps"] == 2 and many["decode_s"] == many["decode_flops"]
 
 
+def test_a_decoding_step_at_the_sweeps_rates_by_hand():
+    # 2 rows at 1 FLOP/s: 2 x 2 x 18432 linear FLOPs over both layers and 2 x 2 x 32 x 300 = 38400 in the head;
+    # the head twice as fast halves its share
+    shapes = [{"m": m, "k": k, "n": n, "flops_per_s": 2.0 if name == "head" else 1.0}
+              for (m, k, n), name in roofline.gemms(TINY, 2, 2).items()]
+    assert roofline.decode_step_at_kernels(TINY, 2, shapes) == 4 * 18432 + 38400 / 2
+    assert roofline.decode_step_at_kernels(TINY, 2, shapes[1:]) is None  # q/o not timed: no figure
+
+
 def test_the_gemms_of_a_pass_name_coinciding_shapes_together():
     assert roofline.gemms(TINY, 100, 16) == {(100, 32, 32): "q/o", (100, 32, 16): "k/v", (100, 32, 64): "gate/up",
                                              (100, 64, 32): "down", (16, 32, 300): "head"}
@@ -128,6 +137,7 @@ def test_a_quick_run_reports_every_phase_as_a_fraction_of_its_bound(tiny_model, 
     assert "| fp32 | 2 | 4 | hf | unisd-star |" in result["table"] and "backward at its kernels" in result["table"]
     assert all(c["phases"]["backward"]["kernel_fraction"] > 0 for c in cases.values())
     sampling = cases["sd"]["phases"]["sampling"]
+    assert sampling["kernel_fraction"] > 0 and "sampling at its kernels" in result["table"]
     assert sampling["fraction"] == pytest.approx((sampling["prefill_s"] + sampling["decode_s"]) / sampling["seconds"])
     assert sampling["bandwidth_fraction"] == pytest.approx(sampling["bytes"] / sampling["seconds"]
                                                           / result["bounds"]["bandwidth"]["bytes_per_s"])
