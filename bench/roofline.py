@@ -425,15 +425,15 @@ def rollout_bound(config: Any, batch: int, prompt: int, steps: int, bytes_per_el
     multiplies `batch` rows by them, at the slower of its bytes over the bandwidth and its FLOPs (linear, head, and
     attention over the context so far) over the peak: a few rows are bound by the bytes, many by the FLOPs.
     `with_kv_cache_s` adds the KV cache's reads to each step's bytes."""
-    s = Shape.of(config)
-    weights = decode_weights(config) * bytes_per_element
+    s, params = Shape.of(config), decode_weights(config)
+    weights = params * bytes_per_element
     prefill_flops = sum(decoder_flops(s, [prompt] * batch)) + head_flops(s, batch)
     found = {"prefill_s": max(prefill_flops / peak, weights / bytes_per_s), "prefill_flops": prefill_flops,
              "decode_s": 0.0, "decode_flops": 0.0, "flops_bound_steps": 0, "with_kv_cache_s": 0.0}
     kv_per_position = 2 * s.layers * s.kv_heads * s.head_dim * bytes_per_element
     for t in range(1, steps):
         context = prompt + t  # the positions each row's new token attends to, itself included
-        flops = 2.0 * decode_weights(config) * batch + 4.0 * s.layers * s.heads * s.head_dim * context * batch
+        flops = 2.0 * params * batch + 4.0 * s.layers * s.heads * s.head_dim * context * batch
         compute, read = flops / peak, weights / bytes_per_s
         found["decode_s"] += max(compute, read)
         found["decode_flops"] += flops
