@@ -49,15 +49,16 @@ def machine() -> dict[str, Any]:
     return {**hardware.machine(), "platform": platform.platform()}
 
 
-def record(argv: list[str]) -> dict[str, Any]:
-    """The provenance of `python -m bench NAME ARGS...`, `argv` being [NAME, ARGS...]."""
-    return {"command": shlex.join(["python", "-m", "bench", *argv]), "git_sha": LOADED_AT, "versions": versions(),
+def record(argv: list[str], module: str = "bench") -> dict[str, Any]:
+    """The provenance of `python -m MODULE ARGS...`: `python -m bench NAME ARGS...` with `argv` [NAME, ARGS...], or a
+    tool's `python -m tools.NAME ARGS...` with `module` the tool."""
+    return {"command": shlex.join(["python", "-m", module, *argv]), "git_sha": LOADED_AT, "versions": versions(),
             "machine": machine()}
 
 
-def write(path: str | Path, result: dict[str, Any], argv: list[str]) -> Path:
-    """`result` with its provenance (`record(argv)`), as indented JSON at `path` (folders created)."""
+def write(path: str | Path, result: dict[str, Any], argv: list[str], module: str = "bench") -> Path:
+    """`result` with its provenance (`record(argv, module)`), as indented JSON at `path` (folders created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**record(argv), **result}, indent=2, default=str) + "\n")
+    path.write_text(json.dumps({**record(argv, module), **result}, indent=2, default=str) + "\n")
     return path

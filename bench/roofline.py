@@ -26,6 +26,7 @@ again by a later version of this file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import gc
@@ -529,10 +530,11 @@ def measure_case(case: str, data: Path, folder: Path, model: str, batch: int, co
 
     run = bench_step.prepared(case, data, folder / f"{case}-{rollout}", model, batch, completion, precision == "bf16",
                               rollout=rollout, keep_activations=keep_activations)
-    step(run)
-    with Probes() as probes:
-        metrics = step(run)
-    trained = sum(p.numel() for p in run.policy.model.parameters() if p.requires_grad)
+    with contextlib.closing(run.policy):  # a vLLM engine's memory is the next case's (a grid holds 8 of them)
+        step(run)
+        with Probes() as probes:
+            metrics = step(run)
+        trained = sum(p.numel() for p in run.policy.model.parameters() if p.requires_grad)
     del run
     gc.collect()
     return {"case": case, "completion": completion, "sampled": case != "sft", "trained_parameters": trained,

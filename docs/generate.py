@@ -498,7 +498,8 @@ def pages() -> dict[str, tuple[str, str]]:
     made["seeded-study.md"] = ("bench/results/seeded-study/results.json", seeded_study())
     made["benchmarks.md"] = ("bench/*.py and bench/results/*.json", benchmarks())
     made["roofline.md"] = ("bench/results/roofline.json", roofline())
-    for variant in ("roofline-keep-activations", "roofline-bf16", "roofline-bf16-batch8", "roofline-decode-batch"):
+    for variant in ("roofline-keep-activations", "roofline-bf16", "roofline-bf16-batch8", "roofline-decode-batch",
+                    "roofline-amx"):
         made[f"{variant}.md"] = (f"bench/results/{variant}.json", roofline(RESULTS / f"{variant}.json"))
     return made
 

@@ -54,6 +54,24 @@ def test_every_result_records_its_provenance_and_a_listed_command(path):
     assert command[3] in listed(), f"{result['command']}: not a benchmark python -m bench --list knows"
 
 
+@pytest.mark.parametrize("name", ["bf16_views", "vllm_views"])
+def test_a_tools_result_records_its_provenance_and_the_tools_own_command(name):
+    result = json.loads((ROOT / "tools" / "results" / f"{name}.json").read_text())
+    assert [k for k in PROVENANCE if k not in result] == []
+    assert {"cpu", "cores", "bf16_flags"} <= set(result["machine"])
+    command = shlex.split(result["command"])
+    assert command[:3] == ["python", "-m", f"tools.{name}"], result["command"]
+    assert command[command.index("--out") + 1] == f"tools/results/{name}.json"
+
+
+def test_provenance_names_the_module_that_ran():
+    from bench import provenance
+
+    assert provenance.record(["roofline", "--quick"])["command"] == "python -m bench roofline --quick"
+    assert provenance.record(["--out", "x y.json"], module="tools.bf16_views")["command"] == \
+        "python -m tools.bf16_views --out 'x y.json'"
+
+
 def test_gpu_smoke_runs_the_two_gpu_cases_only_with_two_gpus_and_vllm_only_on_cuda_where_installed():
     from bench.gpu_smoke import tiny_cases
 

@@ -8,20 +8,22 @@ demo task, samples real batches, and computes each batch's loss terms twice on t
 fp32, then with the views' decoder in bf16 (their hidden states upcast to fp32 before the heads, which stay
 fp32; the student unchanged). It prints the relative error of the distillation loss and of each auxiliary
 term, and the largest change of agree's per-token weights. The bar: 1e-3 relative on the losses, 1e-2 on the
-weights. The error does not depend on whether the CPU computes bf16 natively or emulates it, so any machine
-can measure it; tools/results/bf16_views.json keeps a run (SmolLM2, 3 batches of 4).
+weights. Each pass is timed too (the student's fp32 forward is in both), so a CPU with native bf16 shows what the
+bf16 views would save. tools/results/bf16_views.json keeps a run, with the machine it ran on.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from bench import provenance
 from unisd import config as cfg
 from unisd import losses, views
 from unisd.sequences import render
@@ -72,16 +74,20 @@ def measure(model: str, batches: int, batch_size: int) -> list[dict[str, Any]]:
             batch.tokens, batch.truncated, batch.mask = rollout.tokens, rollout.truncated, rollout.mask
             batch.loss_mask = rollout.mask
             batch.prompts.update(run.hooks.views(batch))
+            start = time.perf_counter()
             reference, ref_weights = loss_terms(run, batch)
+            middle = time.perf_counter()
             with views_in_bf16():
                 low, low_weights = loss_terms(run, batch)
+            seconds = {"fp32": middle - start, "bf16_views": time.perf_counter() - middle}
             error = {k: abs(low[k] - v) / abs(v) if v else abs(low[k]) for k, v in reference.items()}
             assert ref_weights is not None and low_weights is not None  # UniSD* weighs every token (agree)
             weight_gap = float((low_weights - ref_weights).abs().max())
             rows.append({"fp32": reference, "bf16_views": low, "relative_error": error, "weights_max_change": weight_gap,
-                         "completion_tokens": int(rollout.mask.sum())})
+                         "completion_tokens": int(rollout.mask.sum()), "seconds": seconds})
             print(f"batch {len(rows)}: " + ", ".join(f"{k} {v:.2e}" for k, v in error.items())
-                  + f"; agree weights max change {weight_gap:.2e}")
+                  + f"; agree weights max change {weight_gap:.2e}; forwards {seconds['fp32']:.2f} s fp32, "
+                  f"{seconds['bf16_views']:.2f} s with bf16 views")
     return rows
 
 
@@ -97,12 +103,18 @@ def main() -> None:
     worst = {k: max(r["relative_error"][k] for r in rows) for k in rows[0]["relative_error"]}
     weights = max(r["weights_max_change"] for r in rows)
     passed = all(v <= LOSS_TOLERANCE for v in worst.values()) and weights <= WEIGHT_TOLERANCE
+    later = rows[1:] or rows  # the first batch also pays first touches of memory
+    seconds = {k: sum(r["seconds"][k] for r in later) for k in ("fp32", "bf16_views")}
     print("worst relative error: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items())
           + f"; agree weights {weights:.2e}: " + ("within" if passed else "outside")
-          + f" the bar ({LOSS_TOLERANCE:g} on losses, {WEIGHT_TOLERANCE:g} on weights)")
+          + f" the bar ({LOSS_TOLERANCE:g} on losses, {WEIGHT_TOLERANCE:g} on weights); forwards over batches "
+          f"2-{len(rows)}: {seconds['fp32']:.2f} s fp32, {seconds['bf16_views']:.2f} s with bf16 views")
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows, "worst": worst,
-                                              "weights_max_change": weights, "within": passed}, indent=1) + "\n")
+        provenance.write(args.out, {"description": "UniSD*'s loss terms with the no-grad views in bf16 beside an fp32 "
+                                    "student: relative error per batch, and the forwards' seconds",
+                                    "model": args.model, "threads": torch.get_num_threads(), "rows": rows,
+                                    "worst": worst, "weights_max_change": weights, "within": passed,
+                                    "seconds_after_first": seconds}, sys.argv[1:], module="tools.bf16_views")
 
 
 if __name__ == "__main__":

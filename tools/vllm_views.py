@@ -110,7 +110,7 @@ def main() -> None:
     if args.out:
         provenance.write(args.out, {"model": args.model, "threads": torch.get_num_threads(), "rows": rows,
                                     "totals_after_first": total, "engine_speedup": speedup},
-                         ["tools.vllm_views", *sys.argv[1:]])
+                         sys.argv[1:], module="tools.vllm_views")
 
 
 if __name__ == "__main__":
