@@ -499,7 +499,7 @@ def pages() -> dict[str, tuple[str, str]]:
     made["benchmarks.md"] = ("bench/*.py and bench/results/*.json", benchmarks())
     made["roofline.md"] = ("bench/results/roofline.json", roofline())
     for variant in ("roofline-keep-activations", "roofline-bf16", "roofline-bf16-batch8", "roofline-decode-batch",
-                    "roofline-amx"):
+                    "roofline-amx", "roofline-amx-b8-t256-vllm"):
         made[f"{variant}.md"] = (f"bench/results/{variant}.json", roofline(RESULTS / f"{variant}.json"))
     return made
 

@@ -174,3 +174,34 @@ def test_unisd_over_sd_by_hand(star_step, star_flops, verdict):
     assert roofline.ratio_table([cell], bounds).splitlines()[-1].endswith(f"| {verdict} |")
     assert roofline.ratio({**cell, "cases": cell["cases"][:1]}, 100.0) is None
     assert roofline.ratio_table([{**cell, "cases": cell["cases"][:1]}], bounds) == ""
+
+
+def test_each_case_closes_its_runs_engine_even_when_its_step_fails(monkeypatch, tmp_path):
+    """A grid prepares a run per case; a vLLM engine left open keeps its memory, and a whole grid held eight."""
+    import torch
+
+    from unisd import train
+
+    closed: list[str] = []
+
+    class Policy:
+        model = torch.nn.Linear(2, 2)
+
+        def close(self) -> None:
+            closed.append("engine")
+
+    class Run:
+        policy = Policy()
+
+    monkeypatch.setattr(roofline.bench_step, "prepared", lambda *a, **k: Run())
+    monkeypatch.setattr(train, "step", lambda run: {"step_time_s": 1.0})
+    found = roofline.measure_case("sd", tmp_path / "d.jsonl", tmp_path, "m", 2, 4, "fp32", "vllm")
+    assert closed == ["engine"] and found["metrics"]["step_time_s"] == 1.0 and found["trained_parameters"] == 6
+
+    def fails(run):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(train, "step", fails)
+    with pytest.raises(RuntimeError):
+        roofline.measure_case("sd", tmp_path / "d.jsonl", tmp_path, "m", 2, 4, "fp32", "vllm")
+    assert closed == ["engine", "engine"]
