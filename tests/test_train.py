@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unisd import config as cfg
-from unisd import engine, losses, rollout, train as tr
+from unisd import engine, hardware, losses, rollout, train as tr
 from unisd.data import Example
 from unisd.plugin import Plugin, PluginInfo
 from unisd.rollout import Rollout
@@ -53,15 +53,22 @@ def test_padding_gives_the_same_per_example_loss_as_unbatched(tiny_model, tiny_d
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_bf16_teacher_on_the_student_prompt_gives_zero_divergence_at_step_0(tiny_model, tiny_data, tmp_path, lora):
     """--bf16: the frozen teacher computes exactly as the student does (its logits are not rounded to bf16), so
-    scored under the student's own prompt before any update the divergence is 0 within fp32 round-off."""
+    scored under the student's own prompt before any update the divergence is 0 within fp32 round-off.
+
+    Where the CPU computes bf16 natively the two passes differ by more (7.1e-5 at most, measured on a Xeon with
+    AMX, in the full and the LoRA case alike; where bf16 is emulated they agree to 1e-6): that CPU's kernels sum
+    the student's forward, which keeps its graph, in another order than the no-grad teacher's. There the check
+    is the looser one, bf16 round-off."""
     run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", bf16=True, lora=lora))
     prompts = ["What is two plus two?", "Name a colour of the sky, please, in one word only."]
     batch = _fixed_batch(run, prompts, [[40, 41, 42, 43, 44, 45], [50, 51]])
     batch.prompts["teacher"] = list(batch.prompts["student"])
     out = tr.forward(run, batch, run.policy.initial)
     assert out.mask.sum() == 8
-    assert float(out.divergence.detach().abs().max()) < 1e-6
-    torch.testing.assert_close(out.logps["teacher"], out.logps["student"].detach(), rtol=0, atol=1e-5)
+    exact = not hardware.fast_bf16_cpu()
+    assert float(out.divergence.detach().abs().max()) < (1e-6 if exact else 1e-3)
+    torch.testing.assert_close(out.logps["teacher"], out.logps["student"].detach(), rtol=0,
+                               atol=1e-5 if exact else 1e-2)
 
 
 def test_bf16_computes_in_bf16_with_fp32_master_weights(tiny_model, tiny_data, tmp_path, monkeypatch):
