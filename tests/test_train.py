@@ -55,10 +55,11 @@ def test_bf16_teacher_on_the_student_prompt_gives_zero_divergence_at_step_0(tiny
     """--bf16: the frozen teacher computes exactly as the student does (its logits are not rounded to bf16), so
     scored under the student's own prompt before any update the divergence is 0 within fp32 round-off.
 
-    Where the CPU computes bf16 natively the two passes differ by more (7.1e-5 at most, measured on a Xeon with
-    AMX, in the full and the LoRA case alike; where bf16 is emulated they agree to 1e-6): that CPU's kernels sum
-    the student's forward, which keeps its graph, in another order than the no-grad teacher's. There the check
-    is the looser one, bf16 round-off."""
+    Where the CPU computes bf16 natively the two passes differ by more (divergence 7.1e-5, log-probabilities
+    4.0e-4 at most, measured on a Xeon with AMX, full and LoRA alike; where bf16 is emulated they agree to 1e-6):
+    that CPU's kernels sum the student's forward, which keeps its graph, in another order than the no-grad
+    teacher's. There the bounds are looser, and still well under what logits rounded to bf16 would give (up to 1.8e-2
+    on this tiny model's log-probabilities)."""
     run = tr.prepare(_config(tiny_model, tiny_data, tmp_path / "out", bf16=True, lora=lora))
     prompts = ["What is two plus two?", "Name a colour of the sky, please, in one word only."]
     batch = _fixed_batch(run, prompts, [[40, 41, 42, 43, 44, 45], [50, 51]])
@@ -66,9 +67,9 @@ def test_bf16_teacher_on_the_student_prompt_gives_zero_divergence_at_step_0(tiny
     out = tr.forward(run, batch, run.policy.initial)
     assert out.mask.sum() == 8
     exact = not hardware.fast_bf16_cpu()
-    assert float(out.divergence.detach().abs().max()) < (1e-6 if exact else 1e-3)
+    assert float(out.divergence.detach().abs().max()) < (1e-6 if exact else 5e-4)
     torch.testing.assert_close(out.logps["teacher"], out.logps["student"].detach(), rtol=0,
-                               atol=1e-5 if exact else 1e-2)
+                               atol=1e-5 if exact else 2e-3)
 
 
 def test_bf16_computes_in_bf16_with_fp32_master_weights(tiny_model, tiny_data, tmp_path, monkeypatch):
